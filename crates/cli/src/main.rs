@@ -1,0 +1,2 @@
+//! The `replimesh` binary (in progress).
+fn main() {}

@@ -1,0 +1,138 @@
+//! The Replimesh wire protocol.
+//!
+//! Every message on every Replimesh connection is one [`Frame`]: a protobuf
+//! envelope whose `body` is one of the connection, messaging, clone and store
+//! frames (see `docs/protocol.md`). On byte streams (TCP, TLS, Unix sockets)
+//! frames are length-prefixed by [`FrameCodec`]; on WebSocket one binary
+//! message carries one frame.
+//!
+//! The schema lives in `proto/replimesh.proto` and is compiled at build time
+//! with `prost-build` and the pure-Rust `protox`: no `protoc` is needed.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use replimesh_proto::{frame, Frame, FrameCodec};
+//! use tokio_util::codec::{Decoder, Encoder};
+//!
+//! let mut codec = FrameCodec::new(1024);
+//! let mut wire = BytesMut::new();
+//! let ping = Frame::ping(7);
+//! codec.encode(&ping, &mut wire).unwrap();
+//! assert_eq!(codec.decode(&mut wire).unwrap(), Some(ping));
+//!
+//! // A length prefix larger than the maximum is refused before anything is allocated.
+//! let mut evil = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
+//! assert!(codec.decode(&mut evil).is_err());
+//! # let _ = frame::Body::Ping(replimesh_proto::Ping { nonce: 1 });
+//! ```
+
+mod codec;
+
+pub use codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME, LENGTH_PREFIX};
+
+/// Generated protobuf types (package `replimesh.v1`).
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/replimesh.v1.rs"));
+}
+
+pub use generated::*;
+pub use prost::Message;
+
+use bytes::Bytes;
+
+/// The protocol version carried in [`Hello::version`] and [`Welcome::version`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// WebSocket subprotocol for binary protobuf frames.
+pub const WS_SUBPROTOCOL: &str = "replimesh.v1";
+
+/// WebSocket subprotocol for the same frames as canonical proto3 JSON in text messages.
+pub const WS_SUBPROTOCOL_JSON: &str = "replimesh.v1.json";
+
+impl Frame {
+    /// Wraps a body into a frame.
+    pub fn new(body: frame::Body) -> Self {
+        Frame { body: Some(body) }
+    }
+
+    /// A keep-alive probe.
+    pub fn ping(nonce: u64) -> Self {
+        Frame::new(frame::Body::Ping(Ping { nonce }))
+    }
+
+    /// The answer to [`Frame::ping`].
+    pub fn pong(nonce: u64) -> Self {
+        Frame::new(frame::Body::Pong(Pong { nonce }))
+    }
+
+    /// An orderly close with a reason code and a human-readable reason.
+    pub fn close(code: CloseCode, reason: impl Into<String>) -> Self {
+        Frame::new(frame::Body::Close(Close {
+            code: code as u32,
+            reason: reason.into(),
+        }))
+    }
+
+    /// An opaque payload (benchmarks and tests).
+    pub fn data(payload: impl Into<Bytes>) -> Self {
+        Frame::new(frame::Body::Data(Data {
+            payload: payload.into(),
+        }))
+    }
+
+    /// Encodes the frame body as protobuf (without a length prefix).
+    ///
+    /// The result can be shared by many connections: it is what transport
+    /// senders accept for pre-encoded broadcasts.
+    pub fn encode_to_bytes(&self) -> Bytes {
+        Bytes::from(self.encode_to_vec())
+    }
+
+    /// A short name of the body's kind, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        use frame::Body as B;
+        match &self.body {
+            None => "empty",
+            Some(b) => match b {
+                B::Hello(_) => "hello",
+                B::Welcome(_) => "welcome",
+                B::Ping(_) => "ping",
+                B::Pong(_) => "pong",
+                B::Close(_) => "close",
+                B::Request(_) => "request",
+                B::Response(_) => "response",
+                B::Send(_) => "send",
+                B::Subscribe(_) => "subscribe",
+                B::Unsubscribe(_) => "unsubscribe",
+                B::Publish(_) => "publish",
+                B::Deliver(_) => "deliver",
+                B::Gossip(_) => "gossip",
+                B::Forward(_) => "forward",
+                B::GroupDelete(_) => "group_delete",
+                B::Interest(_) => "interest",
+                B::StoreHello(_) => "store_hello",
+                B::StoreWelcome(_) => "store_welcome",
+                B::Dispatch(_) => "dispatch",
+                B::Committed(_) => "committed",
+                B::Actions(_) => "actions",
+                B::Snapshot(_) => "snapshot",
+                B::Digest(_) => "digest",
+                B::Resync(_) => "resync",
+                B::StoreError(_) => "store_error",
+                B::Data(_) => "data",
+            },
+        }
+    }
+}
+
+impl CloseCode {
+    /// The code for a raw `Close.code` value; unknown values map to `None`.
+    pub fn from_u32(code: u32) -> Option<Self> {
+        i32::try_from(code)
+            .ok()
+            .and_then(|c| CloseCode::try_from(c).ok())
+    }
+}

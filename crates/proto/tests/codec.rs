@@ -1,0 +1,167 @@
+//! Codec tests: round trips, limits, and arbitrary input.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use proptest::prelude::*;
+use replimesh_proto::{frame::Body, CodecError, Frame, FrameCodec, Publish, Request};
+use tokio_util::codec::{Decoder, Encoder};
+
+fn arb_body() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        any::<u64>().prop_map(Frame::ping),
+        proptest::collection::vec(any::<u8>(), 0..2048).prop_map(Frame::data),
+        (
+            any::<u64>(),
+            ".{0,20}",
+            ".{0,20}",
+            proptest::collection::vec(any::<u8>(), 0..256)
+        )
+            .prop_map(|(id, route, act, data)| Frame::new(Body::Request(Request {
+                id,
+                route,
+                act,
+                data: data.into()
+            }))),
+        (
+            proptest::collection::vec(".{0,12}", 0..5),
+            any::<bool>(),
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(groups, all, not_to_me, data)| Frame::new(Body::Publish(
+                Publish {
+                    groups,
+                    all,
+                    not_to_me,
+                    data: data.into()
+                }
+            ))),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn encode_decode_is_identity(frames in proptest::collection::vec(arb_body(), 1..20)) {
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            codec.encode(f, &mut wire).unwrap();
+        }
+        let mut out = Vec::new();
+        while let Some(f) = codec.decode(&mut wire).unwrap() {
+            out.push(f);
+        }
+        prop_assert_eq!(out, frames);
+        prop_assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..32)) {
+        let mut codec = FrameCodec::new(4096);
+        let mut buf = BytesMut::new();
+        'outer: for chunk in chunks {
+            buf.extend_from_slice(&chunk);
+            loop {
+                match codec.decode(&mut buf) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(_) => break 'outer,
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_reassembly_any_chunking(frames in proptest::collection::vec(arb_body(), 1..10), cut in 1usize..17) {
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            codec.encode(f, &mut wire).unwrap();
+        }
+        let wire = wire.freeze();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in wire.chunks(cut) {
+            buf.extend_from_slice(piece);
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+        }
+        prop_assert_eq!(out, frames);
+    }
+}
+
+#[test]
+fn oversized_length_is_rejected_without_allocating() {
+    let mut codec = FrameCodec::new(1024);
+    let mut buf = BytesMut::with_capacity(8);
+    buf.put_u32(1025);
+    buf.put_slice(b"abcd");
+    let cap_before = buf.capacity();
+    match codec.decode(&mut buf) {
+        Err(CodecError::FrameTooLarge { len, max }) => {
+            assert_eq!((len, max), (1025, 1024));
+        }
+        other => panic!("expected FrameTooLarge, got {other:?}"),
+    }
+    assert_eq!(
+        buf.capacity(),
+        cap_before,
+        "decoder grew the buffer for a refused frame"
+    );
+
+    let mut huge = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
+    assert!(matches!(
+        codec.decode(&mut huge),
+        Err(CodecError::FrameTooLarge { .. })
+    ));
+    assert!(huge.capacity() < 1024);
+}
+
+#[test]
+fn frame_at_exactly_the_maximum_passes_and_one_more_fails() {
+    // A Data frame's encoding: tag(1) + len varint + (tag + len varint + payload).
+    let max = 1 << 20;
+    let mut payload_len = max - 16;
+    let frame = loop {
+        let f = Frame::data(vec![7u8; payload_len]);
+        let len = prost::Message::encoded_len(&f);
+        if len == max {
+            break f;
+        }
+        payload_len += max - len;
+    };
+    let mut codec = FrameCodec::new(max);
+    let mut wire = BytesMut::new();
+    codec.encode(&frame, &mut wire).unwrap();
+    assert_eq!(wire.len(), max + 4);
+    assert_eq!(codec.decode(&mut wire).unwrap(), Some(frame.clone()));
+
+    let mut small = FrameCodec::new(max - 1);
+    let mut wire = BytesMut::new();
+    assert!(matches!(
+        small.encode(&frame, &mut wire),
+        Err(CodecError::FrameTooLarge { .. })
+    ));
+}
+
+#[test]
+fn malformed_body_is_an_error() {
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::new();
+    buf.put_u32(3);
+    buf.put_slice(&[0xff, 0xff, 0xff]);
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Err(CodecError::Malformed(_))
+    ));
+}
+
+#[test]
+fn pre_encoded_bytes_decode_to_the_same_frame() {
+    let frame = Frame::data(Bytes::from_static(b"hello"));
+    let body = frame.encode_to_bytes();
+    let mut codec = FrameCodec::default();
+    let mut wire = BytesMut::new();
+    codec.encode(body, &mut wire).unwrap();
+    assert_eq!(codec.decode(&mut wire).unwrap(), Some(frame));
+}

@@ -1,0 +1,1 @@
+//! Replimesh transports (in progress).

@@ -1,0 +1,2 @@
+//! xtask (in progress).
+fn main() {}
