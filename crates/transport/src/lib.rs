@@ -1,1 +1,60 @@
-//! Replimesh transports (in progress).
+//! Replimesh transports: framed connections over TCP, TLS, Unix sockets and WebSocket.
+//!
+//! [`connect`] and [`listen`] take a URL:
+//!
+//! | URL | transport | framing |
+//! |---|---|---|
+//! | `tcp://host:port` | TCP | 4-byte big-endian length + protobuf |
+//! | `tls://host:port` | TLS over TCP (rustls) | same |
+//! | `unix:///path/to.sock` | Unix stream socket | same |
+//! | `ws://host:port/path` | WebSocket, subprotocol `replimesh.v1` | one binary message per frame |
+//! | `wss://host:port/path` | WebSocket over TLS | same |
+//!
+//! A [`Connection`] has a cloneable [`Sender`] and a [`Receiver`]. Each
+//! connection runs a reader task and a writer task. The writer drains
+//! everything queued into one buffer per write (write coalescing). Senders
+//! accept pre-encoded frames (`Bytes`), so a broadcast is encoded once and
+//! shared by every connection. The outbound queue is bounded in bytes; a peer
+//! that does not keep up is a *slow consumer* and, by default, is
+//! disconnected without affecting anyone else ([`SlowConsumerPolicy`]).
+//! Keep-alive pings, an idle timeout and a handshake timeout detect dead and
+//! half-open peers; frames larger than [`Config::max_frame`] are refused
+//! before anything of their size is allocated.
+//!
+//! # Example
+//!
+//! ```
+//! use replimesh_transport::{connect, listen, Config};
+//! use replimesh_transport::proto::Frame;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::default();
+//! let listener = listen("tcp://127.0.0.1:0", &config).await?;
+//! let url = listener.local_url();
+//! let server = tokio::spawn(async move {
+//!     let mut conn = listener.accept().await?;
+//!     let frame = conn.recv().await?;          // echo one frame back
+//!     conn.send(&frame)?;
+//!     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(conn)
+//! });
+//! let mut client = connect(&url, &config).await?;
+//! client.send(&Frame::data(&b"hello"[..]))?;
+//! assert_eq!(client.recv().await?, Frame::data(&b"hello"[..]));
+//! # drop(server.await?);
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod conn;
+mod endpoint;
+mod error;
+mod net;
+
+pub use config::{Config, SlowConsumerPolicy, TlsConfig};
+pub use conn::{Connection, PeerAddr, Receiver, Sender};
+pub use endpoint::Endpoint;
+pub use error::{CloseReason, Error, RecvError, SendError};
+pub use net::{connect, listen, Listener};
+pub use proto;

@@ -1,0 +1,135 @@
+//! Connection settings.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::Error;
+
+/// What to do when a peer does not read fast enough and its outbound queue
+/// would exceed [`Config::max_queue_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SlowConsumerPolicy {
+    /// Cut the connection with [`crate::CloseReason::SlowConsumer`] (as NATS does).
+    /// Other connections are unaffected. This is the default.
+    #[default]
+    Disconnect,
+    /// Refuse the frame with [`crate::SendError::Full`] and keep the connection.
+    Reject,
+}
+
+/// TLS settings, used by `tls://` and `wss://` URLs.
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    /// Server side: certificate chain and key (needed by `listen` on `tls://`/`wss://`).
+    pub server: Option<Arc<rustls::ServerConfig>>,
+    /// Client side: trusted roots (needed by `connect` to `tls://`/`wss://`).
+    pub client: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("server", &self.server.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TlsConfig {
+    /// A server configuration from a PEM certificate chain and a PEM private key.
+    pub fn server_from_pem(
+        cert_chain_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Arc<rustls::ServerConfig>, Error> {
+        let certs = CertificateDer::pem_slice_iter(cert_chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Tls(format!("bad certificate PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(Error::Tls("no certificate in PEM".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| Error::Tls(format!("bad private key PEM: {e}")))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        Ok(Arc::new(config))
+    }
+
+    /// A client configuration that trusts the CA certificates in `roots_pem`.
+    pub fn client_from_pem(roots_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(roots_pem) {
+            let cert = cert.map_err(|e| Error::Tls(format!("bad root certificate PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| Error::Tls(format!("unusable root certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(Error::Tls("no root certificate in PEM".into()));
+        }
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+}
+
+/// Settings shared by [`crate::connect`] and [`crate::listen`].
+///
+/// `Config::default()` is a sensible production setting; every field is public
+/// and may be changed before use.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest frame body accepted or sent, in bytes (default 16 MiB). A peer
+    /// announcing a larger frame is disconnected before anything of that size
+    /// is allocated.
+    pub max_frame: usize,
+    /// Bound of each connection's outbound queue, in bytes (default 64 MiB).
+    /// One frame is always accepted into an empty queue, whatever its size.
+    pub max_queue_bytes: usize,
+    /// What happens when the queue bound would be exceeded.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Time allowed for the TLS and WebSocket handshakes (default 10 s).
+    pub handshake_timeout: Duration,
+    /// How often a `Ping` is sent (default 10 s); `None` sends none.
+    pub ping_interval: Option<Duration>,
+    /// A connection on which nothing arrives for this long is closed with
+    /// [`crate::RecvError::TimedOut`] (default 30 s); `None` never times out.
+    pub idle_timeout: Option<Duration>,
+    /// How many received frames may wait for [`crate::Receiver::recv`] before
+    /// the reader stops reading the socket (backpressure), counted in reads.
+    pub recv_batches: usize,
+    /// After a local `close`, how long to wait for the peer to close its side.
+    pub linger: Duration,
+    /// TLS settings for `tls://` and `wss://`.
+    pub tls: TlsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_frame: proto::DEFAULT_MAX_FRAME,
+            max_queue_bytes: 64 * 1024 * 1024,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Some(Duration::from_secs(10)),
+            idle_timeout: Some(Duration::from_secs(30)),
+            recv_batches: 64,
+            linger: Duration::from_secs(2),
+            tls: TlsConfig::default(),
+        }
+    }
+}

@@ -1,0 +1,945 @@
+//! Connections: the shared outbound queue, the sender and receiver handles,
+//! and the reader/writer tasks for byte streams and WebSocket.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use proto::{frame::Body, CloseCode, CodecError, Frame, FrameCodec, Message as _};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{CloseReason, Config, RecvError, SendError, SlowConsumerPolicy};
+
+/// The address of the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PeerAddr {
+    /// A TCP peer (also for TLS and WebSocket).
+    Tcp(SocketAddr),
+    /// A Unix socket peer; the path is known only for bound client sockets.
+    Unix(Option<PathBuf>),
+}
+
+impl PeerAddr {
+    /// The IP address for TCP peers (what bans are keyed by).
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            PeerAddr::Tcp(a) => Some(a.ip()),
+            PeerAddr::Unix(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Tcp(a) => write!(f, "{a}"),
+            PeerAddr::Unix(Some(p)) => write!(f, "unix:{}", p.display()),
+            PeerAddr::Unix(None) => write!(f, "unix:(unnamed)"),
+        }
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    /// Control frames (pong) that bypass the byte limit and go first.
+    urgent: Vec<Bytes>,
+    bytes: usize,
+    close: Option<(u32, String)>,
+    space_waiters: bool,
+}
+
+struct Shared {
+    id: u64,
+    peer: PeerAddr,
+    max_frame: usize,
+    max_queue: usize,
+    policy: SlowConsumerPolicy,
+    queue: Mutex<Queue>,
+    writer_wake: Notify,
+    space: Notify,
+    closing: AtomicBool,
+    /// Set by a local close request: the reason the connection ends with.
+    local_close: Mutex<Option<CloseReason>>,
+    /// Cancelled when the connection is over (both tasks stop).
+    done: CancellationToken,
+    end: Mutex<Option<RecvError>>,
+    /// Number of live `Sender` handles (the `Receiver` counts as one too).
+    handles: AtomicU64,
+}
+
+impl Shared {
+    fn finish(&self, reason: RecvError) {
+        // Once we asked to close, the stream ending is the expected outcome.
+        let reason = match reason {
+            RecvError::Eof
+            | RecvError::Io(_)
+            | RecvError::Malformed(_)
+            | RecvError::Closed { .. } => {
+                match self
+                    .local_close
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                {
+                    Some(local) => RecvError::Local(local),
+                    None => reason,
+                }
+            }
+            other => other,
+        };
+        {
+            let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
+            if end.is_none() {
+                *end = Some(reason);
+            }
+        }
+        self.done.cancel();
+        self.space.notify_waiters();
+        self.writer_wake.notify_one();
+    }
+
+    fn end_reason(&self) -> RecvError {
+        self.end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or(RecvError::Eof)
+    }
+
+    fn enqueue_urgent(&self, body: Bytes) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = q.frames.is_empty() && q.urgent.is_empty();
+        q.urgent.push(body);
+        drop(q);
+        if was_empty {
+            self.writer_wake.notify_one();
+        }
+    }
+
+    /// Queues a body. `Ok(true)` when queued; `Ok(false)` when the caller should
+    /// wait for space (only when `wait` is set).
+    fn try_enqueue(&self, body: &Bytes, wait: bool) -> Result<bool, SendError> {
+        if self.done.is_cancelled() || self.closing.load(Ordering::Relaxed) {
+            return Err(SendError::Closed);
+        }
+        let len = body.len();
+        if len > self.max_frame {
+            return Err(SendError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.bytes > 0 && q.bytes + len > self.max_queue {
+            if wait {
+                q.space_waiters = true;
+                return Ok(false);
+            }
+            let queued = q.bytes + len;
+            match self.policy {
+                SlowConsumerPolicy::Reject => {
+                    return Err(SendError::Full {
+                        queued: q.bytes,
+                        limit: self.max_queue,
+                    })
+                }
+                SlowConsumerPolicy::Disconnect => {
+                    q.frames.clear();
+                    q.bytes = 0;
+                    drop(q);
+                    tracing::debug!(conn = self.id, peer = %self.peer, queued, "slow consumer: disconnecting");
+                    self.finish(RecvError::Local(CloseReason::SlowConsumer {
+                        queued,
+                        limit: self.max_queue,
+                    }));
+                    return Err(SendError::SlowConsumer);
+                }
+            }
+        }
+        let was_empty = q.frames.is_empty() && q.urgent.is_empty();
+        q.bytes += len;
+        q.frames.push_back(body.clone());
+        drop(q);
+        if was_empty {
+            self.writer_wake.notify_one();
+        }
+        Ok(true)
+    }
+}
+
+/// The sending half of a connection. Cheap to clone; all clones feed the same queue.
+///
+/// Frames are queued and written by a background writer task that drains the
+/// whole queue into one buffer per write. The queue is bounded by
+/// [`Config::max_queue_bytes`].
+pub struct Sender {
+    shared: Arc<Shared>,
+}
+
+impl Clone for Sender {
+    fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
+        Sender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        release(&self.shared);
+    }
+}
+
+fn release(shared: &Shared) {
+    if shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Last handle gone: close politely after what is queued.
+        request_close(
+            shared,
+            CloseCode::GoingAway as u32,
+            "connection dropped".into(),
+        );
+    }
+}
+
+fn request_close(shared: &Shared, code: u32, reason: String) {
+    if shared.closing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    *shared.local_close.lock().unwrap_or_else(|e| e.into_inner()) = Some(CloseReason::Requested {
+        code,
+        reason: reason.clone(),
+    });
+    let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+    q.close = Some((code, reason));
+    drop(q);
+    shared.writer_wake.notify_one();
+}
+
+impl fmt::Debug for Sender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sender")
+            .field("id", &self.shared.id)
+            .field("peer", &self.shared.peer)
+            .finish()
+    }
+}
+
+impl Sender {
+    /// Encodes and queues a frame. Never waits: when the queue is full the
+    /// configured [`SlowConsumerPolicy`] applies.
+    pub fn send(&self, frame: &Frame) -> Result<(), SendError> {
+        self.send_encoded(frame.encode_to_bytes())
+    }
+
+    /// Queues an already encoded frame body (see [`Frame::encode_to_bytes`]).
+    /// A broadcast encodes once and hands clones of the same `Bytes` to many senders.
+    pub fn send_encoded(&self, body: Bytes) -> Result<(), SendError> {
+        self.shared.try_enqueue(&body, false).map(|_| ())
+    }
+
+    /// Encodes and queues a frame, waiting for room in the queue when it is full.
+    ///
+    /// # Cancel safety
+    /// Cancelling the future before it resolves leaves the frame unsent.
+    pub async fn send_wait(&self, frame: &Frame) -> Result<(), SendError> {
+        self.send_encoded_wait(frame.encode_to_bytes()).await
+    }
+
+    /// Queues an encoded frame body, waiting for room in the queue when it is full.
+    ///
+    /// # Cancel safety
+    /// Cancelling the future before it resolves leaves the frame unsent.
+    pub async fn send_encoded_wait(&self, body: Bytes) -> Result<(), SendError> {
+        loop {
+            let notified = self.shared.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.try_enqueue(&body, true)? {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = self.shared.done.cancelled() => return Err(SendError::Closed),
+            }
+        }
+    }
+
+    /// Closes the connection: what is already queued is sent, then a `Close`
+    /// frame with `code` and `reason`, then the stream is shut down.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        request_close(&self.shared, code as u32, reason.to_string());
+    }
+
+    /// Cuts the connection at once, dropping whatever is queued.
+    pub fn abort(&self) {
+        self.shared.finish(RecvError::Local(CloseReason::Requested {
+            code: CloseCode::GoingAway as u32,
+            reason: "aborted".into(),
+        }));
+    }
+
+    /// True once the connection is closing or over.
+    pub fn is_closed(&self) -> bool {
+        self.shared.done.is_cancelled() || self.shared.closing.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the connection is over; returns why.
+    pub async fn closed(&self) -> RecvError {
+        self.shared.done.cancelled().await;
+        self.shared.end_reason()
+    }
+
+    /// Bytes currently waiting in the outbound queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bytes
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> &PeerAddr {
+        &self.shared.peer
+    }
+
+    /// A process-unique id of this connection.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+}
+
+/// The receiving half of a connection.
+///
+/// `Ping`, `Pong` and `Close` frames are handled by the transport and never
+/// returned. Dropping the receiver does not close the connection while
+/// senders are alive; the reader stops reading (backpressure) once
+/// [`Config::recv_batches`] reads are waiting.
+pub struct Receiver {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Vec<Frame>>,
+    current: std::vec::IntoIter<Frame>,
+}
+
+impl fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receiver")
+            .field("id", &self.shared.id)
+            .field("peer", &self.shared.peer)
+            .finish()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        release(&self.shared);
+    }
+}
+
+impl Receiver {
+    /// The next frame. An error means the connection is over and says why.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a frame is never lost when the future is dropped.
+    pub async fn recv(&mut self) -> Result<Frame, RecvError> {
+        loop {
+            if let Some(f) = self.current.next() {
+                return Ok(f);
+            }
+            match self.rx.recv().await {
+                Some(batch) => self.current = batch.into_iter(),
+                None => return Err(self.shared.end_reason()),
+            }
+        }
+    }
+
+    /// The next frame if one has already arrived, without waiting.
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        if let Some(f) = self.current.next() {
+            return Some(f);
+        }
+        match self.rx.try_recv() {
+            Ok(batch) => {
+                self.current = batch.into_iter();
+                self.current.next()
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> &PeerAddr {
+        &self.shared.peer
+    }
+
+    /// A process-unique id of this connection (the same as its sender's).
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+}
+
+/// An established connection: a [`Sender`] and a [`Receiver`].
+#[derive(Debug)]
+pub struct Connection {
+    sender: Sender,
+    receiver: Receiver,
+}
+
+impl Connection {
+    /// Splits the connection into its halves.
+    pub fn split(self) -> (Sender, Receiver) {
+        (self.sender, self.receiver)
+    }
+
+    /// The sending half.
+    pub fn sender(&self) -> &Sender {
+        &self.sender
+    }
+
+    /// The next frame (see [`Receiver::recv`]).
+    pub async fn recv(&mut self) -> Result<Frame, RecvError> {
+        self.receiver.recv().await
+    }
+
+    /// Encodes and queues a frame (see [`Sender::send`]).
+    pub fn send(&self, frame: &Frame) -> Result<(), SendError> {
+        self.sender.send(frame)
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> &PeerAddr {
+        self.sender.peer_addr()
+    }
+}
+
+fn new_connection(
+    peer: PeerAddr,
+    config: &Config,
+) -> (Connection, Arc<Shared>, mpsc::Sender<Vec<Frame>>) {
+    let shared = Arc::new(Shared {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        peer,
+        max_frame: config.max_frame,
+        max_queue: config.max_queue_bytes.max(1),
+        policy: config.slow_consumer,
+        queue: Mutex::new(Queue::default()),
+        writer_wake: Notify::new(),
+        space: Notify::new(),
+        closing: AtomicBool::new(false),
+        local_close: Mutex::new(None),
+        done: CancellationToken::new(),
+        end: Mutex::new(None),
+        handles: AtomicU64::new(2),
+    });
+    let (tx, rx) = mpsc::channel(config.recv_batches.max(1));
+    let conn = Connection {
+        sender: Sender {
+            shared: shared.clone(),
+        },
+        receiver: Receiver {
+            shared: shared.clone(),
+            rx,
+            current: Vec::new().into_iter(),
+        },
+    };
+    (conn, shared, tx)
+}
+
+/// What the reader does with one decoded frame.
+enum Incoming {
+    Deliver(Frame),
+    Handled,
+    End(RecvError),
+}
+
+fn handle_incoming(shared: &Shared, frame: Frame) -> Incoming {
+    match frame.body {
+        Some(Body::Ping(p)) => {
+            shared.enqueue_urgent(Frame::pong(p.nonce).encode_to_bytes());
+            Incoming::Handled
+        }
+        Some(Body::Pong(_)) => Incoming::Handled,
+        Some(Body::Close(c)) => Incoming::End(RecvError::Closed {
+            code: c.code,
+            reason: c.reason,
+        }),
+        _ => Incoming::Deliver(frame),
+    }
+}
+
+struct Drained {
+    urgent: Vec<Bytes>,
+    frames: VecDeque<Bytes>,
+    close: Option<(u32, String)>,
+}
+
+fn drain(shared: &Shared, spare: VecDeque<Bytes>) -> Option<Drained> {
+    let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+    if q.frames.is_empty() && q.urgent.is_empty() && q.close.is_none() {
+        return None;
+    }
+    let frames = std::mem::replace(&mut q.frames, spare);
+    let urgent = std::mem::take(&mut q.urgent);
+    q.bytes = 0;
+    let close = q.close.take();
+    let waiters = std::mem::take(&mut q.space_waiters);
+    drop(q);
+    if waiters {
+        shared.space.notify_waiters();
+    }
+    Some(Drained {
+        urgent,
+        frames,
+        close,
+    })
+}
+
+/// Keep-alive and idle timers shared by both kinds of tasks.
+struct Timers {
+    ping: Option<tokio::time::Interval>,
+    idle: Option<(tokio::time::Interval, Duration)>,
+}
+
+impl Timers {
+    fn new(config: &Config) -> Self {
+        let mk = |d: Duration| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        };
+        Timers {
+            ping: config.ping_interval.map(mk),
+            idle: config
+                .idle_timeout
+                .map(|d| (mk((d / 4).max(Duration::from_millis(10))), d)),
+        }
+    }
+}
+
+async fn tick(i: &mut Option<tokio::time::Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick_idle(i: &mut Option<(tokio::time::Interval, Duration)>) -> Duration {
+    match i {
+        Some((i, d)) => {
+            i.tick().await;
+            *d
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts reader and writer tasks over a byte stream.
+pub(crate) fn spawn_stream<R, W>(
+    reader: R,
+    writer: W,
+    peer: PeerAddr,
+    config: &Config,
+) -> Connection
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (conn, shared, tx) = new_connection(peer, config);
+    let span = tracing::debug_span!("conn", id = shared.id, peer = %shared.peer);
+    let codec = FrameCodec::new(config.max_frame);
+    tokio::spawn(tracing::Instrument::instrument(
+        stream_reader(reader, shared.clone(), tx, codec, config.clone()),
+        span.clone(),
+    ));
+    tokio::spawn(tracing::Instrument::instrument(
+        stream_writer(writer, shared, codec, config.clone()),
+        span,
+    ));
+    conn
+}
+
+async fn stream_reader<R: AsyncRead + Unpin>(
+    mut reader: R,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Vec<Frame>>,
+    codec: FrameCodec,
+    config: Config,
+) {
+    const READ_CHUNK: usize = 64 * 1024;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut timers = Timers::new(&config);
+    let mut last = Instant::now();
+    let reason = 'outer: loop {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            r = reader.read_buf(&mut buf) => match r {
+                Ok(0) => break RecvError::Eof,
+                Ok(_) => {}
+                Err(e) => break io_reason(e),
+            },
+            limit = tick_idle(&mut timers.idle) => {
+                if last.elapsed() >= limit {
+                    break RecvError::TimedOut;
+                }
+                continue;
+            }
+            _ = shared.done.cancelled() => break shared.end_reason(),
+        }
+        last = Instant::now();
+        let mut batch = Vec::new();
+        loop {
+            match codec.split_frame(&mut buf) {
+                Ok(Some(body)) => match Frame::decode(body) {
+                    Ok(frame) => match handle_incoming(&shared, frame) {
+                        Incoming::Deliver(f) => batch.push(f),
+                        Incoming::Handled => {}
+                        Incoming::End(r) => {
+                            if !batch.is_empty() {
+                                let _ = tx.send(std::mem::take(&mut batch)).await;
+                            }
+                            break 'outer r;
+                        }
+                    },
+                    Err(e) => {
+                        refuse(
+                            &shared,
+                            CloseCode::ProtocolError,
+                            &format!("malformed frame: {e}"),
+                        );
+                        break 'outer RecvError::Malformed(e.to_string());
+                    }
+                },
+                Ok(None) => break,
+                Err(CodecError::FrameTooLarge { len, max }) => {
+                    refuse(
+                        &shared,
+                        CloseCode::FrameTooLarge,
+                        &format!("frame of {len} bytes exceeds {max}"),
+                    );
+                    break 'outer RecvError::FrameTooLarge { len, max };
+                }
+                Err(e) => break 'outer RecvError::Malformed(e.to_string()),
+            }
+        }
+        if !batch.is_empty() {
+            tokio::select! {
+                r = tx.send(batch) => { if r.is_err() { /* receiver gone: keep draining for control frames */ } }
+                _ = shared.done.cancelled() => break shared.end_reason(),
+            }
+        }
+    };
+    tracing::debug!(conn = shared.id, reason = %reason, "reader finished");
+    // After an error we still give the writer a moment to send our Close frame.
+    if matches!(
+        reason,
+        RecvError::FrameTooLarge { .. } | RecvError::Malformed(_)
+    ) {
+        let _ = tokio::time::timeout(Duration::from_millis(200), shared.done.cancelled()).await;
+    }
+    shared.finish(reason);
+}
+
+fn io_reason(e: std::io::Error) -> RecvError {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+            RecvError::Eof
+        }
+        _ => RecvError::Io(Arc::new(e)),
+    }
+}
+
+/// Tells the peer why we are closing, then lets the writer finish.
+fn refuse(shared: &Shared, code: CloseCode, reason: &str) {
+    // Unlike a local close request, the connection ends with the reader's error.
+    if shared.closing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+    q.close = Some((code as u32, reason.to_string()));
+    drop(q);
+    shared.writer_wake.notify_one();
+}
+
+async fn stream_writer<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    shared: Arc<Shared>,
+    codec: FrameCodec,
+    config: Config,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut timers = Timers::new(&config);
+    let mut spare = VecDeque::new();
+    let mut nonce = 0u64;
+    loop {
+        let drained = match drain(&shared, std::mem::take(&mut spare)) {
+            Some(d) => d,
+            None => {
+                tokio::select! {
+                    _ = shared.writer_wake.notified() => continue,
+                    _ = tick(&mut timers.ping) => {
+                        nonce += 1;
+                        shared.enqueue_urgent(Frame::ping(nonce).encode_to_bytes());
+                        continue;
+                    }
+                    _ = shared.done.cancelled() => break,
+                }
+            }
+        };
+        let Drained {
+            urgent,
+            mut frames,
+            close,
+        } = drained;
+        for b in urgent.iter().chain(frames.iter()) {
+            // Sizes were checked when queued.
+            let _ = codec.put_encoded(b, &mut buf);
+        }
+        frames.clear();
+        spare = frames;
+        if let Some((code, reason)) = &close {
+            let f = Frame::new(Body::Close(proto::Close {
+                code: *code,
+                reason: reason.clone(),
+            }));
+            let _ = codec.put_encoded(&f.encode_to_bytes(), &mut buf);
+        }
+        let ok = tokio::select! {
+            r = writer.write_all(&buf) => r.is_ok(),
+            _ = shared.done.cancelled() => false,
+        };
+        if buf.capacity() > 4 * 1024 * 1024 {
+            buf = BytesMut::with_capacity(64 * 1024);
+        } else {
+            buf.clear();
+        }
+        if !ok {
+            if !shared.done.is_cancelled() {
+                shared.finish(RecvError::Eof);
+            }
+            break;
+        }
+        if let Some((code, reason)) = close {
+            let _ = writer.flush().await;
+            let _ = writer.shutdown().await;
+            // Wait for the peer to close its side (the reader sees EOF), bounded by linger.
+            let _ = tokio::time::timeout(config.linger, shared.done.cancelled()).await;
+            shared.finish(RecvError::Local(CloseReason::Requested { code, reason }));
+            break;
+        }
+    }
+}
+
+/// Starts reader and writer tasks over an established WebSocket.
+pub(crate) fn spawn_ws<S>(ws: WebSocketStream<S>, peer: PeerAddr, config: &Config) -> Connection
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (conn, shared, tx) = new_connection(peer, config);
+    let (sink, stream) = ws.split();
+    tokio::spawn(ws_reader(stream, shared.clone(), tx, config.clone()));
+    tokio::spawn(ws_writer(sink, shared, config.clone()));
+    conn
+}
+
+async fn ws_reader<S>(
+    mut stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Vec<Frame>>,
+    config: Config,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut timers = Timers::new(&config);
+    let mut last = Instant::now();
+    let reason = 'outer: loop {
+        let first = tokio::select! {
+            m = stream.next() => m,
+            limit = tick_idle(&mut timers.idle) => {
+                if last.elapsed() >= limit {
+                    break RecvError::TimedOut;
+                }
+                continue;
+            }
+            _ = shared.done.cancelled() => break shared.end_reason(),
+        };
+        last = Instant::now();
+        let mut batch = Vec::new();
+        let mut next = first;
+        let mut taken = 0;
+        loop {
+            match next {
+                None => break 'outer RecvError::Eof,
+                Some(Err(e)) => {
+                    use tokio_tungstenite::tungstenite::error::{
+                        CapacityError, Error as WsError, ProtocolError,
+                    };
+                    let r = match e {
+                        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+                            refuse(&shared, CloseCode::FrameTooLarge, "message too large");
+                            RecvError::FrameTooLarge {
+                                len: size,
+                                max: max_size,
+                            }
+                        }
+                        WsError::ConnectionClosed
+                        | WsError::AlreadyClosed
+                        | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+                            RecvError::Eof
+                        }
+                        WsError::Io(e) => io_reason(e),
+                        WsError::Protocol(p) => RecvError::Malformed(p.to_string()),
+                        other => RecvError::Malformed(other.to_string()),
+                    };
+                    if !batch.is_empty() {
+                        let _ = tx.send(std::mem::take(&mut batch)).await;
+                    }
+                    break 'outer r;
+                }
+                Some(Ok(WsMessage::Binary(data))) => match Frame::decode(data) {
+                    Ok(frame) => match handle_incoming(&shared, frame) {
+                        Incoming::Deliver(f) => batch.push(f),
+                        Incoming::Handled => {}
+                        Incoming::End(r) => {
+                            if !batch.is_empty() {
+                                let _ = tx.send(std::mem::take(&mut batch)).await;
+                            }
+                            break 'outer r;
+                        }
+                    },
+                    Err(e) => {
+                        refuse(
+                            &shared,
+                            CloseCode::ProtocolError,
+                            &format!("malformed frame: {e}"),
+                        );
+                        break 'outer RecvError::Malformed(e.to_string());
+                    }
+                },
+                Some(Ok(WsMessage::Close(c))) => {
+                    break 'outer match c {
+                        Some(c) => RecvError::Closed {
+                            code: u16::from(c.code) as u32,
+                            reason: c.reason.to_string(),
+                        },
+                        None => RecvError::Eof,
+                    }
+                }
+                Some(Ok(WsMessage::Text(_))) => {
+                    refuse(
+                        &shared,
+                        CloseCode::ProtocolError,
+                        "text messages are not supported on replimesh.v1",
+                    );
+                    break 'outer RecvError::Malformed(
+                        "text message on the binary subprotocol".into(),
+                    );
+                }
+                Some(Ok(_)) => {} // WebSocket-level ping/pong: answered by tungstenite.
+            }
+            taken += 1;
+            if taken >= 1024 {
+                break;
+            }
+            match stream.next().now_or_never() {
+                Some(m) => next = m,
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            tokio::select! {
+                _ = tx.send(batch) => {}
+                _ = shared.done.cancelled() => break shared.end_reason(),
+            }
+        }
+    };
+    if matches!(
+        reason,
+        RecvError::FrameTooLarge { .. } | RecvError::Malformed(_)
+    ) {
+        let _ = tokio::time::timeout(Duration::from_millis(200), shared.done.cancelled()).await;
+    }
+    shared.finish(reason);
+}
+
+async fn ws_writer<S>(
+    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    shared: Arc<Shared>,
+    config: Config,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut timers = Timers::new(&config);
+    let mut spare = VecDeque::new();
+    let mut nonce = 0u64;
+    loop {
+        let drained = match drain(&shared, std::mem::take(&mut spare)) {
+            Some(d) => d,
+            None => {
+                tokio::select! {
+                    _ = shared.writer_wake.notified() => continue,
+                    _ = tick(&mut timers.ping) => {
+                        nonce += 1;
+                        shared.enqueue_urgent(Frame::ping(nonce).encode_to_bytes());
+                        continue;
+                    }
+                    _ = shared.done.cancelled() => break,
+                }
+            }
+        };
+        let Drained {
+            urgent,
+            mut frames,
+            close,
+        } = drained;
+        let write = async {
+            for b in urgent.into_iter().chain(frames.drain(..)) {
+                sink.feed(WsMessage::Binary(b)).await?;
+            }
+            if let Some((code, reason)) = &close {
+                let f = Frame::new(Body::Close(proto::Close {
+                    code: *code,
+                    reason: reason.clone(),
+                }));
+                sink.feed(WsMessage::Binary(f.encode_to_bytes())).await?;
+            }
+            sink.flush().await
+        };
+        let ok = tokio::select! {
+            r = write => r.is_ok(),
+            _ = shared.done.cancelled() => false,
+        };
+        spare = frames;
+        if !ok {
+            if !shared.done.is_cancelled() {
+                shared.finish(RecvError::Eof);
+            }
+            break;
+        }
+        if let Some((code, reason)) = close {
+            let _ = sink.close().await;
+            let _ = tokio::time::timeout(config.linger, shared.done.cancelled()).await;
+            shared.finish(RecvError::Local(CloseReason::Requested { code, reason }));
+            break;
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! Dialing and listening by URL.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use proto::WS_SUBPROTOCOL;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::conn::{spawn_stream, spawn_ws};
+use crate::{Config, Connection, Endpoint, Error, PeerAddr};
+
+fn ws_config(config: &Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(config.max_frame))
+        .max_frame_size(Some(config.max_frame))
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(usize::MAX)
+}
+
+async fn with_timeout<T>(
+    config: &Config,
+    fut: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(config.handshake_timeout, fut)
+        .await
+        .map_err(|_| Error::HandshakeTimeout)?
+}
+
+fn tls_connector(
+    config: &Config,
+    host: &str,
+) -> Result<(TlsConnector, rustls_pki_types::ServerName<'static>), Error> {
+    let client = config.tls.client.clone().ok_or_else(|| {
+        Error::Tls("connecting to tls:// or wss:// needs Config::tls.client (trusted roots)".into())
+    })?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| Error::Tls(format!("invalid server name `{host}`: {e}")))?;
+    Ok((TlsConnector::from(client), name))
+}
+
+async fn dial_tcp(host: &str, port: u16) -> Result<(TcpStream, PeerAddr), Error> {
+    let stream = TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(true)?;
+    let peer = PeerAddr::Tcp(stream.peer_addr()?);
+    Ok((stream, peer))
+}
+
+/// Connects to `url` (see the crate docs for the schemes).
+///
+/// TLS (`tls://`, `wss://`) needs [`crate::TlsConfig::client`]. The TLS and
+/// WebSocket handshakes are bounded by [`Config::handshake_timeout`].
+pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
+    let endpoint = Endpoint::parse(url)?;
+    match endpoint {
+        Endpoint::Tcp { host, port } => {
+            let (stream, peer) = dial_tcp(&host, port).await?;
+            let (r, w) = stream.into_split();
+            Ok(spawn_stream(r, w, peer, config))
+        }
+        Endpoint::Tls { host, port } => {
+            let (connector, name) = tls_connector(config, &host)?;
+            let (stream, peer) = dial_tcp(&host, port).await?;
+            let tls = with_timeout(config, async {
+                connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| Error::Tls(e.to_string()))
+            })
+            .await?;
+            let (r, w) = tokio::io::split(tls);
+            Ok(spawn_stream(r, w, peer, config))
+        }
+        Endpoint::Unix { path } => {
+            let stream = UnixStream::connect(&path).await?;
+            let (r, w) = stream.into_split();
+            Ok(spawn_stream(r, w, PeerAddr::Unix(Some(path)), config))
+        }
+        Endpoint::Ws {
+            secure,
+            ref host,
+            port,
+            ..
+        } => {
+            let mut request = url
+                .into_client_request()
+                .map_err(|e| Error::WebSocket(e.to_string()))?;
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_static(WS_SUBPROTOCOL),
+            );
+            let (stream, peer) = dial_tcp(host, port).await?;
+            let wscfg = ws_config(config);
+            if secure {
+                let (connector, name) = tls_connector(config, host)?;
+                let ws = with_timeout(config, async {
+                    let tls = connector
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| Error::Tls(e.to_string()))?;
+                    let (ws, _resp) =
+                        tokio_tungstenite::client_async_with_config(request, tls, Some(wscfg))
+                            .await
+                            .map_err(|e| Error::WebSocket(e.to_string()))?;
+                    Ok(ws)
+                })
+                .await?;
+                Ok(spawn_ws(ws, peer, config))
+            } else {
+                let ws = with_timeout(config, async {
+                    let (ws, _resp) =
+                        tokio_tungstenite::client_async_with_config(request, stream, Some(wscfg))
+                            .await
+                            .map_err(|e| Error::WebSocket(e.to_string()))?;
+                    Ok(ws)
+                })
+                .await?;
+                Ok(spawn_ws(ws, peer, config))
+            }
+        }
+    }
+}
+
+/// A listening socket that yields established [`Connection`]s.
+///
+/// Handshakes (TLS, WebSocket upgrade) run in the background, each bounded by
+/// [`Config::handshake_timeout`], so a slow or hostile peer never delays the
+/// others. Dropping the listener stops accepting (and removes its Unix socket file).
+#[derive(Debug)]
+pub struct Listener {
+    url: String,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Result<Connection, Error>>>,
+    task: JoinHandle<()>,
+    unix_path: Option<PathBuf>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Listener {
+    /// Waits for the next established connection.
+    ///
+    /// Peers whose handshake fails are logged and skipped; an error here means
+    /// the listening socket itself failed.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn accept(&self) -> Result<Connection, Error> {
+        let mut rx = self.rx.lock().await;
+        match rx.recv().await {
+            Some(r) => r,
+            None => Err(Error::Io(std::io::Error::other("listener stopped"))),
+        }
+    }
+
+    /// The URL this listener is reachable at, with the port the OS picked.
+    pub fn local_url(&self) -> String {
+        self.url.clone()
+    }
+}
+
+enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+enum Mode {
+    Plain,
+    Tls(TlsAcceptor),
+    Ws {
+        tls: Option<TlsAcceptor>,
+        path: String,
+    },
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            // A stale socket file from a dead process can be replaced; a live one cannot.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::Io(e));
+            }
+            std::fs::remove_file(path)?;
+            Ok(UnixListener::bind(path)?)
+        }
+        Err(e) => Err(Error::Io(e)),
+    }
+}
+
+/// Listens on `url` (see the crate docs for the schemes). Port 0 lets the OS
+/// pick; [`Listener::local_url`] tells the result.
+///
+/// TLS (`tls://`, `wss://`) needs [`crate::TlsConfig::server`].
+pub async fn listen(url: &str, config: &Config) -> Result<Listener, Error> {
+    let endpoint = Endpoint::parse(url)?;
+    let tls_acceptor = || -> Result<TlsAcceptor, Error> {
+        let server = config.tls.server.clone().ok_or_else(|| {
+            Error::Tls(
+                "listening on tls:// or wss:// needs Config::tls.server (certificate and key)"
+                    .into(),
+            )
+        })?;
+        Ok(TlsAcceptor::from(server))
+    };
+    let is_tls = matches!(endpoint, Endpoint::Tls { .. });
+    let (socket, mode, local, unix_path) = match endpoint {
+        Endpoint::Tcp { host, port } | Endpoint::Tls { host, port } => {
+            let mode = if is_tls {
+                Mode::Tls(tls_acceptor()?)
+            } else {
+                Mode::Plain
+            };
+            let l = TcpListener::bind((host.as_str(), port)).await?;
+            let addr = l.local_addr()?;
+            let local = if is_tls {
+                Endpoint::Tls {
+                    host,
+                    port: addr.port(),
+                }
+            } else {
+                Endpoint::Tcp {
+                    host,
+                    port: addr.port(),
+                }
+            };
+            (Socket::Tcp(l), mode, local, None)
+        }
+        Endpoint::Unix { path } => {
+            let l = bind_unix(&path)?;
+            (
+                Socket::Unix(l),
+                Mode::Plain,
+                Endpoint::Unix { path: path.clone() },
+                Some(path),
+            )
+        }
+        Endpoint::Ws {
+            secure,
+            host,
+            port,
+            path,
+        } => {
+            let tls = if secure { Some(tls_acceptor()?) } else { None };
+            let l = TcpListener::bind((host.as_str(), port)).await?;
+            let addr = l.local_addr()?;
+            (
+                Socket::Tcp(l),
+                Mode::Ws {
+                    tls,
+                    path: path.clone(),
+                },
+                Endpoint::Ws {
+                    secure,
+                    host,
+                    port: addr.port(),
+                    path,
+                },
+                None,
+            )
+        }
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let config = config.clone();
+    let mode = Arc::new(mode);
+    let task = tokio::spawn(accept_loop(socket, mode, config, tx));
+    Ok(Listener {
+        url: local.to_string(),
+        rx: tokio::sync::Mutex::new(rx),
+        task,
+        unix_path,
+    })
+}
+
+async fn accept_loop(
+    socket: Socket,
+    mode: Arc<Mode>,
+    config: Config,
+    tx: mpsc::Sender<Result<Connection, Error>>,
+) {
+    loop {
+        let accepted = match &socket {
+            Socket::Tcp(l) => l.accept().await.map(|(s, a)| {
+                let _ = s.set_nodelay(true);
+                Accepted::Tcp(s, PeerAddr::Tcp(a))
+            }),
+            Socket::Unix(l) => l.accept().await.map(|(s, a)| {
+                let path = a.as_pathname().map(Path::to_path_buf);
+                Accepted::Unix(s, PeerAddr::Unix(path))
+            }),
+        };
+        let accepted = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Transient errors (e.g. too many open files) must not kill the listener.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mode = mode.clone();
+        let config = config.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match with_timeout(&config, handshake(accepted, &mode, &config)).await {
+                Ok(conn) => {
+                    let _ = tx.send(Ok(conn)).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "incoming handshake failed"),
+            }
+        });
+    }
+}
+
+enum Accepted {
+    Tcp(TcpStream, PeerAddr),
+    Unix(UnixStream, PeerAddr),
+}
+
+async fn handshake(accepted: Accepted, mode: &Mode, config: &Config) -> Result<Connection, Error> {
+    match (accepted, mode) {
+        (Accepted::Unix(s, peer), _) => {
+            let (r, w) = s.into_split();
+            Ok(spawn_stream(r, w, peer, config))
+        }
+        (Accepted::Tcp(s, peer), Mode::Plain) => {
+            let (r, w) = s.into_split();
+            Ok(spawn_stream(r, w, peer, config))
+        }
+        (Accepted::Tcp(s, peer), Mode::Tls(acceptor)) => {
+            let tls = acceptor
+                .accept(s)
+                .await
+                .map_err(|e| Error::Tls(e.to_string()))?;
+            let (r, w) = tokio::io::split(tls);
+            Ok(spawn_stream(r, w, peer, config))
+        }
+        (Accepted::Tcp(s, peer), Mode::Ws { tls, path }) => {
+            let wscfg = ws_config(config);
+            let callback = ws_callback(path.clone());
+            match tls {
+                Some(acceptor) => {
+                    let tls = acceptor
+                        .accept(s)
+                        .await
+                        .map_err(|e| Error::Tls(e.to_string()))?;
+                    let ws =
+                        tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(wscfg))
+                            .await
+                            .map_err(|e| Error::WebSocket(e.to_string()))?;
+                    Ok(spawn_ws(ws, peer, config))
+                }
+                None => {
+                    let ws =
+                        tokio_tungstenite::accept_hdr_async_with_config(s, callback, Some(wscfg))
+                            .await
+                            .map_err(|e| Error::WebSocket(e.to_string()))?;
+                    Ok(spawn_ws(ws, peer, config))
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn reject(status: StatusCode, why: &str) -> ErrorResponse {
+    let mut r = ErrorResponse::new(Some(why.to_string()));
+    *r.status_mut() = status;
+    r
+}
+
+#[allow(clippy::result_large_err)] // the error type is tungstenite's
+fn ws_callback(path: String) -> impl FnOnce(&Request, Response) -> Result<Response, ErrorResponse> {
+    move |req: &Request, mut resp: Response| {
+        if path != "/" && req.uri().path() != path {
+            return Err(reject(
+                StatusCode::NOT_FOUND,
+                "no WebSocket endpoint at this path",
+            ));
+        }
+        if let Some(offered) = req.headers().get("Sec-WebSocket-Protocol") {
+            let offered = offered.to_str().unwrap_or("");
+            if offered.split(',').any(|p| p.trim() == WS_SUBPROTOCOL) {
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static(WS_SUBPROTOCOL),
+                );
+            } else {
+                return Err(reject(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported WebSocket subprotocol (this server speaks replimesh.v1)",
+                ));
+            }
+        }
+        Ok(resp)
+    }
+}

@@ -1,0 +1,429 @@
+//! Transport tests over real sockets (127.0.0.1 and Unix sockets in temp dirs).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use replimesh_transport::proto::{self, CloseCode, Frame};
+use replimesh_transport::{
+    connect, listen, CloseReason, Config, Connection, Listener, RecvError, SendError, TlsConfig,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(10);
+
+fn tls_config() -> Config {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let cert_pem = cert.cert.pem();
+    let key_pem = cert.signing_key.serialize_pem();
+    let mut config = Config::default();
+    config.tls = TlsConfig {
+        server: Some(TlsConfig::server_from_pem(cert_pem.as_bytes(), key_pem.as_bytes()).unwrap()),
+        client: Some(TlsConfig::client_from_pem(cert_pem.as_bytes()).unwrap()),
+    };
+    config
+}
+
+async fn pair(url: &str, config: &Config) -> (Listener, Connection, Connection) {
+    let listener = listen(url, config).await.unwrap();
+    let local = listener.local_url();
+    let (client, server) = tokio::join!(connect(&local, config), listener.accept());
+    (listener, client.unwrap(), server.unwrap())
+}
+
+async fn recv(conn: &mut Connection) -> Frame {
+    tokio::time::timeout(T, conn.recv())
+        .await
+        .expect("recv timed out")
+        .expect("recv failed")
+}
+
+async fn round_trip(url: &str, config: &Config) {
+    let (_l, mut client, mut server) = pair(url, config).await;
+    for i in 0..100u32 {
+        client.send(&Frame::data(i.to_be_bytes().to_vec())).unwrap();
+    }
+    for i in 0..100u32 {
+        assert_eq!(
+            recv(&mut server).await,
+            Frame::data(i.to_be_bytes().to_vec())
+        );
+    }
+    // Server to client, 1 MiB frames.
+    let big = Frame::data(vec![0xabu8; 1 << 20]);
+    for _ in 0..3 {
+        server.send(&big).unwrap();
+    }
+    for _ in 0..3 {
+        assert_eq!(recv(&mut client).await, big);
+    }
+    // Clean close with a reason code.
+    client.sender().close(CloseCode::GoingAway, "bye");
+    match tokio::time::timeout(T, server.recv()).await.unwrap() {
+        Err(RecvError::Closed { code, reason }) => {
+            assert_eq!(code, CloseCode::GoingAway as u32);
+            assert_eq!(reason, "bye");
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    match tokio::time::timeout(T, client.sender().closed())
+        .await
+        .unwrap()
+    {
+        RecvError::Local(CloseReason::Requested { code, .. }) => {
+            assert_eq!(code, CloseCode::GoingAway as u32)
+        }
+        other => panic!("expected a local close, got {other:?}"),
+    }
+    assert!(matches!(
+        client.send(&Frame::ping(1)),
+        Err(SendError::Closed)
+    ));
+}
+
+#[tokio::test]
+async fn tcp_round_trip() {
+    round_trip("tcp://127.0.0.1:0", &Config::default()).await;
+}
+
+#[tokio::test]
+async fn unix_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("unix://{}", dir.path().join("t.sock").display());
+    round_trip(&url, &Config::default()).await;
+}
+
+#[tokio::test]
+async fn ws_round_trip() {
+    round_trip("ws://127.0.0.1:0/mesh", &Config::default()).await;
+}
+
+#[tokio::test]
+async fn tls_round_trip() {
+    round_trip("tls://127.0.0.1:0", &tls_config()).await;
+}
+
+#[tokio::test]
+async fn wss_round_trip() {
+    round_trip("wss://127.0.0.1:0/mesh", &tls_config()).await;
+}
+
+#[tokio::test]
+async fn tls_client_without_trusted_root_fails() {
+    let server_cfg = tls_config();
+    let listener = listen("tls://127.0.0.1:0", &server_cfg).await.unwrap();
+    let other = tls_config(); // a different self-signed certificate
+    let mut client_cfg = Config::default();
+    client_cfg.tls.client = other.tls.client;
+    let err = connect(&listener.local_url(), &client_cfg)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tls"), "{err}");
+    // And without any client TLS config, a clear error.
+    let err = connect(&listener.local_url(), &Config::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Config::tls.client"), "{err}");
+}
+
+#[tokio::test]
+async fn frames_at_exactly_the_maximum_pass_on_every_stream_scheme() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.max_frame = 256 * 1024;
+    for url in [
+        "tcp://127.0.0.1:0".to_string(),
+        format!("unix://{}", dir.path().join("m.sock").display()),
+        "ws://127.0.0.1:0".to_string(),
+    ] {
+        let (_l, client, mut server) = pair(&url, &config).await;
+        let mut n = config.max_frame - 8;
+        let frame = loop {
+            let f = Frame::data(vec![1u8; n]);
+            let len = f.encode_to_bytes().len();
+            if len == config.max_frame {
+                break f;
+            }
+            n = n + config.max_frame - len;
+        };
+        client.send(&frame).unwrap();
+        assert_eq!(recv(&mut server).await, frame, "{url}");
+        let too_big = Frame::data(vec![1u8; config.max_frame]);
+        assert!(
+            matches!(client.send(&too_big), Err(SendError::TooLarge { .. })),
+            "{url}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn oversized_length_closes_with_clear_error() {
+    let mut config = Config::default();
+    config.max_frame = 1024;
+    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
+    let addr = listener
+        .local_url()
+        .trim_start_matches("tcp://")
+        .to_string();
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut server = listener.accept().await.unwrap();
+    // Claim a 4 GiB frame.
+    raw.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    match tokio::time::timeout(T, server.recv()).await.unwrap() {
+        Err(RecvError::FrameTooLarge { len, max }) => {
+            assert_eq!(len, u32::MAX as usize);
+            assert_eq!(max, 1024);
+        }
+        other => panic!("expected FrameTooLarge, got {other:?}"),
+    }
+    // The raw peer receives a Close frame with the matching code, then EOF.
+    let mut got = Vec::new();
+    tokio::time::timeout(T, raw.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut buf = bytes::BytesMut::from(&got[..]);
+    let mut codec = proto::FrameCodec::default();
+    let frame = tokio_util::codec::Decoder::decode(&mut codec, &mut buf)
+        .unwrap()
+        .unwrap();
+    match frame.body {
+        Some(proto::frame::Body::Close(c)) => {
+            assert_eq!(c.code, CloseCode::FrameTooLarge as u32);
+            assert!(c.reason.contains("exceeds"), "{}", c.reason);
+        }
+        other => panic!("expected a Close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn malformed_frame_closes_connection_and_listener_keeps_serving() {
+    let config = Config::default();
+    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
+    let url = listener.local_url();
+    let addr = url.trim_start_matches("tcp://").to_string();
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut bad = listener.accept().await.unwrap();
+    raw.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    assert!(matches!(
+        tokio::time::timeout(T, bad.recv()).await.unwrap(),
+        Err(RecvError::Malformed(_))
+    ));
+    // Another client is served as usual.
+    let (good, server) = tokio::join!(connect(&url, &config), listener.accept());
+    let (good, mut server) = (good.unwrap(), server.unwrap());
+    good.send(&Frame::ping(9)).ok();
+    good.send(&Frame::data(&b"ok"[..])).unwrap();
+    assert_eq!(recv(&mut server).await, Frame::data(&b"ok"[..]));
+}
+
+#[tokio::test]
+async fn abrupt_close_is_noticed() {
+    let config = Config::default();
+    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
+    let addr = listener
+        .local_url()
+        .trim_start_matches("tcp://")
+        .to_string();
+    let raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut server = listener.accept().await.unwrap();
+    drop(raw);
+    assert!(matches!(
+        tokio::time::timeout(T, server.recv()).await.unwrap(),
+        Err(RecvError::Eof)
+    ));
+}
+
+#[tokio::test]
+async fn half_open_peer_that_stops_answering_pings_times_out() {
+    let mut config = Config::default();
+    config.ping_interval = Some(Duration::from_millis(50));
+    config.idle_timeout = Some(Duration::from_millis(300));
+    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
+    let addr = listener
+        .local_url()
+        .trim_start_matches("tcp://")
+        .to_string();
+    // The raw peer keeps its socket open but never sends anything (like a host that vanished).
+    let _raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut server = listener.accept().await.unwrap();
+    assert!(matches!(
+        tokio::time::timeout(T, server.recv()).await.unwrap(),
+        Err(RecvError::TimedOut)
+    ));
+}
+
+#[tokio::test]
+async fn live_peers_keep_each_other_alive_with_pings() {
+    let mut config = Config::default();
+    config.ping_interval = Some(Duration::from_millis(30));
+    config.idle_timeout = Some(Duration::from_millis(200));
+    let (_l, client, mut server) = pair("tcp://127.0.0.1:0", &config).await;
+    // Idle for several timeouts: pings keep both sides up.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.send(&Frame::data(&b"still here"[..])).unwrap();
+    assert_eq!(recv(&mut server).await, Frame::data(&b"still here"[..]));
+}
+
+#[tokio::test]
+async fn slow_consumer_is_cut_while_fast_one_gets_everything() {
+    let mut config = Config::default();
+    config.max_queue_bytes = 256 * 1024;
+    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
+    let url = listener.local_url();
+    let mut fast = connect(&url, &config).await.unwrap();
+    let fast_srv = listener.accept().await.unwrap();
+    let slow = connect(&url, &config).await.unwrap(); // never reads
+    let slow_srv = listener.accept().await.unwrap();
+
+    let payload = Bytes::from(vec![5u8; 16 * 1024]);
+    let total = 2000usize; // 32 MB: far beyond what socket buffers hold
+    let reader = tokio::spawn(async move {
+        let mut n = 0usize;
+        while n < total {
+            let f = tokio::time::timeout(T, fast.recv())
+                .await
+                .expect("fast reader stalled")
+                .unwrap();
+            assert_eq!(f, Frame::data(vec![5u8; 16 * 1024]));
+            n += 1;
+        }
+        n
+    });
+    let mut slow_cut = false;
+    for _ in 0..total {
+        let body = Frame::data(payload.clone()).encode_to_bytes(); // one encoding, two connections
+        fast_srv
+            .sender()
+            .send_encoded_wait(body.clone())
+            .await
+            .unwrap();
+        match slow_srv.sender().send_encoded(body) {
+            Ok(()) => {}
+            Err(SendError::SlowConsumer) => slow_cut = true,
+            Err(SendError::Closed) => assert!(slow_cut),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(slow_cut, "the slow consumer was never cut");
+    assert_eq!(reader.await.unwrap(), total);
+    match slow_srv.sender().closed().await {
+        RecvError::Local(CloseReason::SlowConsumer { limit, .. }) => assert_eq!(limit, 256 * 1024),
+        other => panic!("expected SlowConsumer, got {other:?}"),
+    }
+    drop(slow);
+}
+
+#[tokio::test]
+async fn reject_policy_keeps_the_connection() {
+    let mut config = Config::default();
+    config.max_queue_bytes = 64 * 1024;
+    config.slow_consumer = replimesh_transport::SlowConsumerPolicy::Reject;
+    let (_l, _client, server) = pair("tcp://127.0.0.1:0", &config).await;
+    let body = Frame::data(vec![1u8; 32 * 1024]).encode_to_bytes();
+    let mut full = false;
+    for _ in 0..10_000 {
+        match server.sender().send_encoded(body.clone()) {
+            Ok(()) => {}
+            Err(SendError::Full { limit, .. }) => {
+                assert_eq!(limit, 64 * 1024);
+                full = true;
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(full);
+    assert!(!server.sender().is_closed());
+}
+
+#[tokio::test]
+async fn peer_address_is_known() {
+    let (_l, client, server) = pair("tcp://127.0.0.1:0", &Config::default()).await;
+    assert_eq!(server.peer_addr().ip(), Some("127.0.0.1".parse().unwrap()));
+    assert!(client.peer_addr().ip().is_some());
+    assert_ne!(client.sender().id(), server.sender().id());
+}
+
+#[tokio::test]
+async fn ws_rejects_wrong_path_and_unknown_subprotocol() {
+    let listener = listen("ws://127.0.0.1:0/mesh", &Config::default())
+        .await
+        .unwrap();
+    let url = listener.local_url();
+    let wrong = url.replace("/mesh", "/other");
+    assert!(connect(&wrong, &Config::default()).await.is_err());
+    // A client that offers only an unknown subprotocol is refused.
+    let port = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches("/mesh")
+        .to_string();
+    let mut raw = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    raw.write_all(
+        b"GET /mesh HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut resp = vec![0u8; 512];
+    let n = tokio::time::timeout(T, raw.read(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&resp[..n]);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+}
+
+#[tokio::test]
+async fn handshake_timeout_drops_silent_tls_peers() {
+    let mut config = tls_config();
+    config.handshake_timeout = Duration::from_millis(200);
+    let listener = listen("tls://127.0.0.1:0", &config).await.unwrap();
+    let addr = listener
+        .local_url()
+        .trim_start_matches("tls://")
+        .to_string();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The server gives up on the silent peer: its socket is closed.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(T, silent.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // And the listener still accepts real clients.
+    let url = listener.local_url();
+    let (c, s) = tokio::join!(connect(&url, &config), listener.accept());
+    assert!(c.is_ok() && s.is_ok());
+}
+
+#[tokio::test]
+async fn dropping_every_handle_closes_politely() {
+    let (_l, client, mut server) = pair("tcp://127.0.0.1:0", &Config::default()).await;
+    client.send(&Frame::data(&b"last"[..])).unwrap();
+    drop(client);
+    assert_eq!(recv(&mut server).await, Frame::data(&b"last"[..]));
+    assert!(matches!(
+        tokio::time::timeout(T, server.recv()).await.unwrap(),
+        Err(RecvError::Closed { .. })
+    ));
+}
+
+#[tokio::test]
+async fn bad_urls_are_clear_errors() {
+    let err = connect("http://127.0.0.1:1", &Config::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown scheme"), "{err}");
+    let err = listen("tls://127.0.0.1:0", &Config::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Config::tls.server"), "{err}");
+}
