@@ -1,6 +1,5 @@
 //! Snapshot files: encoding, atomic writing and verified reading.
 
-use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
 
@@ -43,6 +42,14 @@ pub fn write_snapshot(
 ) -> Result<u64, Error> {
     crate::fsutil::write_atomic(path, |f| write_body(f, snapshot, key, chunk_size))
         .map_err(|e| Error::io(path, e))
+}
+
+/// Encodes `snapshot` into the bytes of a snapshot file (what [`write_snapshot`] writes).
+pub fn encode_snapshot(snapshot: &Snapshot, key: Option<&Key>, chunk_size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(snapshot.state.len() + snapshot.store.len() + 256);
+    // Writing to a Vec cannot fail.
+    let _ = write_body(&mut out, snapshot, key, chunk_size);
+    out
 }
 
 /// Reads and verifies the snapshot at `path`. `keys` must be given for an encrypted file and
@@ -197,7 +204,12 @@ fn parse_plain(data: Vec<u8>, len: usize, path: &Path) -> Result<Snapshot, Error
     })
 }
 
-fn write_body(f: &mut File, s: &Snapshot, key: Option<&Key>, chunk_size: usize) -> io::Result<u64> {
+fn write_body(
+    f: &mut impl Write,
+    s: &Snapshot,
+    key: Option<&Key>,
+    chunk_size: usize,
+) -> io::Result<u64> {
     let chunk = chunk_size.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
     let meta = encode_meta(s);
     let len = meta.len() + s.state.len();

@@ -1,0 +1,285 @@
+//! Behaviour of the `Backup` handle: restore, policies, journal rotation, bad files.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use replimesh_backup::journal::list_segments;
+use replimesh_backup::{
+    Backup, BackupConfig, Due, Error, FsyncPolicy, KdfParams, OnBadFile, Persistence, Snapshot,
+};
+
+fn snap(seq: u64, counter: u64) -> Snapshot {
+    Snapshot {
+        store: "counter".into(),
+        schema: 2,
+        history_id: 0xfeed,
+        seq,
+        state: Bytes::copy_from_slice(&counter.to_le_bytes()),
+    }
+}
+
+fn config(path: &Path) -> BackupConfig {
+    BackupConfig::new(path)
+        .key("pw")
+        .kdf(KdfParams::insecure_fast())
+        .journal(FsyncPolicy::Always)
+}
+
+/// Applies a restore to a counter state: (counter, last seq, history id).
+fn replay(r: &replimesh_backup::Restored) -> (u64, u64, u64) {
+    let mut c = u64::from_le_bytes(r.snapshot.state[..].try_into().unwrap());
+    let mut last = r.snapshot.seq;
+    for e in &r.journal {
+        assert_eq!(e.seq, last + 1, "journal is contiguous");
+        last = e.seq;
+        c += u64::from_le_bytes(e.action[..].try_into().unwrap());
+    }
+    (c, r.last_seq(), r.snapshot.history_id)
+}
+
+fn tmp() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.backup");
+    (dir, path)
+}
+
+fn run(backup: &Backup, from: u64, to: u64, counter: &mut u64) {
+    for seq in from..=to {
+        *counter += 1;
+        if backup.record(seq, &1u64.to_le_bytes()).unwrap() == Due::Snapshot {
+            backup.snapshot(snap(seq, *counter)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn restart_keeps_history_and_seq_for_every_policy() {
+    for policy in [
+        FsyncPolicy::Always,
+        FsyncPolicy::Every(Duration::from_millis(5)),
+        FsyncPolicy::Never,
+    ] {
+        for key in [true, false] {
+            let (_d, path) = tmp();
+            let mut cfg = config(&path).journal(policy).count(7);
+            if !key {
+                cfg.key = None;
+            }
+            let (b, r) = Backup::open(cfg.clone()).unwrap();
+            assert!(r.is_none());
+            assert!(matches!(b.record(1, b"x"), Err(Error::NotStarted)));
+            b.snapshot(snap(0, 0)).unwrap();
+            let mut counter = 0;
+            run(&b, 1, 40, &mut counter);
+            drop(b); // like a crash of the store (the journal buffer is flushed on drop)
+
+            let (b, r) = Backup::open(cfg.clone()).unwrap();
+            let r = r.unwrap();
+            assert_eq!(replay(&r), (40, 40, 0xfeed), "{policy:?} key {key}");
+            assert_eq!(r.snapshot.store, "counter");
+            assert_eq!(r.snapshot.schema, 2);
+            assert_eq!(b.last_seq(), 40);
+            run(&b, 41, 50, &mut counter);
+            b.shutdown(Some(snap(50, counter))).unwrap();
+            assert!(matches!(b.record(51, b"x"), Err(Error::Closed)));
+            drop(b);
+
+            let (_b, r) = Backup::open(cfg).unwrap();
+            let r = r.unwrap();
+            assert!(r.journal.is_empty(), "final snapshot covers the journal");
+            assert_eq!(replay(&r), (50, 50, 0xfeed));
+        }
+    }
+}
+
+#[test]
+fn snapshot_rotates_the_journal() {
+    let (_d, path) = tmp();
+    let (b, _) = Backup::open(config(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    let mut counter = 0;
+    run(&b, 1, 10, &mut counter);
+    assert_eq!(list_segments(&path).unwrap().len(), 1);
+    b.snapshot_now(snap(10, counter)).unwrap();
+    let segs = list_segments(&path).unwrap();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].0, 10);
+    run(&b, 11, 12, &mut counter);
+    // snapshot_with: the state is produced on the background thread.
+    b.snapshot_with(12, move || snap(12, counter)).unwrap();
+    b.shutdown(None).unwrap();
+    drop(b);
+    let segs = list_segments(&path).unwrap();
+    assert_eq!(segs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![12]);
+    let (_b, r) = Backup::open(config(&path)).unwrap();
+    assert_eq!(replay(&r.unwrap()), (12, 12, 0xfeed));
+}
+
+#[test]
+fn count_and_timeout_policies() {
+    let (_d, path) = tmp();
+    let cfg = config(&path).count(3).timeout(Duration::from_secs(3600));
+    let (b, _) = Backup::open(cfg).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    assert_eq!(b.deadline(), None);
+    assert!(!b.is_due());
+    assert_eq!(b.record(1, b"a").unwrap(), Due::No);
+    let d = b.deadline().expect("a change starts the timeout");
+    assert_eq!(b.record(2, b"a").unwrap(), Due::No);
+    assert_eq!(
+        b.deadline(),
+        Some(d),
+        "deadline counts from the first change"
+    );
+    assert_eq!(b.record(3, b"a").unwrap(), Due::Snapshot);
+    assert!(b.is_due());
+    b.snapshot(snap(3, 3)).unwrap();
+    assert_eq!(b.deadline(), None);
+    assert!(!b.is_due());
+
+    let (_d2, path2) = tmp();
+    let (b, _) = Backup::open(config(&path2).timeout(Duration::ZERO)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    assert_eq!(b.record(1, b"a").unwrap(), Due::No);
+    assert!(b.is_due(), "zero timeout is due at once");
+}
+
+#[test]
+fn out_of_order_seq_is_refused() {
+    let (_d, path) = tmp();
+    let (b, _) = Backup::open(config(&path)).unwrap();
+    b.snapshot(snap(5, 0)).unwrap();
+    assert!(matches!(
+        b.record(5, b"a"),
+        Err(Error::SeqOutOfOrder { last: 5, got: 5 })
+    ));
+    assert_eq!(b.record(6, b"a").unwrap(), Due::No);
+    assert!(matches!(
+        b.snapshot(snap(5, 0)),
+        Err(Error::SeqOutOfOrder { .. })
+    ));
+}
+
+#[test]
+fn key_errors_at_open() {
+    let (_d, path) = tmp();
+    let (b, _) = Backup::open(config(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    drop(b);
+    let mut wrong = config(&path).key("other");
+    let r = Backup::open(wrong.clone());
+    assert!(matches!(r, Err(Error::WrongKey { .. })), "{r:?}");
+    // A wrong key is never "fixed" by moving the file aside.
+    wrong.on_bad_file = OnBadFile::MoveAside;
+    assert!(matches!(Backup::open(wrong), Err(Error::WrongKey { .. })));
+    let mut none = config(&path);
+    none.key = None;
+    assert!(matches!(Backup::open(none), Err(Error::KeyRequired { .. })));
+    assert!(Backup::open(config(&path)).unwrap().1.is_some());
+}
+
+#[test]
+fn corrupted_snapshot_fails_or_moves_aside() {
+    let (dir, path) = tmp();
+    let (b, _) = Backup::open(config(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    run(&b, 1, 3, &mut 0);
+    drop(b);
+    let mut data = std::fs::read(&path).unwrap();
+    let n = data.len();
+    data[n - 3] ^= 0x10;
+    std::fs::write(&path, &data).unwrap();
+
+    let r = Backup::open(config(&path));
+    assert!(matches!(r, Err(Error::Corrupted { .. })), "{r:?}");
+    assert_eq!(std::fs::read(&path).unwrap(), data, "file untouched");
+
+    let (b, r) = Backup::open(config(&path).on_bad_file(OnBadFile::MoveAside)).unwrap();
+    assert!(r.is_none(), "starts empty");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("store.backup.bad-")),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n.contains(".orphan-")), "{names:?}");
+    assert!(!path.exists());
+    b.snapshot(snap(0, 0)).unwrap();
+    drop(b);
+    assert!(Backup::open(config(&path)).unwrap().1.is_some());
+}
+
+#[test]
+fn corrupted_journal_record_fails() {
+    let (_d, path) = tmp();
+    let (b, _) = Backup::open(config(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    run(&b, 1, 5, &mut 0);
+    drop(b);
+    let (_, seg) = list_segments(&path).unwrap().remove(0);
+    let mut data = std::fs::read(&seg).unwrap();
+    data[replimesh_backup::HEADER_LEN + 10] ^= 1;
+    std::fs::write(&seg, &data).unwrap();
+    let r = Backup::open(config(&path));
+    assert!(
+        matches!(
+            r,
+            Err(Error::Corrupted {
+                location: replimesh_backup::Location::Record { index: 0, .. },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn torn_journal_tail_is_dropped_and_restart_continues() {
+    let (_d, path) = tmp();
+    let (b, _) = Backup::open(config(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    run(&b, 1, 5, &mut 0);
+    drop(b);
+    let (_, seg) = list_segments(&path).unwrap().remove(0);
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(len - 5).unwrap();
+    drop(f);
+    let (b, r) = Backup::open(config(&path)).unwrap();
+    assert_eq!(replay(&r.unwrap()), (4, 4, 0xfeed));
+    let mut c = 4;
+    run(&b, 5, 9, &mut c);
+    drop(b);
+    let (_b, r) = Backup::open(config(&path)).unwrap();
+    assert_eq!(replay(&r.unwrap()), (9, 9, 0xfeed));
+}
+
+#[test]
+fn persistence_trait_object() {
+    let (_d, path) = tmp();
+    let (b, _) = Backup::open(config(&path).count(2)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    let p: &dyn Persistence = &b;
+    assert_eq!(p.record(1, &1u64.to_le_bytes()).unwrap(), Due::No);
+    assert_eq!(p.record(2, &1u64.to_le_bytes()).unwrap(), Due::Snapshot);
+    p.snapshot(snap(2, 2)).unwrap();
+    p.shutdown(None).unwrap();
+}
+
+#[test]
+fn no_journal_loses_only_unsnapshotted_actions() {
+    let (_d, path) = tmp();
+    let mut cfg = config(&path).count(4);
+    cfg.journal = None;
+    let (b, _) = Backup::open(cfg.clone()).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    run(&b, 1, 10, &mut 0);
+    b.flush().unwrap();
+    drop(b);
+    assert!(list_segments(&path).unwrap().is_empty());
+    let (_b, r) = Backup::open(cfg).unwrap();
+    assert_eq!(replay(&r.unwrap()), (8, 8, 0xfeed));
+}
