@@ -1,0 +1,347 @@
+//! The authority: orders actions into a history.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use bytes::Bytes;
+use proto::frame::Body;
+use proto::Frame;
+
+use super::dedup::{Dedup, Lookup, OpState};
+use super::log::{FollowerId, Log, LogConfig};
+use crate::error::{DispatchError, ErrorCode, RemoteError};
+use crate::reducer::{to_binary, Encoding, Reducer};
+
+/// Settings of an [`Authority`].
+#[derive(Debug, Clone)]
+pub struct AuthorityConfig {
+    /// History, mode and batch limits.
+    pub log: LogConfig,
+    /// Op ids remembered per client for duplicate detection. Default 65,536.
+    pub dedup_window: usize,
+    /// Clients remembered for duplicate detection (least recently seen are
+    /// forgotten first). Default 10,000.
+    pub dedup_clients: usize,
+}
+
+impl Default for AuthorityConfig {
+    fn default() -> Self {
+        AuthorityConfig {
+            log: LogConfig::default(),
+            dedup_window: 65_536,
+            dedup_clients: 10_000,
+        }
+    }
+}
+
+/// What an authority starts from (a persisted history).
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// The history id (0: start a new random one).
+    pub history_id: u64,
+    /// A snapshot (seq, binary state), if any.
+    pub snapshot: Option<(u64, Bytes)>,
+    /// Committed actions after the snapshot, in order: (seq, binary action).
+    pub actions: Vec<(u64, Bytes)>,
+}
+
+/// The sans-IO authority of one store.
+///
+/// It takes events (a replica attached, a `Dispatch` arrived, a replica
+/// left) and produces frames per follower through [`Authority::poll`]. It
+/// never does IO and never looks at a clock.
+pub struct Authority<R: Reducer> {
+    reducer: R,
+    log: Log<R>,
+    dedup: Dedup,
+}
+
+impl<R: Reducer> Authority<R> {
+    /// A new authority with a fresh history id taken from `history_id` (use a
+    /// random non-zero value).
+    pub fn new(reducer: R, config: AuthorityConfig, history_id: u64) -> Self {
+        let state = reducer.initial_state();
+        let mut log = Log::new(
+            reducer.name().to_owned(),
+            reducer.schema(),
+            state,
+            config.log.clone(),
+        );
+        log.history = history_id.max(1);
+        Authority {
+            reducer,
+            log,
+            dedup: Dedup::new(config.dedup_window, config.dedup_clients),
+        }
+    }
+
+    /// An authority that continues a persisted history. Actions that do not
+    /// follow on (gaps, undecodable) end the recovery at the last good one.
+    pub fn recover(
+        reducer: R,
+        config: AuthorityConfig,
+        recovered: Recovered,
+        fresh_history_id: u64,
+    ) -> Result<Self, RemoteError> {
+        let mut a = Authority::new(reducer, config, fresh_history_id);
+        if recovered.history_id == 0 {
+            return Ok(a);
+        }
+        a.log.history = recovered.history_id;
+        if let Some((seq, bytes)) = recovered.snapshot {
+            let state: R::State = Encoding::Binary
+                .decode(&bytes)
+                .map_err(|e| RemoteError::new(ErrorCode::Internal, format!("snapshot: {e}")))?;
+            a.log.reset(recovered.history_id, seq, state, bytes);
+        }
+        for (seq, bytes) in recovered.actions {
+            if seq <= a.log.head {
+                continue;
+            }
+            if seq != a.log.head + 1 {
+                break;
+            }
+            let Ok(action) = Encoding::Binary.decode::<R::Action>(&bytes) else {
+                break;
+            };
+            let r = &a.reducer;
+            let st = &mut a.log.state;
+            if catch_unwind(AssertUnwindSafe(|| r.reduce(st, &action))).is_err() {
+                break;
+            }
+            a.log.append(bytes);
+            a.log.trim(true);
+        }
+        Ok(a)
+    }
+
+    /// The store's name.
+    pub fn name(&self) -> &str {
+        &self.log.name
+    }
+
+    /// The current state.
+    pub fn state(&self) -> &R::State {
+        &self.log.state
+    }
+
+    /// The history id.
+    pub fn history_id(&self) -> u64 {
+        self.log.history
+    }
+
+    /// The last committed sequence number.
+    pub fn seq(&self) -> u64 {
+        self.log.head
+    }
+
+    /// The reducer.
+    pub fn reducer(&self) -> &R {
+        &self.reducer
+    }
+
+    /// Committed actions after `seq` still in the backlog (for persistence).
+    pub fn entries_after(&self, seq: u64) -> impl Iterator<Item = (u64, &Bytes)> {
+        self.log.entries_after(seq)
+    }
+
+    /// The latest snapshot (seq, binary state), if one was taken.
+    pub fn latest_snapshot(&self) -> Option<(u64, Bytes)> {
+        self.log.snapshot().cloned()
+    }
+
+    /// Takes a snapshot of the current state now.
+    pub fn take_snapshot(&mut self) -> Result<(u64, Bytes), RemoteError> {
+        self.log.take_snapshot()
+    }
+
+    /// A replica attaches. On success it becomes a follower; the
+    /// `StoreWelcome` and the catch-up frames come out of [`Authority::poll`].
+    /// On failure the error goes to the caller as a `StoreError`
+    /// ([`RemoteError::to_frame`]).
+    pub fn on_hello(&mut self, hello: &proto::StoreHello) -> Result<FollowerId, RemoteError> {
+        check_hello(&self.log.name, self.log.schema, hello)?;
+        let welcome = proto::StoreWelcome {
+            store: self.log.name.clone(),
+            schema: self.log.schema,
+            history_id: self.log.history,
+            mode: self.log.cfg.mode.to_proto() as i32,
+            resync: self.log.cfg.resync,
+            last_op_id: self.dedup.last_op(&hello.client_id),
+        };
+        Ok(self.log.add_follower(hello, welcome))
+    }
+
+    /// A follower's connection is gone.
+    pub fn on_leave(&mut self, id: FollowerId) {
+        self.log.remove_follower(id);
+    }
+
+    /// A follower asks for a snapshot (gap or digest mismatch).
+    pub fn on_resync(&mut self, id: FollowerId) {
+        self.log.request_snapshot(id);
+    }
+
+    /// Acks and errors waiting for a follower (to bound what a client that
+    /// dispatches without reading can pile up).
+    pub fn pending_control(&self, id: FollowerId) -> usize {
+        self.log
+            .followers
+            .get(&id)
+            .map(|f| f.pending_control())
+            .unwrap_or(0)
+    }
+
+    /// A `Dispatch` frame from a follower: commits its new actions, answers
+    /// duplicates with their original seq. Returns how many were committed.
+    pub fn on_dispatch(&mut self, id: FollowerId, d: proto::Dispatch) -> usize {
+        let Some(f) = self.log.followers.get(&id) else {
+            return 0;
+        };
+        let client = f.client_id.clone();
+        let enc = f.encoding;
+        let mut committed = 0;
+        let first_op = d.op_id;
+        let all = std::iter::once(d.action).chain(d.more);
+        for (i, bytes) in all.enumerate() {
+            let op = first_op + i as u64;
+            match self.dedup.lookup(&client, op) {
+                Lookup::Known(OpState::Committed(seq)) => self.log.ack(id, op, seq),
+                Lookup::Known(_) => {
+                    let e = RemoteError::new(ErrorCode::BadAction, "rejected before");
+                    self.log.error(id, op, &e);
+                }
+                Lookup::Forgotten => {
+                    let e = RemoteError::new(
+                        ErrorCode::Forgotten,
+                        "op id older than the duplicate window; it was handled before",
+                    );
+                    self.log.error(id, op, &e);
+                }
+                Lookup::New => match self.commit_bytes(&bytes, enc) {
+                    Ok(seq) => {
+                        committed += 1;
+                        self.dedup.record(&client, op, OpState::Committed(seq));
+                        self.log.ack(id, op, seq);
+                    }
+                    Err(e) => {
+                        self.dedup.record(&client, op, OpState::Rejected);
+                        self.log.error(id, op, &e);
+                    }
+                },
+            }
+        }
+        committed
+    }
+
+    /// Commits an action dispatched on the authority itself.
+    pub fn dispatch(&mut self, action: &R::Action) -> Result<u64, DispatchError> {
+        let bytes = Encoding::Binary.encode(action)?;
+        self.apply(action, bytes).map_err(DispatchError::Rejected)
+    }
+
+    /// Commits an encoded action; returns its seq.
+    pub fn commit_bytes(&mut self, bytes: &Bytes, enc: Encoding) -> Result<u64, RemoteError> {
+        let (action, binary) = to_binary::<R::Action>(bytes, enc)
+            .map_err(|e| RemoteError::new(ErrorCode::BadAction, e.0))?;
+        self.apply(&action, binary)
+    }
+
+    fn apply(&mut self, action: &R::Action, binary: Bytes) -> Result<u64, RemoteError> {
+        let r = &self.reducer;
+        let st = &mut self.log.state;
+        if catch_unwind(AssertUnwindSafe(|| r.reduce(st, action))).is_err() {
+            self.rebuild();
+            return Err(RemoteError::new(
+                ErrorCode::ReducerPanic,
+                "the reducer panicked; the action was not committed",
+            ));
+        }
+        self.log.append(binary);
+        self.log.checkpoint();
+        self.log.trim(true);
+        Ok(self.log.head)
+    }
+
+    /// After a reducer panic: state = latest snapshot + backlog after it.
+    fn rebuild(&mut self) {
+        let base = match self.log.snapshot() {
+            Some((seq, bytes)) => match Encoding::Binary.decode::<R::State>(bytes) {
+                Ok(s) => Some((*seq, s)),
+                Err(_) => None,
+            },
+            None if self.log.first_seq() == 1 => Some((0, self.reducer.initial_state())),
+            None => None,
+        };
+        let Some((seq, mut state)) = base else {
+            tracing::error!(store = %self.log.name, "reducer panicked and no snapshot to rebuild from");
+            return;
+        };
+        for (_, bytes) in self.log.entries_after(seq) {
+            if let Ok(a) = Encoding::Binary.decode::<R::Action>(bytes) {
+                let r = &self.reducer;
+                let st = &mut state;
+                if catch_unwind(AssertUnwindSafe(|| r.reduce(st, &a))).is_err() {
+                    tracing::error!(store = %self.log.name, "reducer panicked on replay");
+                }
+            }
+        }
+        self.log.state = state;
+    }
+
+    /// Whether [`Authority::poll`] has frames for this follower.
+    pub fn has_output(&self, id: FollowerId) -> bool {
+        self.log.has_output(id)
+    }
+
+    /// The next frames for a follower (about `budget` bytes of payload).
+    pub fn poll(&mut self, id: FollowerId, budget: usize) -> Vec<Frame> {
+        self.log.poll(id, budget)
+    }
+
+    /// Followers attached now.
+    pub fn followers(&self) -> Vec<FollowerId> {
+        self.log.followers.keys().copied().collect()
+    }
+}
+
+/// Checks a `StoreHello` against a store's name and schema.
+pub(crate) fn check_hello(
+    name: &str,
+    schema: u32,
+    hello: &proto::StoreHello,
+) -> Result<(), RemoteError> {
+    if hello.store != name {
+        let e = RemoteError::new(
+            ErrorCode::UnknownStore,
+            format!("unknown store {:?}", hello.store),
+        );
+        return Err(e);
+    }
+    if hello.schema != schema {
+        let e = RemoteError::new(
+            ErrorCode::SchemaMismatch,
+            format!(
+                "store {:?}: replica schema {} differs from authority schema {}",
+                name, hello.schema, schema
+            ),
+        );
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The store a store-layer frame names (`None` for other frames).
+pub fn store_of(frame: &Frame) -> Option<&str> {
+    Some(match frame.body.as_ref()? {
+        Body::StoreHello(x) => &x.store,
+        Body::StoreWelcome(x) => &x.store,
+        Body::Dispatch(x) => &x.store,
+        Body::Committed(x) => &x.store,
+        Body::Actions(x) => &x.store,
+        Body::Snapshot(x) => &x.store,
+        Body::Digest(x) => &x.store,
+        Body::Resync(x) => &x.store,
+        Body::StoreError(x) => &x.store,
+        _ => return None,
+    })
+}

@@ -1,0 +1,141 @@
+//! The [`Reducer`] trait and the payload encodings.
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A redux-style reducer: the pure function that turns a state and an action
+/// into the next state.
+///
+/// Every peer of a store (the authority and all replicas) runs the same
+/// reducer over the same actions in the same order, so the reducer **must be
+/// deterministic**: no clocks, no randomness, no iteration over a `HashMap`
+/// whose order could differ between processes (use a `BTreeMap` when the state
+/// is compared by digest, see [`SyncMode::Digest`](crate::SyncMode::Digest)).
+///
+/// The state is changed in place (`&mut`) so that small actions on large
+/// states stay cheap.
+///
+/// # Panics
+///
+/// A reducer should not panic. If it does on the authority, the action is
+/// **rejected**: it gets no sequence number, the dispatcher receives a
+/// [`ErrorCode::ReducerPanic`](crate::ErrorCode::ReducerPanic) error, and the
+/// authority rebuilds its state from its latest snapshot plus the committed
+/// actions after it (so a half-applied action leaves no trace). If a replica's
+/// reducer panics on a committed action, the replica asks the authority for a
+/// snapshot. The process keeps running in both cases (unless it is built with
+/// `panic = "abort"`).
+pub trait Reducer: Send + Sync + 'static {
+    /// The state of the store.
+    type State: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// The actions that change the state.
+    type Action: Serialize + DeserializeOwned + Send + 'static;
+
+    /// The store's name: peers attach to a store by name, so two stores of one
+    /// server need different names.
+    fn name(&self) -> &str;
+
+    /// The schema version of `State` and `Action`. A replica whose schema
+    /// differs from the authority's is refused with an error naming both.
+    fn schema(&self) -> u32 {
+        1
+    }
+
+    /// The state before the first action.
+    fn initial_state(&self) -> Self::State;
+
+    /// Applies `action` to `state`. Must be deterministic.
+    fn reduce(&self, state: &mut Self::State, action: &Self::Action);
+}
+
+/// How actions and states are encoded inside store frames.
+///
+/// Rust peers use [`Encoding::Binary`] (compact `postcard`); browsers use
+/// [`Encoding::Json`]. The authority keeps its history in binary and converts
+/// for JSON peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Encoding {
+    /// `postcard`: compact, varint-based serde format.
+    #[default]
+    Binary,
+    /// `serde_json`.
+    Json,
+}
+
+impl Encoding {
+    pub(crate) fn from_proto(value: i32) -> Encoding {
+        match proto::Encoding::try_from(value) {
+            Ok(proto::Encoding::Json) => Encoding::Json,
+            _ => Encoding::Binary,
+        }
+    }
+
+    pub(crate) fn to_proto(self) -> proto::Encoding {
+        match self {
+            Encoding::Binary => proto::Encoding::Binary,
+            Encoding::Json => proto::Encoding::Json,
+        }
+    }
+
+    /// Encodes a value.
+    pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, CodecError> {
+        match self {
+            Encoding::Binary => postcard::to_stdvec(value)
+                .map(Bytes::from)
+                .map_err(|e| CodecError(e.to_string())),
+            Encoding::Json => serde_json::to_vec(value)
+                .map(Bytes::from)
+                .map_err(|e| CodecError(e.to_string())),
+        }
+    }
+
+    /// Decodes a value.
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
+        match self {
+            Encoding::Binary => postcard::from_bytes(bytes).map_err(|e| CodecError(e.to_string())),
+            Encoding::Json => serde_json::from_slice(bytes).map_err(|e| CodecError(e.to_string())),
+        }
+    }
+}
+
+/// A payload that could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("payload encoding: {0}")]
+pub struct CodecError(pub String);
+
+/// Re-encodes a binary payload for a peer that wants `to`.
+pub(crate) fn transcode<T: Serialize + DeserializeOwned>(
+    binary: &Bytes,
+    to: Encoding,
+) -> Result<Bytes, CodecError> {
+    match to {
+        Encoding::Binary => Ok(binary.clone()),
+        Encoding::Json => {
+            let value: T = Encoding::Binary.decode(binary)?;
+            Encoding::Json.encode(&value)
+        }
+    }
+}
+
+/// Converts a payload received in `from` into the binary form kept in histories.
+pub(crate) fn to_binary<T: Serialize + DeserializeOwned>(
+    bytes: &Bytes,
+    from: Encoding,
+) -> Result<(T, Bytes), CodecError> {
+    let value: T = from.decode(bytes)?;
+    let binary = match from {
+        Encoding::Binary => bytes.clone(),
+        Encoding::Json => Encoding::Binary.encode(&value)?,
+    };
+    Ok((value, binary))
+}
+
+/// A 16-byte digest of an encoded state (BLAKE2b-128).
+pub(crate) fn digest(encoded_state: &[u8]) -> Bytes {
+    use blake2::digest::consts::U16;
+    use blake2::{Blake2b, Digest};
+    let mut h = Blake2b::<U16>::new();
+    h.update(encoded_state);
+    Bytes::copy_from_slice(&h.finalize())
+}
