@@ -265,6 +265,10 @@ impl Sender {
     /// # Cancel safety
     /// Cancelling the future before it resolves leaves the frame unsent.
     pub async fn send_encoded_wait(&self, body: Bytes) -> Result<(), SendError> {
+        // Fast path: room in the queue, no waiter registration needed.
+        if self.shared.try_enqueue(&body, true)? {
+            return Ok(());
+        }
         loop {
             let notified = self.shared.space.notified();
             tokio::pin!(notified);
@@ -582,7 +586,7 @@ async fn stream_reader<R: AsyncRead + Unpin>(
     codec: FrameCodec,
     config: Config,
 ) {
-    const READ_CHUNK: usize = 64 * 1024;
+    const READ_CHUNK: usize = 128 * 1024;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut timers = Timers::new(&config);
     let mut last = Instant::now();
@@ -680,6 +684,48 @@ fn refuse(shared: &Shared, code: CloseCode, reason: &str) {
     shared.writer_wake.notify_one();
 }
 
+/// Frames at least this large are written without copying them into the batch buffer.
+const LARGE_FRAME: usize = 16 * 1024;
+
+/// Writes all segments, vectored when the stream supports it.
+async fn write_segments<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    segments: &mut [Bytes],
+) -> std::io::Result<()> {
+    if segments.len() == 1 {
+        return writer.write_all(&segments[0]).await;
+    }
+    if !writer.is_write_vectored() {
+        for s in segments.iter() {
+            writer.write_all(s).await?;
+        }
+        return Ok(());
+    }
+    let mut first = 0;
+    while first < segments.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = segments[first..]
+            .iter()
+            .take(64)
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        let mut n = writer.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && first < segments.len() {
+            let len = segments[first].len();
+            if n >= len {
+                n -= len;
+                first += 1;
+            } else {
+                bytes::Buf::advance(&mut segments[first], n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn stream_writer<W: AsyncWrite + Unpin>(
     mut writer: W,
     shared: Arc<Shared>,
@@ -689,6 +735,7 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut timers = Timers::new(&config);
     let mut spare = VecDeque::new();
+    let mut segments: Vec<Bytes> = Vec::new();
     let mut nonce = 0u64;
     loop {
         let drained = match drain(&shared, std::mem::take(&mut spare)) {
@@ -710,9 +757,17 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
             mut frames,
             close,
         } = drained;
+        // Small frames are copied into one buffer; large ones are written
+        // from their own memory (vectored), so nothing big is copied twice.
         for b in urgent.iter().chain(frames.iter()) {
-            // Sizes were checked when queued.
-            let _ = codec.put_encoded(b, &mut buf);
+            if b.len() >= LARGE_FRAME {
+                buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                segments.push(buf.split().freeze());
+                segments.push(b.clone());
+            } else {
+                // Sizes were checked when queued.
+                let _ = codec.put_encoded(b, &mut buf);
+            }
         }
         frames.clear();
         spare = frames;
@@ -723,14 +778,18 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
             }));
             let _ = codec.put_encoded(&f.encode_to_bytes(), &mut buf);
         }
+        if !buf.is_empty() {
+            segments.push(buf.split().freeze());
+        }
         let ok = tokio::select! {
-            r = writer.write_all(&buf) => r.is_ok(),
+            r = write_segments(&mut writer, &mut segments) => r.is_ok(),
             _ = shared.done.cancelled() => false,
         };
+        segments.clear();
         if buf.capacity() > 4 * 1024 * 1024 {
             buf = BytesMut::with_capacity(64 * 1024);
-        } else {
-            buf.clear();
+        } else if buf.capacity() < 16 * 1024 {
+            buf.reserve(64 * 1024);
         }
         if !ok {
             if !shared.done.is_cancelled() {
