@@ -501,34 +501,141 @@ pub mod transport_scenario {
         );
     }
 
-    /// The framed side: our transport (filled in once `transport` lands).
+    /// The framed side: our transport, one connection from this process to a
+    /// child role. The sender queues a pre-encoded `Data` frame (the broadcast
+    /// path) with `send_encoded_wait`, which waits for room in the queue, so
+    /// the slow-consumer limit is never hit.
     mod framed {
         use std::path::Path;
-        use std::time::Duration;
+        use std::time::{Duration, Instant};
 
-        use anyhow::{bail, Result};
+        use anyhow::{bail, Context, Result};
+        use bytes::Bytes;
+        use proto::{frame::Body, Frame};
+        use transport::{Config, Receiver, RecvError, Sender};
 
         use super::Scheme;
+        use crate::{tell_parent, ChildRole};
 
-        pub(super) struct Bench {}
+        pub(super) struct Bench {
+            rt: tokio::runtime::Runtime,
+            child: ChildRole,
+            tx: Sender,
+            rx: Receiver,
+            body: Bytes,
+            payload_len: usize,
+        }
+
+        fn runtime() -> Result<tokio::runtime::Runtime> {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting tokio")
+        }
+
+        fn marker() -> Frame {
+            Frame::data(Bytes::new())
+        }
 
         impl Bench {
-            pub(super) fn start(_scheme: Scheme, _dir: &Path) -> Result<Option<Bench>> {
-                eprintln!("framed transport not measured yet: raw baseline only");
-                Ok(None)
+            pub(super) fn start(scheme: Scheme, dir: &Path) -> Result<Option<Bench>> {
+                let url = match scheme {
+                    Scheme::Unix => format!("unix://{}", dir.join("framed.sock").display()),
+                    Scheme::Tcp => "tcp://127.0.0.1:0".to_string(),
+                    Scheme::Ws => "ws://127.0.0.1:0/bench".to_string(),
+                };
+                let mut child = ChildRole::spawn(&["framed-recv", &url])?;
+                let ready = child.read_line()?;
+                let url = ready
+                    .strip_prefix("ready ")
+                    .with_context(|| format!("framed receiver said {ready:?}"))?
+                    .to_string();
+                let rt = runtime()?;
+                let conn = rt
+                    .block_on(transport::connect(&url, &Config::default()))
+                    .with_context(|| format!("connecting to {url}"))?;
+                let (tx, rx) = conn.split();
+                Ok(Some(Bench {
+                    rt,
+                    child,
+                    tx,
+                    rx,
+                    body: Bytes::new(),
+                    payload_len: usize::MAX,
+                }))
             }
 
-            pub(super) fn round(&mut self, _payload: &[u8], _count: u64) -> Result<Duration> {
-                bail!("not implemented")
+            /// Sends `count` frames with `payload`, then the end-of-round
+            /// marker, and waits for the receiver's count.
+            pub(super) fn round(&mut self, payload: &[u8], count: u64) -> Result<Duration> {
+                if self.payload_len != payload.len() {
+                    self.body = Frame::data(payload.to_vec()).encode_to_bytes();
+                    self.payload_len = payload.len();
+                }
+                let (tx, rx, body) = (&self.tx, &mut self.rx, &self.body);
+                self.rt.block_on(async move {
+                    let start = Instant::now();
+                    for _ in 0..count {
+                        tx.send_encoded_wait(body.clone()).await?;
+                    }
+                    tx.send_wait(&marker()).await?;
+                    let ack = rx.recv().await.context("waiting for the receiver")?;
+                    let elapsed = start.elapsed();
+                    let got = match ack.body {
+                        Some(Body::Data(d)) if d.payload.len() == 8 => {
+                            let mut n = [0u8; 8];
+                            n.copy_from_slice(&d.payload);
+                            u64::from_le_bytes(n)
+                        }
+                        other => bail!("unexpected answer from the receiver: {other:?}"),
+                    };
+                    if got != count {
+                        bail!("receiver counted {got} frames, {count} were sent");
+                    }
+                    Ok(elapsed)
+                })
             }
 
             pub(super) fn finish(self) -> Result<()> {
-                Ok(())
+                let Bench {
+                    rt, child, tx, rx, ..
+                } = self;
+                tx.close(proto::CloseCode::Normal, "benchmark done");
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), tx.closed()).await;
+                });
+                drop((tx, rx));
+                child.finish()
             }
         }
 
-        pub(super) fn receiver(_url: &str) -> Result<()> {
-            bail!("not implemented")
+        /// Child role: accepts one connection on `url`, counts `Data` frames
+        /// and answers each end-of-round marker with the count.
+        pub(super) fn receiver(url: &str) -> Result<()> {
+            let rt = runtime()?;
+            rt.block_on(async {
+                let listener = transport::listen(url, &Config::default())
+                    .await
+                    .with_context(|| format!("listening on {url}"))?;
+                tell_parent(&format!("ready {}", listener.local_url()));
+                let (tx, mut rx) = listener.accept().await?.split();
+                let mut count: u64 = 0;
+                loop {
+                    match rx.recv().await {
+                        Ok(frame) => match frame.body {
+                            Some(Body::Data(d)) if d.payload.is_empty() => {
+                                tx.send_wait(&Frame::data(count.to_le_bytes().to_vec()))
+                                    .await?;
+                                count = 0;
+                            }
+                            Some(Body::Data(_)) => count += 1,
+                            _ => {}
+                        },
+                        Err(RecvError::Closed { .. } | RecvError::Eof) => return Ok(()),
+                        Err(e) => return Err(e).context("receiving"),
+                    }
+                }
+            })
         }
     }
 }

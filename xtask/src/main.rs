@@ -178,15 +178,37 @@ fn bench(args: &[String]) -> Result<bool> {
     requested.dedup();
 
     let target = target_dir()?;
-    let needs_bins = requested.iter().any(|s| s != CRITERION_SCENARIO);
-    if needs_bins {
-        section("build: cargo build --release -p replimesh-benches --bins");
-        let status = cargo()
-            .args(["build", "--release", "-p", "replimesh-benches", "--bins"])
-            .status()
-            .context("running cargo build")?;
-        if !status.success() {
-            bail!("building the bench binaries failed");
+    // Scenarios that could not be built, with why.
+    let mut broken: BTreeMap<String, String> = BTreeMap::new();
+    let bins: Vec<&String> = requested
+        .iter()
+        .filter(|s| *s != CRITERION_SCENARIO)
+        .collect();
+    if !bins.is_empty() {
+        let build = |names: &[&String]| -> Result<bool> {
+            let mut cmd = cargo();
+            cmd.args(["build", "--release", "-p", "replimesh-benches"]);
+            if args.is_empty() {
+                cmd.arg("--bins");
+            } else {
+                for name in names {
+                    cmd.args(["--bin", &format!("bench-{name}")]);
+                }
+            }
+            Ok(cmd.status().context("running cargo build")?.success())
+        };
+        section("build: cargo build --release -p replimesh-benches (scenario binaries)");
+        if !build(&bins)? {
+            // One broken scenario must not stop the others: build them one by one.
+            eprintln!("building all at once failed; building each scenario on its own");
+            for name in &bins {
+                let mut cmd = cargo();
+                cmd.args(["build", "--release", "-p", "replimesh-benches"])
+                    .args(["--bin", &format!("bench-{name}")]);
+                if !cmd.status().context("running cargo build")?.success() {
+                    broken.insert(name.to_string(), "build failed".to_string());
+                }
+            }
         }
     }
 
@@ -205,7 +227,7 @@ fn bench(args: &[String]) -> Result<bool> {
             .status()
             .context("running cargo bench --no-run")?;
         if !status.success() {
-            bail!("building the criterion bench failed");
+            broken.insert(CRITERION_SCENARIO.to_string(), "build failed".to_string());
         }
     }
 
@@ -214,7 +236,9 @@ fn bench(args: &[String]) -> Result<bool> {
     for scenario in &requested {
         section(&format!("scenario {scenario}"));
         let started = Instant::now();
-        let result = if scenario == CRITERION_SCENARIO {
+        let result = if let Some(why) = broken.get(scenario) {
+            Err(anyhow::anyhow!("{why}"))
+        } else if scenario == CRITERION_SCENARIO {
             run_criterion(scenario, &target)
         } else {
             run_binary(scenario, &target)
