@@ -36,6 +36,7 @@ pub use codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME, LENGTH_PREFIX};
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/replimesh.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/replimesh.v1.serde.rs"));
 }
 
 pub use generated::*;
@@ -125,6 +126,23 @@ impl Frame {
                 B::Data(_) => "data",
             },
         }
+    }
+}
+
+/// Errors of the JSON frame encoding ([`Frame::from_json`]).
+pub type JsonError = serde_json::Error;
+
+impl Frame {
+    /// Encodes the frame as canonical proto3 JSON (the `replimesh.v1.json`
+    /// WebSocket subprotocol used by browsers).
+    pub fn to_json(&self) -> String {
+        // Serializing generated types into a String cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Decodes a frame from canonical proto3 JSON.
+    pub fn from_json(text: &str) -> Result<Frame, JsonError> {
+        serde_json::from_str(text)
     }
 }
 

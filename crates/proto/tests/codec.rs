@@ -165,3 +165,24 @@ fn pre_encoded_bytes_decode_to_the_same_frame() {
     codec.encode(body, &mut wire).unwrap();
     assert_eq!(codec.decode(&mut wire).unwrap(), Some(frame));
 }
+
+#[test]
+fn json_round_trip_uses_canonical_proto3_json() {
+    let frame = Frame::new(Body::Publish(Publish {
+        groups: vec!["chat".into()],
+        all: false,
+        not_to_me: true,
+        data: Bytes::from_static(b"hi"),
+    }));
+    let json = frame.to_json();
+    // camelCase field names, bytes as base64, default values omitted.
+    assert_eq!(
+        json,
+        r#"{"publish":{"groups":["chat"],"notToMe":true,"data":"aGk="}}"#
+    );
+    assert_eq!(Frame::from_json(&json).unwrap(), frame);
+    // uint64 is a string in proto3 JSON.
+    let json = Frame::ping(u64::MAX).to_json();
+    assert_eq!(json, r#"{"ping":{"nonce":"18446744073709551615"}}"#);
+    assert!(Frame::from_json("{\"ping\":").is_err());
+}

@@ -116,6 +116,10 @@ pub struct Config {
     pub linger: Duration,
     /// TLS settings for `tls://` and `wss://`.
     pub tls: TlsConfig,
+    /// WebSocket clients: ask for the `replimesh.v1.json` subprotocol (frames
+    /// as canonical proto3 JSON in text messages, what browsers use) instead of
+    /// binary `replimesh.v1`. Servers always accept both. Default `false`.
+    pub ws_json: bool,
 }
 
 impl Default for Config {
@@ -130,6 +134,7 @@ impl Default for Config {
             recv_batches: 64,
             linger: Duration::from_secs(2),
             tls: TlsConfig::default(),
+            ws_json: false,
         }
     }
 }

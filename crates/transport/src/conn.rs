@@ -809,15 +809,44 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
 }
 
 /// Starts reader and writer tasks over an established WebSocket.
-pub(crate) fn spawn_ws<S>(ws: WebSocketStream<S>, peer: PeerAddr, config: &Config) -> Connection
+///
+/// With `json`, frames travel as canonical proto3 JSON in text messages (the
+/// `replimesh.v1.json` subprotocol); senders still hand protobuf bodies, which
+/// the writer transcodes.
+pub(crate) fn spawn_ws<S>(
+    ws: WebSocketStream<S>,
+    peer: PeerAddr,
+    config: &Config,
+    json: bool,
+) -> Connection
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (conn, shared, tx) = new_connection(peer, config);
+    let span = tracing::debug_span!("conn", id = shared.id, peer = %shared.peer, json);
     let (sink, stream) = ws.split();
-    tokio::spawn(ws_reader(stream, shared.clone(), tx, config.clone()));
-    tokio::spawn(ws_writer(sink, shared, config.clone()));
+    tokio::spawn(tracing::Instrument::instrument(
+        ws_reader(stream, shared.clone(), tx, config.clone(), json),
+        span.clone(),
+    ));
+    tokio::spawn(tracing::Instrument::instrument(
+        ws_writer(sink, shared, config.clone(), json),
+        span,
+    ));
     conn
+}
+
+fn ws_message(body: Bytes, json: bool) -> WsMessage {
+    if json {
+        match Frame::decode(body) {
+            Ok(f) => WsMessage::Text(f.to_json().into()),
+            // Bodies are produced in this process; an undecodable one is a
+            // caller bug: send an empty frame rather than garbage.
+            Err(_) => WsMessage::Text("{}".into()),
+        }
+    } else {
+        WsMessage::Binary(body)
+    }
 }
 
 async fn ws_reader<S>(
@@ -825,6 +854,7 @@ async fn ws_reader<S>(
     shared: Arc<Shared>,
     tx: mpsc::Sender<Vec<Frame>>,
     config: Config,
+    json: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -874,26 +904,32 @@ async fn ws_reader<S>(
                     }
                     break 'outer r;
                 }
-                Some(Ok(WsMessage::Binary(data))) => match Frame::decode(data) {
-                    Ok(frame) => match handle_incoming(&shared, frame) {
-                        Incoming::Deliver(f) => batch.push(f),
-                        Incoming::Handled => {}
-                        Incoming::End(r) => {
-                            if !batch.is_empty() {
-                                let _ = tx.send(std::mem::take(&mut batch)).await;
-                            }
-                            break 'outer r;
+                Some(Ok(msg @ (WsMessage::Binary(_) | WsMessage::Text(_)))) => {
+                    let decoded = match msg {
+                        WsMessage::Binary(data) => {
+                            Frame::decode(data).map_err(|e| format!("malformed frame: {e}"))
                         }
-                    },
-                    Err(e) => {
-                        refuse(
-                            &shared,
-                            CloseCode::ProtocolError,
-                            &format!("malformed frame: {e}"),
-                        );
-                        break 'outer RecvError::Malformed(e.to_string());
+                        WsMessage::Text(text) if json => Frame::from_json(text.as_str())
+                            .map_err(|e| format!("malformed JSON frame: {e}")),
+                        _ => Err("text message on the binary subprotocol replimesh.v1".to_string()),
+                    };
+                    match decoded {
+                        Ok(frame) => match handle_incoming(&shared, frame) {
+                            Incoming::Deliver(f) => batch.push(f),
+                            Incoming::Handled => {}
+                            Incoming::End(r) => {
+                                if !batch.is_empty() {
+                                    let _ = tx.send(std::mem::take(&mut batch)).await;
+                                }
+                                break 'outer r;
+                            }
+                        },
+                        Err(why) => {
+                            refuse(&shared, CloseCode::ProtocolError, &why);
+                            break 'outer RecvError::Malformed(why);
+                        }
                     }
-                },
+                }
                 Some(Ok(WsMessage::Close(c))) => {
                     break 'outer match c {
                         Some(c) => RecvError::Closed {
@@ -902,16 +938,6 @@ async fn ws_reader<S>(
                         },
                         None => RecvError::Eof,
                     }
-                }
-                Some(Ok(WsMessage::Text(_))) => {
-                    refuse(
-                        &shared,
-                        CloseCode::ProtocolError,
-                        "text messages are not supported on replimesh.v1",
-                    );
-                    break 'outer RecvError::Malformed(
-                        "text message on the binary subprotocol".into(),
-                    );
                 }
                 Some(Ok(_)) => {} // WebSocket-level ping/pong: answered by tungstenite.
             }
@@ -944,6 +970,7 @@ async fn ws_writer<S>(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
     shared: Arc<Shared>,
     config: Config,
+    json: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -972,14 +999,14 @@ async fn ws_writer<S>(
         } = drained;
         let write = async {
             for b in urgent.into_iter().chain(frames.drain(..)) {
-                sink.feed(WsMessage::Binary(b)).await?;
+                sink.feed(ws_message(b, json)).await?;
             }
             if let Some((code, reason)) = &close {
                 let f = Frame::new(Body::Close(proto::Close {
                     code: *code,
                     reason: reason.clone(),
                 }));
-                sink.feed(WsMessage::Binary(f.encode_to_bytes())).await?;
+                sink.feed(ws_message(f.encode_to_bytes(), json)).await?;
             }
             sink.flush().await
         };

@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use proto::WS_SUBPROTOCOL;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use proto::{WS_SUBPROTOCOL, WS_SUBPROTOCOL_JSON};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -91,10 +93,15 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
             let mut request = url
                 .into_client_request()
                 .map_err(|e| Error::WebSocket(e.to_string()))?;
-            request.headers_mut().insert(
-                "Sec-WebSocket-Protocol",
-                HeaderValue::from_static(WS_SUBPROTOCOL),
-            );
+            let json = config.ws_json;
+            let offered = if json {
+                WS_SUBPROTOCOL_JSON
+            } else {
+                WS_SUBPROTOCOL
+            };
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(offered));
             let (stream, peer) = dial_tcp(host, port).await?;
             let wscfg = ws_config(config);
             if secure {
@@ -111,7 +118,7 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
                     Ok(ws)
                 })
                 .await?;
-                Ok(spawn_ws(ws, peer, config))
+                Ok(spawn_ws(ws, peer, config, json))
             } else {
                 let ws = with_timeout(config, async {
                     let (ws, _resp) =
@@ -121,7 +128,7 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
                     Ok(ws)
                 })
                 .await?;
-                Ok(spawn_ws(ws, peer, config))
+                Ok(spawn_ws(ws, peer, config, json))
             }
         }
     }
@@ -349,7 +356,8 @@ async fn handshake(accepted: Accepted, mode: &Mode, config: &Config) -> Result<C
         }
         (Accepted::Tcp(s, peer), Mode::Ws { tls, path }) => {
             let wscfg = ws_config(config);
-            let callback = ws_callback(path.clone());
+            let json = Arc::new(AtomicBool::new(false));
+            let callback = ws_callback(path.clone(), json.clone());
             match tls {
                 Some(acceptor) => {
                     let tls = acceptor
@@ -360,14 +368,14 @@ async fn handshake(accepted: Accepted, mode: &Mode, config: &Config) -> Result<C
                         tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(wscfg))
                             .await
                             .map_err(|e| Error::WebSocket(e.to_string()))?;
-                    Ok(spawn_ws(ws, peer, config))
+                    Ok(spawn_ws(ws, peer, config, json.load(Ordering::Relaxed)))
                 }
                 None => {
                     let ws =
                         tokio_tungstenite::accept_hdr_async_with_config(s, callback, Some(wscfg))
                             .await
                             .map_err(|e| Error::WebSocket(e.to_string()))?;
-                    Ok(spawn_ws(ws, peer, config))
+                    Ok(spawn_ws(ws, peer, config, json.load(Ordering::Relaxed)))
                 }
             }
         }
@@ -382,7 +390,10 @@ fn reject(status: StatusCode, why: &str) -> ErrorResponse {
 }
 
 #[allow(clippy::result_large_err)] // the error type is tungstenite's
-fn ws_callback(path: String) -> impl FnOnce(&Request, Response) -> Result<Response, ErrorResponse> {
+fn ws_callback(
+    path: String,
+    json: Arc<AtomicBool>,
+) -> impl FnOnce(&Request, Response) -> Result<Response, ErrorResponse> {
     move |req: &Request, mut resp: Response| {
         if path != "/" && req.uri().path() != path {
             return Err(reject(
@@ -392,17 +403,21 @@ fn ws_callback(path: String) -> impl FnOnce(&Request, Response) -> Result<Respon
         }
         if let Some(offered) = req.headers().get("Sec-WebSocket-Protocol") {
             let offered = offered.to_str().unwrap_or("");
-            if offered.split(',').any(|p| p.trim() == WS_SUBPROTOCOL) {
-                resp.headers_mut().insert(
-                    "Sec-WebSocket-Protocol",
-                    HeaderValue::from_static(WS_SUBPROTOCOL),
-                );
+            let has = |name: &str| offered.split(',').any(|p| p.trim() == name);
+            // Binary is preferred when a client offers both.
+            let chosen = if has(WS_SUBPROTOCOL) {
+                WS_SUBPROTOCOL
+            } else if has(WS_SUBPROTOCOL_JSON) {
+                json.store(true, Ordering::Relaxed);
+                WS_SUBPROTOCOL_JSON
             } else {
                 return Err(reject(
                     StatusCode::BAD_REQUEST,
-                    "unsupported WebSocket subprotocol (this server speaks replimesh.v1)",
+                    "unsupported WebSocket subprotocol (this server speaks replimesh.v1 and replimesh.v1.json)",
                 ));
-            }
+            };
+            resp.headers_mut()
+                .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(chosen));
         }
         Ok(resp)
     }

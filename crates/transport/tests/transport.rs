@@ -427,3 +427,64 @@ async fn bad_urls_are_clear_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("Config::tls.server"), "{err}");
 }
+
+#[tokio::test]
+async fn ws_json_subprotocol_round_trip() {
+    let server_cfg = Config::default();
+    let listener = listen("ws://127.0.0.1:0/", &server_cfg).await.unwrap();
+    let mut client_cfg = Config::default();
+    client_cfg.ws_json = true;
+    let url = listener.local_url();
+    let (client, server) = tokio::join!(connect(&url, &client_cfg), listener.accept());
+    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let frame = Frame::new(proto::frame::Body::Publish(proto::Publish {
+        groups: vec!["g".into()],
+        all: false,
+        not_to_me: true,
+        data: Bytes::from_static(b"\x00\x01json"),
+    }));
+    client.send(&frame).unwrap();
+    assert_eq!(recv(&mut server).await, frame);
+    // Pre-encoded protobuf bodies are transcoded for JSON peers.
+    server
+        .sender()
+        .send_encoded(frame.encode_to_bytes())
+        .unwrap();
+    assert_eq!(recv(&mut client).await, frame);
+}
+
+#[tokio::test]
+async fn ws_json_peer_sending_garbage_is_closed() {
+    let listener = listen("ws://127.0.0.1:0/", &Config::default())
+        .await
+        .unwrap();
+    let url = listener.local_url();
+    let port = url
+        .trim_start_matches("ws://127.0.0.1:")
+        .trim_end_matches('/')
+        .to_string();
+    let mut raw = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    raw.write_all(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: replimesh.v1.json\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut server = listener.accept().await.unwrap();
+    let mut resp = vec![0u8; 512];
+    let n = raw.read(&mut resp).await.unwrap();
+    assert!(String::from_utf8_lossy(&resp[..n]).contains("replimesh.v1.json"));
+    // A masked text frame "{bad" (client frames must be masked).
+    let payload = b"{bad";
+    let mask = [1u8, 2, 3, 4];
+    let mut msg = vec![0x81, 0x80 | payload.len() as u8];
+    msg.extend_from_slice(&mask);
+    msg.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    raw.write_all(&msg).await.unwrap();
+    match tokio::time::timeout(T, server.recv()).await.unwrap() {
+        Err(RecvError::Malformed(m)) => assert!(m.contains("JSON"), "{m}"),
+        other => panic!("expected Malformed, got {other:?}"),
+    }
+}
