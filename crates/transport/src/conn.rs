@@ -28,6 +28,8 @@ pub enum PeerAddr {
     Tcp(SocketAddr),
     /// A Unix socket peer; the path is known only for bound client sockets.
     Unix(Option<PathBuf>),
+    /// The other end of an in-memory [`crate::pair`].
+    Memory,
 }
 
 impl PeerAddr {
@@ -35,7 +37,7 @@ impl PeerAddr {
     pub fn ip(&self) -> Option<std::net::IpAddr> {
         match self {
             PeerAddr::Tcp(a) => Some(a.ip()),
-            PeerAddr::Unix(_) => None,
+            PeerAddr::Unix(_) | PeerAddr::Memory => None,
         }
     }
 }
@@ -46,6 +48,7 @@ impl fmt::Display for PeerAddr {
             PeerAddr::Tcp(a) => write!(f, "{a}"),
             PeerAddr::Unix(Some(p)) => write!(f, "unix:{}", p.display()),
             PeerAddr::Unix(None) => write!(f, "unix:(unnamed)"),
+            PeerAddr::Memory => write!(f, "memory"),
         }
     }
 }

@@ -56,5 +56,5 @@ pub use config::{Config, SlowConsumerPolicy, TlsConfig};
 pub use conn::{Connection, PeerAddr, Receiver, Sender};
 pub use endpoint::Endpoint;
 pub use error::{CloseReason, Error, RecvError, SendError};
-pub use net::{connect, listen, Listener};
+pub use net::{connect, listen, pair, Listener};
 pub use proto;

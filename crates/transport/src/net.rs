@@ -422,3 +422,19 @@ fn ws_callback(
         Ok(resp)
     }
 }
+
+/// Two connected in-memory connections, with the same framing, queues and
+/// keep-alive as socket connections.
+///
+/// Useful to plug two components of one process together (for example a node
+/// that routes one client connection to both the mesh and the store) and in
+/// tests. `buffer` is the in-memory pipe's capacity in bytes.
+pub fn pair(config: &Config, buffer: usize) -> (Connection, Connection) {
+    let (a, b) = tokio::io::duplex(buffer.max(1024));
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    (
+        spawn_stream(ar, aw, PeerAddr::Memory, config),
+        spawn_stream(br, bw, PeerAddr::Memory, config),
+    )
+}

@@ -488,3 +488,17 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-
         other => panic!("expected Malformed, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn in_memory_pair_round_trip() {
+    let (mut a, mut b) = replimesh_transport::pair(&Config::default(), 64 * 1024);
+    for i in 0..1000u32 {
+        a.send(&Frame::data(i.to_le_bytes().to_vec())).unwrap();
+    }
+    for i in 0..1000u32 {
+        assert_eq!(recv(&mut b).await, Frame::data(i.to_le_bytes().to_vec()));
+    }
+    b.send(&Frame::data(vec![3u8; 300_000])).unwrap();
+    assert_eq!(recv(&mut a).await, Frame::data(vec![3u8; 300_000]));
+    assert_eq!(a.peer_addr().to_string(), "memory");
+}
