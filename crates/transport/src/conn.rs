@@ -115,6 +115,15 @@ impl Shared {
         self.writer_wake.notify_one();
     }
 
+    /// Records why the connection ends without stopping it yet (the writer
+    /// still sends our `Close` frame).
+    fn set_end(&self, reason: RecvError) {
+        let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        if end.is_none() {
+            *end = Some(reason);
+        }
+    }
+
     fn end_reason(&self) -> RecvError {
         self.end
             .lock()
@@ -339,8 +348,9 @@ impl Sender {
 /// [`Config::recv_batches`] reads are waiting.
 pub struct Receiver {
     shared: Arc<Shared>,
-    rx: mpsc::Receiver<Vec<Frame>>,
-    current: std::vec::IntoIter<Frame>,
+    rx: mpsc::Receiver<Vec<Bytes>>,
+    current: std::vec::IntoIter<Bytes>,
+    failed: bool,
 }
 
 impl fmt::Debug for Receiver {
@@ -364,9 +374,22 @@ impl Receiver {
     /// # Cancel safety
     /// Cancel safe: a frame is never lost when the future is dropped.
     pub async fn recv(&mut self) -> Result<Frame, RecvError> {
+        let body = self.recv_encoded().await?;
+        self.decode(body)
+    }
+
+    /// The next frame's protobuf body, not decoded (for relaying a frame as is).
+    /// Control frames are handled by the transport as with [`Receiver::recv`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn recv_encoded(&mut self) -> Result<Bytes, RecvError> {
         loop {
-            if let Some(f) = self.current.next() {
-                return Ok(f);
+            if self.failed {
+                return Err(self.shared.end_reason());
+            }
+            if let Some(b) = self.current.next() {
+                return Ok(b);
             }
             match self.rx.recv().await {
                 Some(batch) => self.current = batch.into_iter(),
@@ -376,16 +399,36 @@ impl Receiver {
     }
 
     /// The next frame if one has already arrived, without waiting.
-    pub fn try_recv(&mut self) -> Option<Frame> {
-        if let Some(f) = self.current.next() {
-            return Some(f);
+    /// `None` when nothing is waiting; `Some(Err(..))` when the connection is over.
+    pub fn try_recv(&mut self) -> Option<Result<Frame, RecvError>> {
+        if self.failed {
+            return Some(Err(self.shared.end_reason()));
+        }
+        if let Some(b) = self.current.next() {
+            return Some(self.decode(b));
         }
         match self.rx.try_recv() {
             Ok(batch) => {
                 self.current = batch.into_iter();
-                self.current.next()
+                self.current.next().map(|b| self.decode(b))
             }
-            Err(_) => None,
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(self.shared.end_reason())),
+        }
+    }
+
+    /// Frames are decoded here, in the consumer's task, so the reader task
+    /// only splits bodies off the stream (fewer copies of large frame structs).
+    fn decode(&mut self, body: Bytes) -> Result<Frame, RecvError> {
+        match Frame::decode(body) {
+            Ok(f) => Ok(f),
+            Err(e) => {
+                let why = format!("malformed frame: {e}");
+                self.shared.set_end(RecvError::Malformed(why.clone()));
+                refuse(&self.shared, CloseCode::ProtocolError, &why);
+                self.failed = true;
+                Err(self.shared.end_reason())
+            }
         }
     }
 
@@ -437,7 +480,7 @@ impl Connection {
 fn new_connection(
     peer: PeerAddr,
     config: &Config,
-) -> (Connection, Arc<Shared>, mpsc::Sender<Vec<Frame>>) {
+) -> (Connection, Arc<Shared>, mpsc::Sender<Vec<Bytes>>) {
     let shared = Arc::new(Shared {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         peer,
@@ -462,19 +505,38 @@ fn new_connection(
             shared: shared.clone(),
             rx,
             current: Vec::new().into_iter(),
+            failed: false,
         },
     };
     (conn, shared, tx)
 }
 
-/// What the reader does with one decoded frame.
+/// What the reader does with one frame body.
 enum Incoming {
-    Deliver(Frame),
+    Deliver(Bytes),
     Handled,
     End(RecvError),
+    Malformed(String),
 }
 
-fn handle_incoming(shared: &Shared, frame: Frame) -> Incoming {
+/// Protobuf tags (field number << 3 | length-delimited) of the control frames
+/// `Frame.ping` (3), `Frame.pong` (4) and `Frame.close` (5). A frame has one
+/// field, so its first byte tells its kind without decoding it.
+const TAG_PING: u8 = (3 << 3) | 2;
+const TAG_PONG: u8 = (4 << 3) | 2;
+const TAG_CLOSE: u8 = (5 << 3) | 2;
+
+fn handle_body(shared: &Shared, body: Bytes) -> Incoming {
+    match body.first() {
+        Some(&(TAG_PING | TAG_PONG | TAG_CLOSE)) => match Frame::decode(body.clone()) {
+            Ok(frame) => handle_control(shared, frame, || body),
+            Err(e) => Incoming::Malformed(format!("malformed frame: {e}")),
+        },
+        _ => Incoming::Deliver(body),
+    }
+}
+
+fn handle_control(shared: &Shared, frame: Frame, body: impl FnOnce() -> Bytes) -> Incoming {
     match frame.body {
         Some(Body::Ping(p)) => {
             shared.enqueue_urgent(Frame::pong(p.nonce).encode_to_bytes());
@@ -485,7 +547,7 @@ fn handle_incoming(shared: &Shared, frame: Frame) -> Incoming {
             code: c.code,
             reason: c.reason,
         }),
-        _ => Incoming::Deliver(frame),
+        _ => Incoming::Deliver(body()),
     }
 }
 
@@ -585,7 +647,7 @@ where
 async fn stream_reader<R: AsyncRead + Unpin>(
     mut reader: R,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Vec<Frame>>,
+    tx: mpsc::Sender<Vec<Bytes>>,
     codec: FrameCodec,
     config: Config,
 ) {
@@ -615,24 +677,18 @@ async fn stream_reader<R: AsyncRead + Unpin>(
         let mut batch = Vec::new();
         loop {
             match codec.split_frame(&mut buf) {
-                Ok(Some(body)) => match Frame::decode(body) {
-                    Ok(frame) => match handle_incoming(&shared, frame) {
-                        Incoming::Deliver(f) => batch.push(f),
-                        Incoming::Handled => {}
-                        Incoming::End(r) => {
-                            if !batch.is_empty() {
-                                let _ = tx.send(std::mem::take(&mut batch)).await;
-                            }
-                            break 'outer r;
+                Ok(Some(body)) => match handle_body(&shared, body) {
+                    Incoming::Deliver(b) => batch.push(b),
+                    Incoming::Handled => {}
+                    Incoming::End(r) => {
+                        if !batch.is_empty() {
+                            let _ = tx.send(std::mem::take(&mut batch)).await;
                         }
-                    },
-                    Err(e) => {
-                        refuse(
-                            &shared,
-                            CloseCode::ProtocolError,
-                            &format!("malformed frame: {e}"),
-                        );
-                        break 'outer RecvError::Malformed(e.to_string());
+                        break 'outer r;
+                    }
+                    Incoming::Malformed(why) => {
+                        refuse(&shared, CloseCode::ProtocolError, &why);
+                        break 'outer RecvError::Malformed(why);
                     }
                 },
                 Ok(None) => break,
@@ -762,8 +818,10 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
         } = drained;
         // Small frames are copied into one buffer; large ones are written
         // from their own memory (vectored), so nothing big is copied twice.
+        let mut vectored = false;
         for b in urgent.iter().chain(frames.iter()) {
             if b.len() >= LARGE_FRAME {
+                vectored = true;
                 buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
                 segments.push(buf.split().freeze());
                 segments.push(b.clone());
@@ -781,14 +839,22 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
             }));
             let _ = codec.put_encoded(&f.encode_to_bytes(), &mut buf);
         }
-        if !buf.is_empty() {
-            segments.push(buf.split().freeze());
-        }
-        let ok = tokio::select! {
-            r = write_segments(&mut writer, &mut segments) => r.is_ok(),
-            _ = shared.done.cancelled() => false,
+        let ok = if vectored {
+            if !buf.is_empty() {
+                segments.push(buf.split().freeze());
+            }
+            tokio::select! {
+                r = write_segments(&mut writer, &mut segments) => r.is_ok(),
+                _ = shared.done.cancelled() => false,
+            }
+        } else {
+            tokio::select! {
+                r = writer.write_all(&buf) => r.is_ok(),
+                _ = shared.done.cancelled() => false,
+            }
         };
         segments.clear();
+        buf.clear();
         if buf.capacity() > 4 * 1024 * 1024 {
             buf = BytesMut::with_capacity(64 * 1024);
         } else if buf.capacity() < 16 * 1024 {
@@ -855,7 +921,7 @@ fn ws_message(body: Bytes, json: bool) -> WsMessage {
 async fn ws_reader<S>(
     mut stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Vec<Frame>>,
+    tx: mpsc::Sender<Vec<Bytes>>,
     config: Config,
     json: bool,
 ) where
@@ -908,26 +974,29 @@ async fn ws_reader<S>(
                     break 'outer r;
                 }
                 Some(Ok(msg @ (WsMessage::Binary(_) | WsMessage::Text(_)))) => {
-                    let decoded = match msg {
-                        WsMessage::Binary(data) => {
-                            Frame::decode(data).map_err(|e| format!("malformed frame: {e}"))
-                        }
-                        WsMessage::Text(text) if json => Frame::from_json(text.as_str())
-                            .map_err(|e| format!("malformed JSON frame: {e}")),
-                        _ => Err("text message on the binary subprotocol replimesh.v1".to_string()),
-                    };
-                    match decoded {
-                        Ok(frame) => match handle_incoming(&shared, frame) {
-                            Incoming::Deliver(f) => batch.push(f),
-                            Incoming::Handled => {}
-                            Incoming::End(r) => {
-                                if !batch.is_empty() {
-                                    let _ = tx.send(std::mem::take(&mut batch)).await;
-                                }
-                                break 'outer r;
+                    let incoming = match msg {
+                        WsMessage::Binary(data) => handle_body(&shared, data),
+                        WsMessage::Text(text) if json => match Frame::from_json(text.as_str()) {
+                            Ok(frame) => {
+                                let body = frame.encode_to_bytes();
+                                handle_control(&shared, frame, || body)
                             }
+                            Err(e) => Incoming::Malformed(format!("malformed JSON frame: {e}")),
                         },
-                        Err(why) => {
+                        _ => Incoming::Malformed(
+                            "text message on the binary subprotocol replimesh.v1".to_string(),
+                        ),
+                    };
+                    match incoming {
+                        Incoming::Deliver(b) => batch.push(b),
+                        Incoming::Handled => {}
+                        Incoming::End(r) => {
+                            if !batch.is_empty() {
+                                let _ = tx.send(std::mem::take(&mut batch)).await;
+                            }
+                            break 'outer r;
+                        }
+                        Incoming::Malformed(why) => {
                             refuse(&shared, CloseCode::ProtocolError, &why);
                             break 'outer RecvError::Malformed(why);
                         }
