@@ -55,6 +55,9 @@ impl fmt::Display for PeerAddr {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Bound on queued control frames (pongs) per connection.
+const MAX_URGENT: usize = 256;
+
 #[derive(Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
@@ -134,6 +137,11 @@ impl Shared {
 
     fn enqueue_urgent(&self, body: Bytes) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.urgent.len() >= MAX_URGENT {
+            // A peer flooding pings without reading our pongs gets no more of
+            // them; its own idle timeout or our queue bound deals with it.
+            return;
+        }
         let was_empty = q.frames.is_empty() && q.urgent.is_empty();
         q.urgent.push(body);
         drop(q);
@@ -1099,5 +1107,33 @@ async fn ws_writer<S>(
             shared.finish(RecvError::Local(CloseReason::Requested { code, reason }));
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urgent_queue_is_bounded() {
+        let (conn, shared, _tx) = new_connection(PeerAddr::Memory, &Config::default());
+        for i in 0..10_000 {
+            shared.enqueue_urgent(Frame::pong(i).encode_to_bytes());
+        }
+        let q = shared.queue.lock().unwrap();
+        assert_eq!(q.urgent.len(), MAX_URGENT);
+        drop(q);
+        drop(conn);
+    }
+
+    #[test]
+    fn control_tags_match_the_schema() {
+        assert_eq!(Frame::ping(1).encode_to_bytes()[0], TAG_PING);
+        assert_eq!(Frame::pong(1).encode_to_bytes()[0], TAG_PONG);
+        assert_eq!(
+            Frame::close(CloseCode::Normal, "x").encode_to_bytes()[0],
+            TAG_CLOSE
+        );
+        assert_ne!(Frame::data(&b"x"[..]).encode_to_bytes()[0], TAG_PING);
     }
 }

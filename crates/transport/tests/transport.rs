@@ -502,3 +502,25 @@ async fn in_memory_pair_round_trip() {
     assert_eq!(recv(&mut a).await, Frame::data(vec![3u8; 300_000]));
     assert_eq!(a.peer_addr().to_string(), "memory");
 }
+
+#[tokio::test]
+async fn ping_flood_from_a_peer_that_never_reads_stays_bounded() {
+    let config = Config::default();
+    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
+    let addr = listener
+        .local_url()
+        .trim_start_matches("tcp://")
+        .to_string();
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let server = listener.accept().await.unwrap();
+    // 200,000 pings, never reading a pong.
+    let mut wire = bytes::BytesMut::new();
+    let mut codec = proto::FrameCodec::default();
+    for i in 0..200_000u64 {
+        tokio_util::codec::Encoder::encode(&mut codec, &Frame::ping(i), &mut wire).unwrap();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.write_all(&wire)).await;
+    // The server stays healthy (the pong backlog is bounded: see the unit test in conn.rs).
+    server.send(&Frame::data(&b"x"[..])).unwrap();
+    assert!(!server.sender().is_closed());
+}
