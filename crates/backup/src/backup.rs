@@ -9,7 +9,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::fsutil;
-use crate::journal::{list_segments, read_segment, segment_path, JournalEntry, SegmentEncoder};
+use crate::journal::{
+    list_segments, push_entry, read_segment, segment_path, JournalEntry, SegmentEncoder,
+    MAX_ACTION_LEN,
+};
 use crate::key::{KdfParams, Key, KeyRing};
 use crate::snapshot::{read_snapshot, write_snapshot, Snapshot, DEFAULT_CHUNK_SIZE};
 use crate::Error;
@@ -184,8 +187,7 @@ struct Shared {
     timeout: Option<Duration>,
     chunk_size: usize,
     write_key: Option<Arc<Key>>,
-    /// Serializes writes to the journal files (lock order: `w` before `j`). Holds the spare
-    /// buffer swapped with `JState::buf`.
+    /// The journal's writing side: segment, encoder, file (lock order: `w` before `j`).
     w: Mutex<WState>,
     j: Mutex<JState>,
     /// Set when a background fsync or write failed: the journal can no longer be trusted.
@@ -195,8 +197,18 @@ struct Shared {
 }
 
 struct WState {
-    spare: Vec<u8>,
+    /// The segment being appended to.
+    seg: Option<OpenSegment>,
+    /// Plaintext batch taken from `JState::batch` (swapped, to keep both allocations).
+    batch: Vec<u8>,
+    /// Encoded record bytes.
+    out: Vec<u8>,
+    /// The current segment has bytes written but not fsynced.
     unsynced: bool,
+    /// Segments closed at a switch that must still be fsynced.
+    to_sync: Vec<File>,
+    /// A segment was created and the directory not fsynced since.
+    dir_dirty: bool,
 }
 
 struct JState {
@@ -204,18 +216,16 @@ struct JState {
     closed: bool,
     history_id: u64,
     last_seq: u64,
-    seg: Option<OpenSegment>,
-    buf: Vec<u8>,
-    /// Segments closed at a switch that the flusher must still fsync.
-    to_sync: Vec<Arc<File>>,
-    dir_dirty: bool,
+    /// Actions recorded but not yet written (policies other than `Always`), as
+    /// `journal::push_entry` plaintext.
+    batch: Vec<u8>,
     since_snapshot: u64,
     first_change: Option<Instant>,
 }
 
 struct OpenSegment {
     enc: SegmentEncoder,
-    file: Arc<File>,
+    file: File,
 }
 
 enum Job {
@@ -339,18 +349,19 @@ impl Backup {
             chunk_size: config.chunk_size,
             write_key,
             w: Mutex::new(WState {
-                spare: Vec::new(),
+                seg: None,
+                batch: Vec::new(),
+                out: Vec::new(),
                 unsynced: false,
+                to_sync: Vec::new(),
+                dir_dirty: false,
             }),
             j: Mutex::new(JState {
                 started: snapshot.is_some(),
                 closed: false,
                 history_id,
                 last_seq,
-                seg: None,
-                buf: Vec::new(),
-                to_sync: Vec::new(),
-                dir_dirty: false,
+                batch: Vec::new(),
                 since_snapshot: journal.len() as u64,
                 first_change: (!journal.is_empty()).then(Instant::now),
             }),
@@ -360,8 +371,9 @@ impl Backup {
         });
         if snapshot.is_some() {
             // Never append to an old segment (its torn tail would reuse nonces): start a new one.
+            let mut w = lock(&shared.w);
             let mut j = lock(&shared.j);
-            shared.switch_segment(&mut j, last_seq)?;
+            shared.switch_segment(&mut w, &mut j, last_seq)?;
         }
 
         let (tx, rx) = mpsc::channel();
@@ -406,48 +418,27 @@ impl Backup {
     /// This call blocks for an fsync under [`FsyncPolicy::Always`]: from async code run it
     /// where blocking is allowed (e.g. `tokio::task::block_in_place`).
     pub fn record(&self, seq: u64, action: &[u8]) -> Result<Due, Error> {
-        self.shared.check_failed()?;
         let sh = &*self.shared;
-        let mut j = lock(&sh.j);
-        if j.closed {
-            return Err(Error::Closed);
+        sh.check_failed()?;
+        if action.len() > MAX_ACTION_LEN {
+            return Err(Error::ActionTooLarge { len: action.len() });
         }
-        if !j.started {
-            return Err(Error::NotStarted);
-        }
-        if seq <= j.last_seq {
-            return Err(Error::SeqOutOfOrder {
-                last: j.last_seq,
-                got: seq,
-            });
+        if sh.policy == Some(FsyncPolicy::Always) {
+            // Encode, write and fsync under `w`: records reach the file in seq order.
+            let mut w = lock(&sh.w);
+            let due = sh.account(seq, None, action)?;
+            let w = &mut *w;
+            let seg = w.seg.as_mut().ok_or(Error::NotStarted)?;
+            w.out.clear();
+            seg.enc.encode(seq, action, &mut w.out)?;
+            let mut file = &seg.file;
+            file.write_all(&w.out)
+                .and_then(|()| seg.file.sync_data())
+                .map_err(|e| sh.fail(Error::io(&sh.path, e)))?;
+            return Ok(due);
         }
         let mut inline_flush = false;
-        if let Some(policy) = sh.policy {
-            let j = &mut *j;
-            let seg = j.seg.as_mut().ok_or(Error::NotStarted)?;
-            seg.enc.encode(seq, action, &mut j.buf)?;
-            if policy == FsyncPolicy::Always {
-                let file = seg.file.clone();
-                let r = (&*file).write_all(&j.buf).and_then(|()| file.sync_data());
-                j.buf.clear();
-                if let Err(e) = r {
-                    return Err(sh.fail(Error::io(&sh.path, e)));
-                }
-            } else {
-                inline_flush = j.buf.len() >= FLUSH_THRESHOLD;
-            }
-        }
-        j.last_seq = seq;
-        j.since_snapshot += 1;
-        if sh.timeout.is_some() && j.first_change.is_none() {
-            j.first_change = Some(Instant::now());
-        }
-        let due = if sh.count.is_some_and(|c| j.since_snapshot >= c) {
-            Due::Snapshot
-        } else {
-            Due::No
-        };
-        drop(j);
+        let due = sh.account(seq, Some(&mut inline_flush), action)?;
         if inline_flush {
             sh.flush_journal(false)?;
         }
@@ -543,7 +534,7 @@ impl Backup {
         sh.check_failed()?;
         let mut make = Some(make);
         let first = {
-            let _w = lock(&sh.w);
+            let mut w = lock(&sh.w);
             let mut j = lock(&sh.j);
             if j.closed {
                 return Err(Error::Closed);
@@ -565,7 +556,7 @@ impl Backup {
                 j.started = true;
                 j.since_snapshot = 0;
                 j.first_change = None;
-                sh.switch_segment(&mut j, snap.seq)?;
+                sh.switch_segment(&mut w, &mut j, snap.seq)?;
                 true
             } else {
                 if let Some(h) = history_id {
@@ -574,7 +565,7 @@ impl Backup {
                 j.last_seq = seq;
                 j.since_snapshot = 0;
                 j.first_change = None;
-                sh.switch_segment(&mut j, seq)?;
+                sh.switch_segment(&mut w, &mut j, seq)?;
                 false
             }
         };
@@ -655,24 +646,68 @@ impl Shared {
         e
     }
 
-    /// Closes the current segment (writing out its buffer) and starts a new one after `base`.
-    /// Caller holds `w` (or no other writer can exist) and `j`.
-    fn switch_segment(&self, j: &mut JState, base: u64) -> Result<(), Error> {
+    /// Checks and accounts a recorded action; for policies other than `Always` also appends it
+    /// to the batch (and sets `inline_flush` when the batch is large). Returns whether a
+    /// snapshot is due.
+    fn account(
+        &self,
+        seq: u64,
+        inline_flush: Option<&mut bool>,
+        action: &[u8],
+    ) -> Result<Due, Error> {
+        let mut j = lock(&self.j);
+        if j.closed {
+            return Err(Error::Closed);
+        }
+        if !j.started {
+            return Err(Error::NotStarted);
+        }
+        if seq <= j.last_seq {
+            return Err(Error::SeqOutOfOrder {
+                last: j.last_seq,
+                got: seq,
+            });
+        }
+        if let Some(flag) = inline_flush {
+            if self.policy.is_some() {
+                push_entry(&mut j.batch, seq, action)?;
+                *flag = j.batch.len() >= FLUSH_THRESHOLD;
+            }
+        }
+        j.last_seq = seq;
+        j.since_snapshot += 1;
+        if self.timeout.is_some() && j.first_change.is_none() {
+            j.first_change = Some(Instant::now());
+        }
+        Ok(if self.count.is_some_and(|c| j.since_snapshot >= c) {
+            Due::Snapshot
+        } else {
+            Due::No
+        })
+    }
+
+    /// Closes the current segment (writing out the pending batch) and starts a new one after
+    /// `base`.
+    fn switch_segment(&self, w: &mut WState, j: &mut JState, base: u64) -> Result<(), Error> {
         let Some(policy) = self.policy else {
             return Ok(());
         };
-        if let Some(old) = j.seg.take() {
-            if !j.buf.is_empty() {
-                let r = (&*old.file).write_all(&j.buf);
-                j.buf.clear();
-                r.map_err(|e| self.fail(Error::io(&self.path, e)))?;
+        if let Some(mut old) = w.seg.take() {
+            w.out.clear();
+            let r = old.enc.encode_batch(&j.batch, &mut w.out);
+            j.batch.clear();
+            r?;
+            if !w.out.is_empty() {
+                let mut file = &old.file;
+                file.write_all(&w.out)
+                    .map_err(|e| self.fail(Error::io(&self.path, e)))?;
             }
             if policy != FsyncPolicy::Always {
-                j.to_sync.push(old.file);
+                w.to_sync.push(old.file);
             }
         }
         let path = segment_path(&self.path, base);
-        let enc = SegmentEncoder::new(base, j.history_id, self.write_key.clone());
+        let enc = SegmentEncoder::new(base, j.history_id, self.write_key.clone())?;
         let tmp = fsutil::temp_path(&self.path);
         let file = (|| {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
@@ -690,59 +725,55 @@ impl Shared {
             let _ = std::fs::remove_file(&tmp);
             Error::io(&path, e)
         })?;
-        j.dir_dirty = policy != FsyncPolicy::Always;
-        j.seg = Some(OpenSegment {
-            enc,
-            file: Arc::new(file),
-        });
+        if policy != FsyncPolicy::Always {
+            w.dir_dirty = true;
+            w.unsynced = true;
+        }
+        w.seg = Some(OpenSegment { enc, file });
         Ok(())
     }
 
-    /// Writes the buffered records; with `sync`, fsyncs closed segments, the directory and the
-    /// current segment.
+    /// Writes the pending batch as one record; with `sync`, fsyncs closed segments, the
+    /// directory and the current segment.
     fn flush_journal(&self, sync: bool) -> Result<(), Error> {
         if self.policy.is_none() {
             return Ok(());
         }
-        let mut w = lock(&self.w);
-        let (file, data, to_sync, dir_dirty) = {
-            let mut j = lock(&self.j);
-            let Some(seg) = j.seg.as_ref() else {
-                return Ok(());
-            };
-            let file = seg.file.clone();
-            let mut data = std::mem::take(&mut w.spare);
-            std::mem::swap(&mut data, &mut j.buf);
-            let to_sync = if sync {
-                std::mem::take(&mut j.to_sync)
-            } else {
-                Vec::new()
-            };
-            let dir_dirty = sync && std::mem::take(&mut j.dir_dirty);
-            (file, data, to_sync, dir_dirty)
+        let mut guard = lock(&self.w);
+        let w = &mut *guard;
+        std::mem::swap(&mut w.batch, &mut lock(&self.j).batch);
+        let Some(seg) = w.seg.as_mut() else {
+            w.batch.clear();
+            return Ok(());
         };
+        w.out.clear();
+        let r = seg.enc.encode_batch(&w.batch, &mut w.out);
+        w.batch.clear();
+        r?;
         let r = (|| {
-            if !data.is_empty() {
-                (&*file).write_all(&data)?;
+            if !w.out.is_empty() {
+                let mut file = &seg.file;
+                file.write_all(&w.out)?;
                 w.unsynced = true;
             }
             if sync {
-                for f in &to_sync {
+                for f in w.to_sync.drain(..) {
                     f.sync_data()?;
                 }
-                if dir_dirty {
+                if w.dir_dirty {
                     fsutil::sync_dir(&self.dir)?;
+                    w.dir_dirty = false;
                 }
                 if w.unsynced {
-                    file.sync_data()?;
+                    seg.file.sync_data()?;
                     w.unsynced = false;
                 }
             }
             Ok(())
         })();
-        let mut data = data;
-        data.clear();
-        w.spare = data;
+        if w.out.capacity() > 4 * FLUSH_THRESHOLD {
+            w.out = Vec::new();
+        }
         r.map_err(|e| self.fail(Error::io(&self.path, e)))
     }
 

@@ -62,15 +62,15 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    pub(crate) fn new(kind: Kind, key: Option<&Key>) -> Self {
-        match key {
+    pub(crate) fn new(kind: Kind, key: Option<&Key>) -> std::io::Result<Self> {
+        Ok(match key {
             Some(k) => Self {
                 kind,
                 protection: Protection::Aes256Gcm,
                 params: k.params(),
                 salt: *k.salt(),
                 check: *k.check(),
-                nonce: crate::key::random_nonce(),
+                nonce: crate::key::random_nonce()?,
                 chunk_size: 0,
                 word: 0,
                 history_id: 0,
@@ -90,7 +90,7 @@ impl Header {
                 word: 0,
                 history_id: 0,
             },
-        }
+        })
     }
 
     pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {

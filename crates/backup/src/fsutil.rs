@@ -44,13 +44,13 @@ pub(crate) fn temp_path(path: &Path) -> PathBuf {
 /// instant `path` names either the old or the new complete file.
 pub(crate) fn write_atomic<T>(
     path: &Path,
-    fill: impl FnOnce(&mut File) -> io::Result<T>,
+    fill: impl FnOnce(&File) -> io::Result<T>,
 ) -> io::Result<T> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        let t = fill(&mut f)?;
-        f.sync_all()?;
+        let f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let t = fill(&f)?;
+        f.sync_data()?;
         drop(f);
         fs::rename(&tmp, path)?;
         Ok(t)

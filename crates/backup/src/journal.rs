@@ -1,10 +1,12 @@
-//! Journal segments: the committed actions since a snapshot, one authenticated record each.
+//! Journal segments: the committed actions since a snapshot, in authenticated records.
 //!
 //! A journal is a sequence of segment files named `<snapshot file>.journal.<base seq>` (base
-//! in 20 decimal digits) next to the snapshot file. A segment holds records with seq greater
-//! than its base. Each record is independently checksummed or authenticated, so a record torn
-//! by a crash (the incomplete last one) is detected and dropped, while damage anywhere else is
-//! reported as corruption.
+//! in 20 decimal digits) next to the snapshot file. A segment holds actions with seq greater
+//! than its base, in records. A record holds the actions of one write: exactly one under
+//! [`FsyncPolicy::Always`](crate::FsyncPolicy::Always), the batch buffered since the last write
+//! under the other policies (which may lose that batch anyway). Each record is independently
+//! checksummed or authenticated, so a record torn by a crash (the incomplete last one) is
+//! detected and dropped, while damage anywhere else is reported as corruption.
 
 use std::ffi::OsString;
 use std::fs;
@@ -29,6 +31,24 @@ pub struct JournalEntry {
     pub action: Bytes,
 }
 
+/// Bytes an action adds to a record's plaintext besides the action itself (seq and length).
+pub const ENTRY_OVERHEAD: usize = 12;
+
+/// Largest action accepted in the journal.
+pub const MAX_ACTION_LEN: usize = 1 << 30;
+
+/// Appends the plaintext of one entry, `u64 seq || u32 len || action`, to a record batch.
+pub fn push_entry(batch: &mut Vec<u8>, seq: u64, action: &[u8]) -> Result<(), Error> {
+    if action.len() > MAX_ACTION_LEN {
+        return Err(Error::ActionTooLarge { len: action.len() });
+    }
+    batch.reserve(ENTRY_OVERHEAD + action.len());
+    batch.extend_from_slice(&seq.to_le_bytes());
+    batch.extend_from_slice(&(action.len() as u32).to_le_bytes());
+    batch.extend_from_slice(action);
+    Ok(())
+}
+
 /// Encodes the header and records of one journal segment.
 #[derive(Debug)]
 pub struct SegmentEncoder {
@@ -43,18 +63,19 @@ pub struct SegmentEncoder {
 impl SegmentEncoder {
     /// A new segment after seq `base` of history `history_id`, encrypted with `key` if given
     /// (each segment gets a fresh random nonce).
-    pub fn new(base: u64, history_id: u64, key: Option<Arc<Key>>) -> Self {
-        let mut h = Header::new(Kind::Journal, key.as_deref());
+    pub fn new(base: u64, history_id: u64, key: Option<Arc<Key>>) -> Result<Self, Error> {
+        let mut h = Header::new(Kind::Journal, key.as_deref())
+            .map_err(|e| Error::io(Path::new("<system random generator>"), e))?;
         h.word = base;
         h.history_id = history_id;
-        Self {
+        Ok(Self {
             header: h.encode(),
             nonce: h.nonce,
             key,
             base,
             next_index: 0,
             last_seq: base,
-        }
+        })
     }
 
     /// The segment's file header (the first bytes of the file).
@@ -67,12 +88,8 @@ impl SegmentEncoder {
         self.base
     }
 
-    /// The seq of the last record encoded (the base if none).
-    pub fn last_seq(&self) -> u64 {
-        self.last_seq
-    }
-
-    /// Appends the record for `(seq, action)` to `out`. `seq` must be greater than the last one.
+    /// Appends a record holding the single action `(seq, action)` to `out`. `seq` must be
+    /// greater than the seqs encoded before with this method.
     pub fn encode(&mut self, seq: u64, action: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
         if seq <= self.last_seq {
             return Err(Error::SeqOutOfOrder {
@@ -80,33 +97,61 @@ impl SegmentEncoder {
                 got: seq,
             });
         }
-        let trailer = if self.key.is_some() { TAG_LEN } else { 4 };
-        let body_len = 8 + action.len() + trailer;
-        let body_len32 =
-            u32::try_from(body_len).map_err(|_| Error::ActionTooLarge { len: action.len() })?;
-        let index = self.next_index;
-        out.reserve(RECORD_HEAD_LEN + body_len);
-        out.extend_from_slice(&body_len32.to_le_bytes());
-        out.extend_from_slice(&len_crc(index, body_len32).to_le_bytes());
         let start = out.len();
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(action);
+        out.extend_from_slice(&[0u8; RECORD_HEAD_LEN]);
+        if let Err(e) = push_entry(out, seq, action) {
+            out.truncate(start);
+            return Err(e);
+        }
+        self.seal(out, start)?;
+        self.last_seq = seq;
+        Ok(())
+    }
+
+    /// Appends a record holding `batch` (entries made with [`push_entry`], seqs increasing and
+    /// greater than those of earlier records) to `out`. An empty batch writes nothing.
+    pub fn encode_batch(&mut self, batch: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let start = out.len();
+        out.reserve(RECORD_HEAD_LEN + batch.len() + TAG_LEN);
+        out.extend_from_slice(&[0u8; RECORD_HEAD_LEN]);
+        out.extend_from_slice(batch);
+        self.seal(out, start)
+    }
+
+    /// Turns `out[start..]` (a placeholder frame head, then the plaintext) into a sealed
+    /// record in place.
+    fn seal(&mut self, out: &mut Vec<u8>, start: usize) -> Result<(), Error> {
+        let trailer = if self.key.is_some() { TAG_LEN } else { 4 };
+        let plain_len = out.len() - start - RECORD_HEAD_LEN;
+        let body_len = match u32::try_from(plain_len + trailer) {
+            Ok(n) => n,
+            Err(_) => {
+                out.truncate(start);
+                return Err(Error::ActionTooLarge { len: plain_len });
+            }
+        };
+        let index = self.next_index;
+        out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
+        out[start + 4..start + 8].copy_from_slice(&len_crc(index, body_len).to_le_bytes());
+        let body = start + RECORD_HEAD_LEN;
         match &self.key {
             Some(k) => {
                 let tag = k.encrypt(
                     &nonce_at(&self.nonce, index),
                     &self.header,
-                    &mut out[start..],
+                    &mut out[body..],
                 );
                 out.extend_from_slice(&tag);
             }
             None => {
-                let crc = body_crc(index, &out[start..]);
+                let crc = body_crc(index, &out[body..]);
                 out.extend_from_slice(&crc.to_le_bytes());
             }
         }
         self.next_index += 1;
-        self.last_seq = seq;
         Ok(())
     }
 }
@@ -177,7 +222,7 @@ pub fn decode_segment(
             return Err(corrupt("record length checksum mismatch"));
         }
         let body_len = body_len as usize;
-        if body_len < 8 + trailer {
+        if body_len < ENTRY_OVERHEAD + trailer {
             return Err(corrupt("record too short"));
         }
         if rest.len() - RECORD_HEAD_LEN < body_len {
@@ -211,19 +256,36 @@ pub fn decode_segment(
                 },
             ));
         }
-        let seq = le_u64(&data[start..]);
-        if seq <= last {
-            return Err(Error::corrupted(
-                path,
-                Location::Record {
-                    index,
-                    offset: pos as u64,
-                },
-                "record sequence numbers out of order",
-            ));
+        // The verified plaintext: entries `u64 seq || u32 len || action`.
+        let mut p = start;
+        let plain_end = end - trailer;
+        while p < plain_end {
+            let bad = |detail: &'static str| {
+                Error::corrupted(
+                    path,
+                    Location::Record {
+                        index,
+                        offset: pos as u64,
+                    },
+                    detail,
+                )
+            };
+            if plain_end - p < ENTRY_OVERHEAD {
+                return Err(bad("truncated entry in record"));
+            }
+            let seq = le_u64(&data[p..]);
+            let len = le_u32(&data[p + 8..]) as usize;
+            let a = p + ENTRY_OVERHEAD;
+            if plain_end - a < len {
+                return Err(bad("entry longer than its record"));
+            }
+            if seq <= last {
+                return Err(bad("record sequence numbers out of order"));
+            }
+            last = seq;
+            records.push((seq, a, a + len));
+            p = a + len;
         }
-        last = seq;
-        records.push((seq, start + 8, end - trailer));
         index += 1;
         pos = end;
     }

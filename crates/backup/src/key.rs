@@ -3,9 +3,8 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use aes_gcm::aead::rand_core::RngCore;
-use aes_gcm::aead::{AeadInPlace, KeyInit, OsRng};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
+use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::Error;
 
@@ -77,7 +76,7 @@ impl KdfParams {
 /// passphrase apart from a corrupted file. Guessing the passphrase from the check costs one
 /// Argon2id evaluation per guess, the same as trying to decrypt.
 pub struct Key {
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     check: [u8; CHECK_LEN],
     salt: [u8; SALT_LEN],
     params: KdfParams,
@@ -103,8 +102,9 @@ impl Key {
             .argon2()?
             .hash_password_into(passphrase, &salt, &mut out)
             .map_err(|e| Error::InvalidKdfParams(e.to_string()))?;
-        let cipher = Aes256Gcm::new_from_slice(&out[..32])
-            .map_err(|e| Error::InvalidKdfParams(e.to_string()))?;
+        let cipher = UnboundKey::new(&AES_256_GCM, &out[..32])
+            .map(LessSafeKey::new)
+            .map_err(|_| Error::InvalidKdfParams("AES key setup failed".into()))?;
         let mut check = [0u8; CHECK_LEN];
         check.copy_from_slice(&out[32..]);
         out.fill(0);
@@ -119,7 +119,8 @@ impl Key {
     /// Derives a key with a fresh random salt.
     pub fn generate(passphrase: &[u8], params: KdfParams) -> Result<Self, Error> {
         let mut salt = [0u8; SALT_LEN];
-        OsRng.fill_bytes(&mut salt);
+        fill_random(&mut salt)
+            .map_err(|e| Error::io(std::path::Path::new("<system random generator>"), e))?;
         Self::derive(passphrase, salt, params)
     }
 
@@ -143,13 +144,17 @@ impl Key {
         aad: &[u8],
         buf: &mut [u8],
     ) -> [u8; TAG_LEN] {
-        // Encryption only fails for messages over 64 GiB, which our chunking rules out.
+        let nonce = Nonce::assume_unique_for_key(*nonce);
         match self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf)
+            .seal_in_place_separate_tag(nonce, Aad::from(aad), buf)
         {
-            Ok(tag) => tag.into(),
-            Err(_) => unreachable_tag(),
+            Ok(tag) => {
+                let mut t = [0u8; TAG_LEN];
+                t.copy_from_slice(tag.as_ref());
+                t
+            }
+            Err(_) => too_large(),
         }
     }
 
@@ -160,19 +165,21 @@ impl Key {
         buf: &mut [u8],
         tag: &[u8],
     ) -> bool {
-        if tag.len() != TAG_LEN {
+        let Ok(tag) = <[u8; TAG_LEN]>::try_from(tag) else {
             return false;
-        }
+        };
+        let nonce = Nonce::assume_unique_for_key(*nonce);
         self.cipher
-            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag))
+            .open_in_place_separate_tag(nonce, Aad::from(aad), Tag::from(tag), buf, 0..)
             .is_ok()
     }
 }
 
 #[cold]
-fn unreachable_tag() -> [u8; TAG_LEN] {
-    // AES-GCM refuses plaintexts longer than 2^36 - 32 bytes; chunks are at most 64 MiB.
-    panic!("AES-GCM chunk too large")
+fn too_large() -> [u8; TAG_LEN] {
+    // AES-GCM refuses messages longer than 2^36 - 32 bytes; chunks are at most 64 MiB and
+    // journal records at most 4 GiB.
+    panic!("AES-GCM message too large")
 }
 
 /// A passphrase plus the keys derived from it, cached by (salt, params).
@@ -237,10 +244,17 @@ impl KeyRing {
     }
 }
 
-pub(crate) fn random_nonce() -> [u8; NONCE_LEN] {
+/// Fills `buf` from the operating system's random generator.
+pub(crate) fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| std::io::Error::other("the system random generator failed"))
+}
+
+pub(crate) fn random_nonce() -> std::io::Result<[u8; NONCE_LEN]> {
     let mut n = [0u8; NONCE_LEN];
-    OsRng.fill_bytes(&mut n);
-    n
+    fill_random(&mut n)?;
+    Ok(n)
 }
 
 /// The nonce of chunk or record `index`: the file's random base nonce with the index XORed into

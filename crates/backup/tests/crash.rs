@@ -15,7 +15,12 @@ use bytes::Bytes;
 use replimesh_backup::{Backup, BackupConfig, Due, FsyncPolicy, KdfParams, Snapshot};
 
 const CHILD_ENV: &str = "REPLIMESH_BACKUP_CRASH_CHILD";
+/// `always` or `every` (the fsync policy of the child).
+const POLICY_ENV: &str = "REPLIMESH_BACKUP_CRASH_POLICY";
+/// Kills with `FsyncPolicy::Always` (every acknowledged action must survive).
 const KILLS: usize = 200;
+/// Kills with `FsyncPolicy::Every(2 ms)` (restarts must load a consistent prefix).
+const KILLS_EVERY: usize = 50;
 /// Padding that makes snapshot writes take long enough to be interrupted.
 const PAD: usize = 64 * 1024;
 
@@ -27,16 +32,21 @@ fn main() {
         println!("crash_test: test");
         return;
     }
-    parent();
+    parent(true, KILLS);
+    parent(false, KILLS_EVERY);
     println!("test crash_test ... ok");
 }
 
-fn config(dir: &Path) -> BackupConfig {
+fn config(dir: &Path, always: bool) -> BackupConfig {
     BackupConfig::new(dir.join("counter.backup"))
         .key("crash test")
         .kdf(KdfParams::insecure_fast())
-        .journal(FsyncPolicy::Always)
-        .count(4)
+        .journal(if always {
+            FsyncPolicy::Always
+        } else {
+            FsyncPolicy::Every(Duration::from_millis(2))
+        })
+        .count(if always { 4 } else { 300 })
 }
 
 fn snap(seq: u64, counter: u64) -> Snapshot {
@@ -58,8 +68,9 @@ fn child(dir: &Path) -> ! {
         eprintln!("child: {msg}");
         std::process::exit(2)
     };
+    let always = std::env::var(POLICY_ENV).map_or(true, |p| p == "always");
     let (backup, restored) =
-        Backup::open(config(dir)).unwrap_or_else(|e| fail(format!("open: {e}")));
+        Backup::open(config(dir, always)).unwrap_or_else(|e| fail(format!("open: {e}")));
     let (mut seq, mut counter) = match restored {
         None => {
             backup
@@ -94,8 +105,10 @@ fn child(dir: &Path) -> ! {
         let due = backup
             .record(seq, &1u64.to_le_bytes())
             .unwrap_or_else(|e| fail(format!("record: {e}")));
-        // Acknowledge: the action is durable.
-        writeln!(out.lock(), "{seq}").unwrap_or_else(|e| fail(e.to_string()));
+        if always {
+            // Acknowledge: the action is durable.
+            writeln!(out.lock(), "{seq}").unwrap_or_else(|e| fail(e.to_string()));
+        }
         if due == Due::Snapshot {
             backup
                 .snapshot(snap(seq, counter))
@@ -116,22 +129,26 @@ impl Rng {
     }
 }
 
-fn parent() {
+/// Kills and restarts the child `kills` times. With `always`, checks that every acknowledged
+/// action survives; otherwise (actions are not acknowledged) that each restart loads a
+/// consistent state (the child checks counter == seq and a gap-free journal).
+fn parent(always: bool, kills: usize) {
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
         | 1;
-    eprintln!("crash test seed {seed}");
+    eprintln!("crash test (always: {always}) seed {seed}");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut acked = 0u64; // highest seq any child acknowledged
     let mut verified = 0usize;
     let mut max_loaded = 0u64;
-    for round in 0..=KILLS {
+    for round in 0..=kills {
         let mut child = Command::new(&exe)
             .env(CHILD_ENV, dir.path())
+            .env(POLICY_ENV, if always { "always" } else { "every" })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -140,12 +157,12 @@ fn parent() {
         let mut lines = Vec::new();
         // One kill in eight hits the child during start-up (open, replay, new segment).
         let early = rng.next() % 8 == 0;
-        if !early || round == KILLS {
+        if !early || round == kills {
             let mut line = String::new();
             stdout.read_line(&mut line).unwrap();
             lines.push(line);
         }
-        if round == KILLS {
+        if round == kills {
             child.kill().unwrap();
             child.wait().unwrap();
         } else {
@@ -174,8 +191,13 @@ fn parent() {
             loaded >= acked,
             "round {round}: restart loaded seq {loaded} but seq {acked} was acknowledged (seed {seed})"
         );
+        // What a restart loaded is on disk for good: the next restart cannot load less.
+        assert!(
+            loaded >= max_loaded,
+            "round {round}: restart loaded seq {loaded} after an earlier one loaded {max_loaded} (seed {seed})"
+        );
         verified += 1;
-        max_loaded = max_loaded.max(loaded);
+        max_loaded = loaded;
         for (expect, l) in (loaded + 1..).zip(it) {
             let s: u64 = l
                 .parse()
@@ -186,11 +208,12 @@ fn parent() {
     }
     // Every early kill is followed by a start that is waited for, so most rounds verify.
     assert!(
-        verified >= KILLS / 2,
+        verified >= kills / 2,
         "only {verified} restarts verified (seed {seed})"
     );
     assert!(max_loaded > 0, "no progress at all (seed {seed})");
     eprintln!(
-        "crash test: {KILLS} kills, {verified} verified restarts, {acked} actions acknowledged"
+        "crash test (always: {always}): {kills} kills, {verified} verified restarts, {acked} \
+         actions acknowledged, last loaded seq {max_loaded}"
     );
 }

@@ -5,7 +5,9 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use replimesh_backup::journal::{decode_segment, SegmentEncoder, RECORD_HEAD_LEN};
+use replimesh_backup::journal::{
+    decode_segment, push_entry, SegmentEncoder, ENTRY_OVERHEAD, RECORD_HEAD_LEN,
+};
 use replimesh_backup::snapshot::{decode_snapshot, encode_snapshot, write_snapshot};
 use replimesh_backup::{Error, KdfParams, Key, KeyRing, Location, Snapshot, HEADER_LEN};
 
@@ -38,7 +40,7 @@ fn written_file_matches_encoding() {
         schema: 1,
         history_id: 2,
         seq: 3,
-        state: Bytes::from(vec![5u8; 10_000]),
+        state: Bytes::from((0..40_000u32).map(|i| (i % 253) as u8).collect::<Vec<u8>>()),
     };
     let n = write_snapshot(&path, &s, None, 4096).unwrap();
     let data = std::fs::read(&path).unwrap();
@@ -76,7 +78,7 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
 }
 
 fn journal_bytes(records: &[(u64, Vec<u8>)], encrypted: bool) -> Vec<u8> {
-    let mut enc = SegmentEncoder::new(7, 99, encrypted.then(key));
+    let mut enc = SegmentEncoder::new(7, 99, encrypted.then(key)).unwrap();
     let mut out = enc.header().to_vec();
     for (seq, a) in records {
         enc.encode(*seq, a, &mut out).unwrap();
@@ -105,7 +107,7 @@ fn record_ends(records: &[(u64, Vec<u8>)], encrypted: bool) -> Vec<usize> {
     records
         .iter()
         .map(|(_, a)| {
-            pos += RECORD_HEAD_LEN + 8 + a.len() + trailer;
+            pos += RECORD_HEAD_LEN + ENTRY_OVERHEAD + a.len() + trailer;
             pos
         })
         .collect()
@@ -330,5 +332,43 @@ fn every_bit_flip_and_truncation_detected() {
                 "journal (encrypted: {encrypted}) bit {bit}: {r:?}"
             );
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Records holding batches of actions (as written under `Every`/`Never`): round trip, and a
+    /// cut anywhere keeps exactly the complete records.
+    #[test]
+    fn journal_batches(batches in prop::collection::vec(arb_records(), 1..5), encrypted: bool, cut: prop::sample::Index) {
+        let mut enc = SegmentEncoder::new(7, 99, encrypted.then(key)).unwrap();
+        let mut out = enc.header().to_vec();
+        let mut seq = 7;
+        let mut expected = Vec::new();
+        let mut ends = Vec::new();
+        for b in &batches {
+            let mut batch = Vec::new();
+            let mut these = Vec::new();
+            for (d, a) in b {
+                seq += d;
+                push_entry(&mut batch, seq, a).unwrap();
+                these.push((seq, a.clone()));
+            }
+            enc.encode_batch(&batch, &mut out).unwrap();
+            if !these.is_empty() {
+                ends.push((out.len(), expected.len() + these.len()));
+            }
+            expected.extend(these);
+        }
+        let c = decode_segment(out.clone(), encrypted.then(ring), Path::new("mem")).unwrap();
+        let got: Vec<_> = c.entries.iter().map(|e| (e.seq, e.action.to_vec())).collect();
+        prop_assert_eq!(&got, &expected);
+
+        let cut = HEADER_LEN + cut.index(out.len() - HEADER_LEN + 1);
+        let keep = ends.iter().filter(|(e, _)| *e <= cut).map(|(_, n)| *n).max().unwrap_or(0);
+        let c = decode_segment(out[..cut].to_vec(), encrypted.then(ring), Path::new("mem")).unwrap();
+        prop_assert_eq!(c.entries.len(), keep);
+        prop_assert_eq!(c.torn_at.is_some(), cut != HEADER_LEN && !ends.iter().any(|(e, _)| *e == cut));
     }
 }
