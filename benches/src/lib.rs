@@ -398,6 +398,27 @@ pub mod transport_scenario {
         run(scenario, scheme)
     }
 
+    /// The payload sizes to run: `BENCH_PAYLOADS` (comma-separated byte
+    /// counts, for profiling one size) or [`PAYLOADS`].
+    fn payloads() -> Vec<usize> {
+        std::env::var("BENCH_PAYLOADS")
+            .ok()
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|p| p.trim().parse().ok())
+                    .filter(|&p| p > 0)
+                    .collect::<Vec<usize>>()
+            })
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| PAYLOADS.to_vec())
+    }
+
+    /// Whether the raw baseline runs (`BENCH_RAW=0` skips it, for profiling
+    /// the framed side alone).
+    fn raw_enabled() -> bool {
+        std::env::var("BENCH_RAW").map_or(true, |v| v != "0")
+    }
+
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()
     }
@@ -438,11 +459,17 @@ pub mod transport_scenario {
 
         let mut framed_tx = framed::Bench::start(scheme, dir.path())?;
 
-        for &size in &PAYLOADS {
+        for size in payloads() {
             let payload = pattern(size);
             let start = ((1 << 20) / size) as u64;
             let max = (8u64 << 30) / size as u64;
-            let raw_n = calibrate(target, start, max, |n| raw_tx.round(&payload, n))?;
+            let raw_n = if raw_enabled() {
+                Some(calibrate(target, start, max, |n| {
+                    raw_tx.round(&payload, n)
+                })?)
+            } else {
+                None
+            };
             let framed_n = match framed_tx.as_mut() {
                 Some(f) => Some(calibrate(target, start, max, |n| f.round(&payload, n))?),
                 None => None,
@@ -450,18 +477,25 @@ pub mod transport_scenario {
             let mut raw_rates = Vec::new();
             let mut framed_rates = Vec::new();
             for _ in 0..rounds {
-                let t = raw_tx.round(&payload, raw_n)?;
-                raw_rates.push(raw_n as f64 / t.as_secs_f64());
+                if let Some(n) = raw_n {
+                    let t = raw_tx.round(&payload, n)?;
+                    raw_rates.push(n as f64 / t.as_secs_f64());
+                }
                 if let (Some(f), Some(n)) = (framed_tx.as_mut(), framed_n) {
                     let t = f.round(&payload, n)?;
                     framed_rates.push(n as f64 / t.as_secs_f64());
                 }
             }
             let raw_fps = median(&raw_rates);
-            report(scenario, "raw", size, raw_fps, rounds, raw_n);
+            if let Some(n) = raw_n {
+                report(scenario, "raw", size, raw_fps, rounds, n);
+            }
             if let Some(n) = framed_n {
                 let fps = median(&framed_rates);
                 report(scenario, "framed", size, fps, rounds, n);
+            }
+            if let (Some(_), Some(_)) = (raw_n, framed_n) {
+                let fps = median(&framed_rates);
                 emit(
                     scenario,
                     "ratio_vs_raw",
