@@ -23,11 +23,11 @@ pub enum FsyncPolicy {
     /// [`Backup::record`] returns after the record is written and fsynced: no committed action
     /// is ever lost, at the price of one fsync per action.
     Always,
-    /// Records are buffered and written plus fsynced by a background thread at this interval:
-    /// a crash loses at most the last interval's actions (a SIGKILL of the process alone loses
-    /// only what was still buffered).
+    /// Actions are buffered; a background thread seals them into one record, writes and fsyncs
+    /// it at this interval: a crash of the machine loses at most the last interval's actions,
+    /// a SIGKILL of the process alone loses only what was still buffered.
     Every(Duration),
-    /// Records are buffered and written (not fsynced) every 50 ms or 256 KiB; the operating
+    /// Actions are buffered and written (not fsynced) every 50 ms or 256 KiB; the operating
     /// system decides when they reach the disk.
     Never,
 }
@@ -410,8 +410,10 @@ impl Backup {
     }
 
     /// Records the committed action `seq` (call it for every commit, in seq order, before
-    /// acknowledging the commit). With a journal the record is encoded (and encrypted) into the
-    /// current segment; with [`FsyncPolicy::Always`] this returns after the fsync.
+    /// acknowledging the commit). With [`FsyncPolicy::Always`] the action is sealed in its own
+    /// journal record, written and fsynced before this returns; with the other policies it is
+    /// appended to an in-memory batch (a copy, no encryption: cheap) that the background thread
+    /// writes.
     ///
     /// Returns [`Due::Snapshot`] when the `count` policy wants a snapshot.
     ///

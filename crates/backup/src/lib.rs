@@ -9,10 +9,11 @@
 //! - **Atomic replacement**: a snapshot is written to a temporary file in the same directory,
 //!   fsynced, renamed over the old one, and the directory is fsynced: at every instant the path
 //!   holds the old or the new complete snapshot.
-//! - **Journal**: every committed action is appended to a journal segment as its own
-//!   authenticated record, with the fsync policy of your choice ([`FsyncPolicy`]). A restart
-//!   replays snapshot + journal; with [`FsyncPolicy::Always`] no committed action is lost.
-//!   A record torn by a crash (the incomplete last one) is dropped; damage elsewhere is an error.
+//! - **Journal**: every committed action is appended to a journal segment in authenticated
+//!   records (one per action under [`FsyncPolicy::Always`], one per buffered batch under the
+//!   other policies), with the fsync policy of your choice. A restart replays snapshot +
+//!   journal; with [`FsyncPolicy::Always`] no committed action is lost. A record torn by a crash
+//!   (the incomplete last one) is dropped; damage elsewhere is an error.
 //! - **Policies** as in redux-cluster: a snapshot every `count` actions and/or `timeout` after
 //!   a change, plus one at shutdown. Snapshot files are written by a background thread.
 //! - **Errors** tell apart a missing file, a wrong key, a corrupted file (with where) and a newer
