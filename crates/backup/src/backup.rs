@@ -28,7 +28,8 @@ pub enum FsyncPolicy {
     /// a SIGKILL of the process alone loses only what was still buffered.
     Every(Duration),
     /// Actions are buffered and written (not fsynced) every 50 ms or 256 KiB; the operating
-    /// system decides when they reach the disk.
+    /// system decides when they reach the disk (the journal is fsynced only at
+    /// [`Backup::flush`], shutdown and drop).
     Never,
 }
 
@@ -386,7 +387,7 @@ impl Backup {
                 .map_err(|e| Error::io(&path, e))?,
         );
         if let Some(interval) = match config.journal {
-            Some(FsyncPolicy::Every(d)) => Some(d),
+            Some(FsyncPolicy::Every(d)) => Some(d.max(Duration::from_millis(1))),
             Some(FsyncPolicy::Never) => Some(NEVER_INTERVAL),
             _ => None,
         } {
@@ -541,7 +542,7 @@ impl Backup {
             if j.closed {
                 return Err(Error::Closed);
             }
-            if seq < j.last_seq || (!j.started && history_id.is_none()) {
+            if seq < j.last_seq {
                 return Err(Error::SeqOutOfOrder {
                     last: j.last_seq,
                     got: seq,

@@ -45,6 +45,17 @@
 //!
 //! The [`Persistence`] trait covers steps 3 and 4, so a store can be tested with a fake.
 //!
+//! An adapter to a store trait of the shape `load() / record(history, first_seq, actions) /
+//! snapshot(history, seq, state)` maps: `load` to the [`Restored`] of `open` (history id, the
+//! snapshot's `(seq, state)`, the journal's `(seq, action)` pairs); `record` to one
+//! [`Backup::record`] per action; `snapshot` to [`Backup::snapshot`] with the store's name and
+//! schema. A store that cannot produce its initial state at a first start may hand
+//! `Snapshot { seq: 0, state: Bytes::new(), .. }` and map it back to "no snapshot" on load.
+//!
+//! Blocking: [`Backup::record`] under [`FsyncPolicy::Always`] waits for an fsync and
+//! [`Backup::snapshot_now`] / [`Backup::shutdown`] for a snapshot write; everything else
+//! returns at once. From async code, call the blocking ones where blocking is allowed.
+//!
 //! # Example
 //!
 //! The seed's `store.backup({path, key, count: 1000})`, with a journal that loses nothing:

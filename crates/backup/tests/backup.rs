@@ -283,3 +283,19 @@ fn no_journal_loses_only_unsnapshotted_actions() {
     let (_b, r) = Backup::open(cfg).unwrap();
     assert_eq!(replay(&r.unwrap()), (8, 8, 0xfeed));
 }
+
+#[test]
+fn first_snapshot_with_closure_starts_the_journal() {
+    let (_d, path) = tmp();
+    let (b, r) = Backup::open(config(&path)).unwrap();
+    assert!(r.is_none());
+    b.snapshot_with(0, || snap(0, 0)).unwrap();
+    assert!(
+        path.exists(),
+        "the first snapshot is written before snapshot_with returns"
+    );
+    run(&b, 1, 3, &mut 0);
+    drop(b);
+    let (_b, r) = Backup::open(config(&path)).unwrap();
+    assert_eq!(replay(&r.unwrap()), (3, 3, 0xfeed));
+}
