@@ -299,3 +299,107 @@ fn first_snapshot_with_closure_starts_the_journal() {
     let (_b, r) = Backup::open(config(&path)).unwrap();
     assert_eq!(replay(&r.unwrap()), (3, 3, 0xfeed));
 }
+
+fn plain(path: &Path) -> BackupConfig {
+    let mut c = config(path);
+    c.key = None;
+    c
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Writes a journal segment by hand.
+fn write_segment(path: &Path, base: u64, history: u64, seqs: std::ops::RangeInclusive<u64>) {
+    use replimesh_backup::journal::{segment_path, SegmentEncoder};
+    let mut enc = SegmentEncoder::new(base, history, None).unwrap();
+    let mut out = enc.header().to_vec();
+    for s in seqs {
+        enc.encode(s, &1u64.to_le_bytes(), &mut out).unwrap();
+    }
+    std::fs::write(segment_path(path, base), out).unwrap();
+}
+
+#[test]
+fn segments_after_a_gap_or_of_another_history_are_moved_aside() {
+    let (dir, path) = tmp();
+    let (b, _) = Backup::open(plain(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    run(&b, 1, 5, &mut 0);
+    drop(b);
+    write_segment(&path, 10, 0xfeed, 11..=12); // after a gap (6..=10 missing)
+    let (b, r) = Backup::open(plain(&path)).unwrap();
+    assert_eq!(replay(&r.unwrap()), (5, 5, 0xfeed));
+    drop(b);
+    let n = names(dir.path());
+    assert!(
+        n.iter()
+            .any(|f| f.starts_with("store.backup.journal.00000000000000000010.orphan-")),
+        "{n:?}"
+    );
+
+    write_segment(&path, 5, 0xbad, 6..=7); // another history, continuing the seqs
+    let (_b, r) = Backup::open(plain(&path)).unwrap();
+    assert_eq!(replay(&r.unwrap()), (5, 5, 0xfeed));
+}
+
+#[test]
+fn journal_without_snapshot_fails_or_moves_aside() {
+    let (dir, path) = tmp();
+    write_segment(&path, 0, 0xfeed, 1..=3);
+    let r = Backup::open(plain(&path));
+    assert!(matches!(r, Err(Error::OrphanJournal { .. })), "{r:?}");
+    let (_b, r) = Backup::open(plain(&path).on_bad_file(OnBadFile::MoveAside)).unwrap();
+    assert!(r.is_none());
+    let n = names(dir.path());
+    assert!(n.iter().all(|f| f.contains(".orphan-")), "{n:?}");
+}
+
+#[test]
+fn corrupted_journal_segment_moved_aside_keeps_the_prefix() {
+    let (dir, path) = tmp();
+    let (b, _) = Backup::open(plain(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    run(&b, 1, 4, &mut 0);
+    drop(b); // segment 0: 1..=4
+    let (b, _) = Backup::open(plain(&path)).unwrap();
+    let mut c = 4;
+    run(&b, 5, 8, &mut c);
+    drop(b); // segment 4: 5..=8
+    let segs = list_segments(&path).unwrap();
+    assert_eq!(segs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![0, 4]);
+    let mut data = std::fs::read(&segs[1].1).unwrap();
+    data[replimesh_backup::HEADER_LEN + 9] ^= 4;
+    std::fs::write(&segs[1].1, &data).unwrap();
+    assert!(matches!(
+        Backup::open(plain(&path)),
+        Err(Error::Corrupted { .. })
+    ));
+    let (_b, r) = Backup::open(plain(&path).on_bad_file(OnBadFile::MoveAside)).unwrap();
+    assert_eq!(replay(&r.unwrap()), (4, 4, 0xfeed));
+    let n = names(dir.path());
+    assert!(
+        n.iter()
+            .any(|f| f.starts_with("store.backup.journal.00000000000000000004.bad-")),
+        "{n:?}"
+    );
+}
+
+#[test]
+fn action_size_limit() {
+    let (_d, path) = tmp();
+    let (b, _) = Backup::open(plain(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    let big = vec![0u8; replimesh_backup::journal::MAX_ACTION_LEN + 1];
+    assert!(matches!(
+        b.record(1, &big),
+        Err(Error::ActionTooLarge { .. })
+    ));
+    assert_eq!(b.record(1, b"ok").unwrap(), Due::No);
+}

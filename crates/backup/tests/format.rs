@@ -372,3 +372,37 @@ proptest! {
         prop_assert_eq!(c.torn_at.is_some(), cut != HEADER_LEN && !ends.iter().any(|(e, _)| *e == cut));
     }
 }
+
+/// Sets a valid header CRC on `data` (so that the fields behind it are parsed).
+fn fix_header_crc(data: &mut [u8]) {
+    if data.len() >= HEADER_LEN {
+        let crc = crc32(&data[..HEADER_LEN - 4]);
+        data[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Decoders never panic, whatever the bytes after a plausible header.
+    #[test]
+    fn decoders_do_not_panic(
+        encrypted: bool,
+        fields in prop::collection::vec(any::<u8>(), 80),
+        body in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        for magic in [*b"RPLMSNAP", *b"RPLMJRNL"] {
+            let mut data = magic.to_vec();
+            data.extend_from_slice(&1u16.to_le_bytes());
+            data.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+            data.extend_from_slice(&fields);
+            data[12] = u8::from(encrypted);
+            // Keep the Argon2 costs cheap when the key is tried.
+            data[16..28].copy_from_slice(&[8, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]);
+            data.extend_from_slice(&body);
+            fix_header_crc(&mut data);
+            let _ = decode_snapshot(data.clone(), encrypted.then(ring), Path::new("mem"));
+            let _ = decode_segment(data, encrypted.then(ring), Path::new("mem"));
+        }
+    }
+}
