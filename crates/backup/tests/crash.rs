@@ -63,6 +63,12 @@ fn snap(seq: u64, counter: u64) -> Snapshot {
 }
 
 fn child(dir: &Path) -> ! {
+    // Never outlive a parent that died, and never hang the parent forever.
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(20));
+        eprintln!("child: watchdog: still running after 20 s");
+        std::process::exit(3);
+    });
     let out = std::io::stdout();
     let fail = |msg: String| -> ! {
         eprintln!("child: {msg}");
