@@ -46,7 +46,7 @@ pub enum OnBadFile {
 
 /// Configuration of a [`Backup`]: the seed's `path`, `key`, `count` and `timeout`, plus the
 /// journal and the handling of bad files.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct BackupConfig {
     /// The snapshot file. Journal segments and temporary files live next to it.
@@ -66,6 +66,21 @@ pub struct BackupConfig {
     pub on_bad_file: OnBadFile,
     /// Plaintext bytes per authenticated chunk of a snapshot file.
     pub chunk_size: usize,
+}
+
+impl std::fmt::Debug for BackupConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupConfig")
+            .field("path", &self.path)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("count", &self.count)
+            .field("timeout", &self.timeout)
+            .field("journal", &self.journal)
+            .field("kdf", &self.kdf)
+            .field("on_bad_file", &self.on_bad_file)
+            .field("chunk_size", &self.chunk_size)
+            .finish()
+    }
 }
 
 impl BackupConfig {

@@ -203,6 +203,14 @@ impl fmt::Debug for KeyRing {
     }
 }
 
+impl Drop for KeyRing {
+    fn drop(&mut self) {
+        // Best effort: do not leave the passphrase in freed memory.
+        self.passphrase.fill(0);
+        std::hint::black_box(&self.passphrase);
+    }
+}
+
 impl KeyRing {
     /// A key ring for `passphrase`; new keys are derived with `params`.
     pub fn new(passphrase: impl AsRef<[u8]>, params: KdfParams) -> Self {

@@ -403,3 +403,11 @@ fn action_size_limit() {
     ));
     assert_eq!(b.record(1, b"ok").unwrap(), Due::No);
 }
+
+#[test]
+fn debug_output_hides_the_passphrase() {
+    let c = BackupConfig::new("x").key("hunter2");
+    let s = format!("{c:?}");
+    assert!(!s.contains("hunter2"), "{s}");
+    assert!(s.contains("redacted"), "{s}");
+}
