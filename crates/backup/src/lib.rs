@@ -49,8 +49,84 @@
 //! snapshot(history, seq, state)` maps: `load` to the [`Restored`] of `open` (history id, the
 //! snapshot's `(seq, state)`, the journal's `(seq, action)` pairs); `record` to one
 //! [`Backup::record`] per action; `snapshot` to [`Backup::snapshot`] with the store's name and
-//! schema. A store that cannot produce its initial state at a first start may hand
-//! `Snapshot { seq: 0, state: Bytes::new(), .. }` and map it back to "no snapshot" on load.
+//! schema. A store that cannot produce its initial state at a first start may hand an empty
+//! state at seq 0 and map it back to "no snapshot" on load:
+//!
+//! ```
+//! use bytes::Bytes;
+//! use replimesh_backup::{Backup, BackupConfig, Error, FsyncPolicy, KdfParams, Restored, Snapshot};
+//!
+//! /// What the store recovers: history id (0: none), snapshot (seq, state), actions.
+//! #[derive(Default)]
+//! struct Recovered {
+//!     history_id: u64,
+//!     snapshot: Option<(u64, Bytes)>,
+//!     actions: Vec<(u64, Bytes)>,
+//! }
+//!
+//! struct BackupPersistence {
+//!     backup: Backup,
+//!     restored: Option<Restored>,
+//!     store: String,
+//!     schema: u32,
+//! }
+//!
+//! impl BackupPersistence {
+//!     fn open(config: BackupConfig, store: &str, schema: u32) -> Result<Self, Error> {
+//!         let (backup, restored) = Backup::open(config)?;
+//!         Ok(Self { backup, restored, store: store.into(), schema })
+//!     }
+//!
+//!     fn load(&mut self) -> Recovered {
+//!         let Some(r) = self.restored.take() else { return Recovered::default() };
+//!         let s = r.snapshot;
+//!         Recovered {
+//!             history_id: s.history_id,
+//!             // The marker written below for a history without a snapshot.
+//!             snapshot: (s.seq != 0 || !s.state.is_empty()).then_some((s.seq, s.state)),
+//!             actions: r.journal.into_iter().map(|e| (e.seq, e.action)).collect(),
+//!         }
+//!     }
+//!
+//!     fn record(&mut self, history_id: u64, first_seq: u64, actions: &[Bytes]) -> Result<(), Error> {
+//!         if first_seq == 1 && self.backup.last_seq() == 0 {
+//!             // First actions of a new history: give the journal its base.
+//!             self.snapshot(history_id, 0, &Bytes::new())?;
+//!         }
+//!         for (i, a) in actions.iter().enumerate() {
+//!             // A `Due::Snapshot` here tells the store's own policy to call `snapshot`.
+//!             let _due = self.backup.record(first_seq + i as u64, a)?;
+//!         }
+//!         Ok(())
+//!     }
+//!
+//!     fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), Error> {
+//!         self.backup.snapshot(Snapshot {
+//!             store: self.store.clone(),
+//!             schema: self.schema,
+//!             history_id,
+//!             seq,
+//!             state: state.clone(),
+//!         })
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Error> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let config = BackupConfig::new(dir.path().join("s.backup"))
+//!     .journal(FsyncPolicy::Always)
+//! #   .kdf(KdfParams::insecure_fast())
+//!     .key("pw");
+//! let mut p = BackupPersistence::open(config.clone(), "s", 1)?;
+//! assert_eq!(p.load().history_id, 0);
+//! p.record(9, 1, &[Bytes::from_static(b"a"), Bytes::from_static(b"b")])?;
+//! drop(p);
+//! let mut p = BackupPersistence::open(config, "s", 1)?;
+//! let r = p.load();
+//! assert_eq!((r.history_id, r.snapshot, r.actions.len()), (9, None, 2));
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! Blocking: [`Backup::record`] under [`FsyncPolicy::Always`] waits for an fsync and
 //! [`Backup::snapshot_now`] / [`Backup::shutdown`] for a snapshot write; everything else
