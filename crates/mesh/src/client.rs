@@ -1,0 +1,536 @@
+//! The client: several server URLs, round-robin reconnect with jittered
+//! backoff, subscriptions restored after reconnect, routing both ways.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::{frame::Body, CloseCode, Frame, PeerKind};
+use tokio::sync::{mpsc, watch};
+
+use crate::error::{MeshError, RouteError};
+use crate::router::{handle_routed, lock, Ctx, Flow, Peer, Router};
+use crate::server::{random_id, Groups};
+
+/// Client configuration.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Client id; generated when `None`.
+    pub id: Option<String>,
+    /// Server URLs, tried round-robin.
+    pub urls: Vec<String>,
+    /// User data sent in the hello.
+    pub data: Bytes,
+    /// Reconnect after a broken connection (default `true`).
+    pub reconnect: bool,
+    /// First reconnect delay (default 100 ms); doubles up to `max_reconnect_delay`, jittered.
+    pub reconnect_delay: Duration,
+    /// Largest reconnect delay (default 5 s).
+    pub max_reconnect_delay: Duration,
+    /// Consecutive failed attempts before giving up; 0 = forever (default).
+    pub attempts: u32,
+    /// Response timeout of requests (default 10 s).
+    pub response_timeout: Duration,
+    /// Transport settings.
+    pub transport: transport::Config,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            id: None,
+            urls: Vec::new(),
+            data: Bytes::new(),
+            reconnect: true,
+            reconnect_delay: Duration::from_millis(100),
+            max_reconnect_delay: Duration::from_secs(5),
+            attempts: 0,
+            response_timeout: Duration::from_secs(10),
+            transport: transport::Config::default(),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// A config for these URLs.
+    pub fn new<S: Into<String>>(urls: impl IntoIterator<Item = S>) -> Self {
+        ClientConfig {
+            urls: urls.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A group message received by a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The group it was delivered for.
+    pub group: String,
+    /// The publishing client's id (empty when a server published).
+    pub from: String,
+    /// Payload.
+    pub data: Bytes,
+}
+
+/// The stream of group messages of a client.
+#[derive(Debug)]
+pub struct Deliveries {
+    rx: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl Deliveries {
+    /// The next delivery; `None` once the client is closed.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    /// A delivery that has already arrived, without waiting.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// What [`Client::info`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientStatus {
+    /// Client id.
+    pub id: String,
+    /// The URL of the current connection, if connected.
+    pub connected_to: Option<String>,
+    /// Configured URLs.
+    pub urls: Vec<String>,
+    /// Subscribed groups.
+    pub groups: Vec<String>,
+}
+
+struct State {
+    urls: Vec<String>,
+    next: usize,
+    groups: BTreeSet<String>,
+    peer: Option<Peer>,
+    connected_to: Option<String>,
+}
+
+struct Inner {
+    id: String,
+    config: ClientConfig,
+    router: Router,
+    state: Mutex<State>,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    deliveries_rx: Mutex<Option<mpsc::UnboundedReceiver<Delivery>>>,
+    connected: watch::Sender<u64>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A client of a mesh. Cheap to clone; [`Client::close`] stops it.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts a client and waits for its first connection (or for its
+    /// attempts to run out).
+    pub async fn connect(config: ClientConfig) -> Result<Client, MeshError> {
+        let c = Client::start(config)?;
+        let mut rx = c.inner.connected.subscribe();
+        let mut stop = c.inner.shutdown.subscribe();
+        loop {
+            if *rx.borrow_and_update() > 0 {
+                return Ok(c);
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Err(MeshError::Disconnected) },
+                _ = stop.changed() => return Err(MeshError::Disconnected),
+            }
+        }
+    }
+
+    /// Starts a client in the background without waiting for a connection.
+    pub fn start(config: ClientConfig) -> Result<Client, MeshError> {
+        if config.urls.is_empty() {
+            return Err(MeshError::Config("no server url".into()));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (connected, _) = watch::channel(0);
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            id: config.id.clone().unwrap_or_else(|| random_id("client")),
+            state: Mutex::new(State {
+                urls: config.urls.clone(),
+                next: 0,
+                groups: BTreeSet::new(),
+                peer: None,
+                connected_to: None,
+            }),
+            config,
+            router: Router::default(),
+            deliveries: tx,
+            deliveries_rx: Mutex::new(Some(rx)),
+            connected,
+            shutdown,
+        });
+        let c = Client { inner };
+        tokio::spawn(run(c.clone()));
+        Ok(c)
+    }
+
+    /// The client id.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The stream of group messages (can be taken once).
+    pub fn deliveries(&self) -> Option<Deliveries> {
+        lock(&self.inner.deliveries_rx)
+            .take()
+            .map(|rx| Deliveries { rx })
+    }
+
+    /// The router: middlewares and handlers for messages from the server.
+    pub fn router(&self) -> &Router {
+        &self.inner.router
+    }
+
+    /// Adds a middleware (see [`Router::use_middleware`]).
+    pub fn use_middleware<F, Fut>(&self, f: F)
+    where
+        F: Fn(Ctx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Flow, RouteError>> + Send + 'static,
+    {
+        self.inner.router.use_middleware(f)
+    }
+
+    /// Sets a route handler (see [`Router::route`]).
+    pub fn route<F, Fut>(&self, route: &str, act: &str, f: F)
+    where
+        F: Fn(Ctx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, RouteError>> + Send + 'static,
+    {
+        self.inner.router.route(route, act, f)
+    }
+
+    fn peer(&self) -> Result<Peer, MeshError> {
+        lock(&self.inner.state)
+            .peer
+            .clone()
+            .ok_or(MeshError::Disconnected)
+    }
+
+    /// Sends a routed message (no reply).
+    pub fn send(&self, route: &str, act: &str, data: impl Into<Bytes>) -> Result<(), MeshError> {
+        self.peer()?.send(route, act, data)
+    }
+
+    /// Sends a routed request and waits for the response (errors on timeout).
+    pub async fn request(
+        &self,
+        route: &str,
+        act: &str,
+        data: impl Into<Bytes>,
+    ) -> Result<Bytes, MeshError> {
+        self.peer()?.request(route, act, data).await
+    }
+
+    /// Joins groups (remembered and restored after reconnect).
+    pub fn subscribe(&self, groups: &[&str]) -> Result<(), MeshError> {
+        let peer = {
+            let mut st = lock(&self.inner.state);
+            for g in groups {
+                st.groups.insert(g.to_string());
+            }
+            st.peer.clone()
+        };
+        if let Some(p) = peer {
+            let f = Frame::new(Body::Subscribe(proto::Subscribe {
+                groups: groups.iter().map(|s| s.to_string()).collect(),
+            }));
+            p.sender()
+                .send(&f)
+                .map_err(|e| MeshError::Send(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Leaves groups.
+    pub fn unsubscribe(&self, groups: &[&str]) -> Result<(), MeshError> {
+        let peer = {
+            let mut st = lock(&self.inner.state);
+            for g in groups {
+                st.groups.remove(*g);
+            }
+            st.peer.clone()
+        };
+        if let Some(p) = peer {
+            let f = Frame::new(Body::Unsubscribe(proto::Unsubscribe {
+                groups: groups.iter().map(|s| s.to_string()).collect(),
+            }));
+            p.sender()
+                .send(&f)
+                .map_err(|e| MeshError::Send(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The groups this client is in.
+    pub fn my_groups(&self) -> Vec<String> {
+        lock(&self.inner.state).groups.iter().cloned().collect()
+    }
+
+    /// Publishes to groups (or all groups) on every clone; `not_to_me`
+    /// excludes this client.
+    pub fn publish(
+        &self,
+        groups: Groups,
+        data: impl Into<Bytes>,
+        not_to_me: bool,
+    ) -> Result<(), MeshError> {
+        let (groups, all) = match groups {
+            Groups::All => (Vec::new(), true),
+            Groups::Some(g) => (g, false),
+        };
+        let f = Frame::new(Body::Publish(proto::Publish {
+            groups,
+            all,
+            not_to_me,
+            data: data.into(),
+        }));
+        self.peer()?
+            .sender()
+            .send(&f)
+            .map_err(|e| MeshError::Send(e.to_string()))
+    }
+
+    /// Publishes, waiting for room in the connection's queue (backpressure).
+    pub async fn publish_wait(
+        &self,
+        groups: Groups,
+        data: impl Into<Bytes>,
+        not_to_me: bool,
+    ) -> Result<(), MeshError> {
+        let (groups, all) = match groups {
+            Groups::All => (Vec::new(), true),
+            Groups::Some(g) => (g, false),
+        };
+        let f = Frame::new(Body::Publish(proto::Publish {
+            groups,
+            all,
+            not_to_me,
+            data: data.into(),
+        }));
+        self.peer()?
+            .sender()
+            .send_wait(&f)
+            .await
+            .map_err(|e| MeshError::Send(e.to_string()))
+    }
+
+    /// Adds a server URL to the rotation.
+    pub fn add_url(&self, url: &str) {
+        let mut st = lock(&self.inner.state);
+        if !st.urls.iter().any(|u| u == url) {
+            st.urls.push(url.to_string());
+        }
+    }
+
+    /// Removes a server URL from the rotation (the current connection stays).
+    pub fn delete_url(&self, url: &str) {
+        lock(&self.inner.state).urls.retain(|u| u != url);
+    }
+
+    /// Drops the current connection and moves to the next URL.
+    pub fn next_url(&self) {
+        if let Some(p) = lock(&self.inner.state).peer.clone() {
+            p.sender().close(CloseCode::Normal, "next url");
+        }
+    }
+
+    /// Id, current URL, URLs and groups.
+    pub fn info(&self) -> ClientStatus {
+        let st = lock(&self.inner.state);
+        ClientStatus {
+            id: self.inner.id.clone(),
+            connected_to: st.connected_to.clone(),
+            urls: st.urls.clone(),
+            groups: st.groups.iter().cloned().collect(),
+        }
+    }
+
+    /// Whether the client is connected now.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.inner.state).peer.is_some()
+    }
+
+    /// Waits until the client has connected more than `count` times in
+    /// total (for example after a reconnect), at most `timeout`.
+    pub async fn wait_connections(&self, count: u64, timeout: Duration) -> bool {
+        let mut rx = self.inner.connected.subscribe();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if *rx.borrow_and_update() > count && self.is_connected() {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Number of connections made so far.
+    pub fn connections(&self) -> u64 {
+        *self.inner.connected.borrow()
+    }
+
+    /// Closes the connection and stops reconnecting.
+    pub fn close(&self) {
+        let _ = self.inner.shutdown.send(true);
+        if let Some(p) = lock(&self.inner.state).peer.take() {
+            p.sender().close(CloseCode::Normal, "client closed");
+        }
+    }
+}
+
+async fn handshake(c: &Client, url: &str) -> Result<(Peer, transport::Receiver), MeshError> {
+    let cfg = &c.inner.config;
+    let conn = tokio::time::timeout(
+        cfg.response_timeout,
+        transport::connect(url, &cfg.transport),
+    )
+    .await
+    .map_err(|_| MeshError::Timeout)?
+    .map_err(|e| MeshError::Transport(e.to_string()))?;
+    let (sender, mut rx) = conn.split();
+    let hello = Frame::new(Body::Hello(proto::Hello {
+        version: proto::PROTOCOL_VERSION,
+        kind: PeerKind::Client as i32,
+        id: c.inner.id.clone(),
+        url: String::new(),
+        incarnation: 0,
+        auth: Bytes::new(),
+        data: cfg.data.clone(),
+        login: String::new(),
+        password: String::new(),
+    }));
+    sender
+        .send(&hello)
+        .map_err(|e| MeshError::Send(e.to_string()))?;
+    let f = tokio::time::timeout(cfg.response_timeout, rx.recv())
+        .await
+        .map_err(|_| MeshError::Timeout)?
+        .map_err(|e| MeshError::Handshake(e.to_string()))?;
+    let Some(Body::Welcome(w)) = f.body else {
+        return Err(MeshError::Handshake(format!(
+            "expected welcome, got {}",
+            f.kind()
+        )));
+    };
+    let key = sender.id();
+    Ok((
+        Peer::new(sender, key, w.id, w.data, cfg.response_timeout),
+        rx,
+    ))
+}
+
+async fn run(c: Client) {
+    let mut stop = c.inner.shutdown.subscribe();
+    let mut failures: u32 = 0;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let url = {
+            let mut st = lock(&c.inner.state);
+            if st.urls.is_empty() {
+                None
+            } else {
+                let i = st.next % st.urls.len();
+                st.next = i + 1;
+                Some(st.urls[i].clone())
+            }
+        };
+        let mut connected = false;
+        if let Some(url) = url {
+            let attempt = tokio::select! {
+                r = handshake(&c, &url) => r,
+                _ = stop.changed() => break,
+            };
+            if let Ok((peer, rx)) = attempt {
+                connected = true;
+                failures = 0;
+                {
+                    let mut st = lock(&c.inner.state);
+                    st.peer = Some(peer.clone());
+                    st.connected_to = Some(url.clone());
+                    let groups: Vec<String> = st.groups.iter().cloned().collect();
+                    if !groups.is_empty() {
+                        let _ = peer
+                            .sender()
+                            .send(&Frame::new(Body::Subscribe(proto::Subscribe { groups })));
+                    }
+                }
+                c.inner.connected.send_modify(|n| *n += 1);
+                tokio::select! {
+                    _ = read_loop(&c, &peer, rx) => {}
+                    _ = stop.changed() => {}
+                }
+                peer.fail_all();
+                let mut st = lock(&c.inner.state);
+                st.peer = None;
+                st.connected_to = None;
+            }
+        }
+        if *stop.borrow() || !c.inner.config.reconnect {
+            break;
+        }
+        if !connected {
+            failures += 1;
+            if c.inner.config.attempts > 0 && failures >= c.inner.config.attempts {
+                break;
+            }
+        }
+        let cfg = &c.inner.config;
+        let exp = cfg.reconnect_delay.saturating_mul(1u32 << failures.min(10));
+        let d = exp.min(cfg.max_reconnect_delay);
+        let jittered = d.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        tokio::select! {
+            _ = tokio::time::sleep(jittered) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    let _ = c.inner.shutdown.send(true);
+}
+
+async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver) {
+    while let Ok(f) = rx.recv().await {
+        match f.body {
+            Some(Body::Deliver(d)) => {
+                let _ = c.inner.deliveries.send(Delivery {
+                    group: d.group,
+                    from: d.from,
+                    data: d.data,
+                });
+            }
+            Some(Body::Response(r)) => peer.resolve(r),
+            Some(b @ (Body::Request(_) | Body::Send(_))) => {
+                handle_routed(&c.inner.router, peer, None, b).await;
+            }
+            _ => {}
+        }
+    }
+}

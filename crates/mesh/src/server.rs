@@ -1,0 +1,1158 @@
+//! The clone runtime: listeners, clone links, client connections, one task
+//! that owns the sans-IO [`Core`](crate::core::Core).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use proto::{frame::Body, CloseCode, Frame, PeerKind};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::core::{
+    Action, CloneFrame, CloneInfo, ConnKey, Core, CoreConfig, CoreEvent, GroupInfo, LinkId,
+    PeerInfo,
+};
+use crate::error::MeshError;
+use crate::router::{handle_routed, Flow, Peer, Router};
+use crate::wire;
+
+/// Decides whether a dialing clone may join, from the auth value it presents
+/// and what it says about itself (sync or async; see [`ServerConfig::auth_in`]).
+pub type AuthIn = Arc<dyn Fn(Bytes, PeerInfo) -> BoxFuture<'static, bool> + Send + Sync>;
+
+/// Gives the auth value to present to a clone being dialed (sync or async;
+/// see [`ServerConfig::auth_out`]).
+pub type AuthOut = Arc<dyn Fn(CloneTarget) -> BoxFuture<'static, Bytes> + Send + Sync>;
+
+/// The clone being dialed, as given to [`AuthOut`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneTarget {
+    /// Its id.
+    pub id: String,
+    /// The url dialed.
+    pub url: String,
+}
+
+/// Server configuration.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Clone id; generated when `None`.
+    pub id: Option<String>,
+    /// URLs to listen on (`tcp://127.0.0.1:0`, `unix:///...`, `ws://...`).
+    pub listen: Vec<String>,
+    /// The url announced to other clones; defaults to the first listener's actual url.
+    pub url: Option<String>,
+    /// User data sent in handshakes.
+    pub data: Bytes,
+    /// Checks dialing clones; `None` accepts every clone (as jrf-ws-3 does).
+    pub auth_in: Option<AuthIn>,
+    /// Auth value for outgoing clone links; `None` sends an empty value.
+    pub auth_out: Option<AuthOut>,
+    /// Anti-entropy period (default 2 s).
+    pub gossip_interval: Duration,
+    /// How long an unreachable learned clone is kept as down (default 30 s).
+    pub forget_after: Duration,
+    /// Timeout of requests to clients (default 10 s).
+    pub response_timeout: Duration,
+    /// Time a new connection has to say `Hello` (default 10 s).
+    pub hello_timeout: Duration,
+    /// Transport settings for listeners and dials.
+    pub transport: transport::Config,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("id", &self.id)
+            .field("listen", &self.listen)
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            id: None,
+            listen: Vec::new(),
+            url: None,
+            data: Bytes::new(),
+            auth_in: None,
+            auth_out: None,
+            gossip_interval: Duration::from_secs(2),
+            forget_after: Duration::from_secs(30),
+            response_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            transport: transport::Config::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// A config with this id listening on `listen`.
+    pub fn new(id: impl Into<String>, listen: impl Into<String>) -> Self {
+        ServerConfig {
+            id: Some(id.into()),
+            listen: vec![listen.into()],
+            ..Default::default()
+        }
+    }
+
+    /// Sets a synchronous `auth_in`.
+    pub fn auth_in(mut self, f: impl Fn(&[u8]) -> bool + Send + Sync + 'static) -> Self {
+        self.auth_in = Some(Arc::new(move |v: Bytes, _| {
+            let ok = f(&v);
+            Box::pin(async move { ok })
+        }));
+        self
+    }
+
+    /// Sets an asynchronous `auth_in`.
+    pub fn auth_in_async<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(Bytes, PeerInfo) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
+        self.auth_in = Some(Arc::new(move |v, p| Box::pin(f(v, p))));
+        self
+    }
+
+    /// Sets a synchronous `auth_out`.
+    pub fn auth_out(mut self, f: impl Fn(&CloneTarget) -> Bytes + Send + Sync + 'static) -> Self {
+        self.auth_out = Some(auth_out_sync(f));
+        self
+    }
+}
+
+/// Wraps a synchronous function as an [`AuthOut`].
+pub fn auth_out_sync(f: impl Fn(&CloneTarget) -> Bytes + Send + Sync + 'static) -> AuthOut {
+    Arc::new(move |t: CloneTarget| {
+        let v = f(&t);
+        Box::pin(async move { v })
+    })
+}
+
+/// Wraps an asynchronous function as an [`AuthOut`].
+pub fn auth_out_async<F, Fut>(f: F) -> AuthOut
+where
+    F: Fn(CloneTarget) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Bytes> + Send + 'static,
+{
+    Arc::new(move |t| Box::pin(f(t)))
+}
+
+/// Something that happened on a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerEvent {
+    /// The server started (listening).
+    Start,
+    /// The server stopped.
+    Stop,
+    /// A client connected.
+    Connection {
+        /// Its key.
+        key: u64,
+        /// Its id.
+        id: String,
+    },
+    /// A client's connection closed.
+    ClientClosed {
+        /// Its key.
+        key: u64,
+        /// Its id.
+        id: String,
+    },
+    /// A clone link was established.
+    CloneLinked(String),
+    /// A clone link closed.
+    Close(String),
+    /// A dialing clone passed `auth_in`.
+    Auth(String),
+    /// A dialing clone failed `auth_in` (its link was closed).
+    AuthError {
+        /// The id it claimed.
+        id: String,
+        /// Its address.
+        addr: String,
+    },
+    /// A connection broke the protocol, sent garbage, or something failed.
+    Error(String),
+    /// A message for a route/act without handler.
+    NoRoute {
+        /// Route.
+        route: String,
+        /// Act.
+        act: String,
+    },
+    /// Membership and group changes from the core.
+    Mesh(CoreEvent),
+}
+
+/// A local client, for introspection.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// Key.
+    pub key: u64,
+    /// Announced id.
+    pub id: String,
+    /// Announced data.
+    pub data: Bytes,
+    /// Address.
+    pub addr: String,
+    /// Groups.
+    pub groups: Vec<String>,
+}
+
+/// Where a publish goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Groups {
+    /// One or several groups.
+    Some(Vec<String>),
+    /// Every group.
+    All,
+}
+
+impl Groups {
+    /// One group.
+    pub fn one(g: impl Into<String>) -> Self {
+        Groups::Some(vec![g.into()])
+    }
+}
+
+enum Query {
+    Clones(oneshot::Sender<Vec<CloneInfo>>),
+    Groups(oneshot::Sender<Vec<GroupInfo>>),
+    Clients(oneshot::Sender<Vec<ClientInfo>>),
+    ClientGroups(u64, oneshot::Sender<Vec<String>>),
+}
+
+enum Cmd {
+    Accept {
+        info: PeerInfo,
+        sender: transport::Sender,
+        reply: oneshot::Sender<Option<LinkId>>,
+    },
+    DialDone {
+        link: LinkId,
+        result: Result<(PeerInfo, transport::Connection), String>,
+    },
+    LinkFrames(LinkId, Vec<CloneFrame>),
+    LinkDown(LinkId),
+    ClientUp(Peer),
+    ClientDown(u64),
+    Subscribe(u64, Vec<String>),
+    Unsubscribe(u64, Vec<String>),
+    Publish {
+        from: Option<u64>,
+        groups: Groups,
+        not_to_me: bool,
+        data: Bytes,
+    },
+    CreateGroup(String, Bytes),
+    DeleteGroup(String),
+    AddClone {
+        id: String,
+        url: String,
+        auth_out: Option<AuthOut>,
+        reply: oneshot::Sender<Result<(), MeshError>>,
+    },
+    DeleteClone(String, oneshot::Sender<bool>),
+    UpdateAuthOut(Option<AuthOut>),
+    Query(Query),
+    Stop(oneshot::Sender<()>),
+}
+
+struct Shared {
+    id: String,
+    url: String,
+    incarnation: u64,
+    data: Bytes,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    events: broadcast::Sender<ServerEvent>,
+    router: Router,
+    shutdown: watch::Sender<bool>,
+    auth_in: Option<AuthIn>,
+    hello_timeout: Duration,
+    response_timeout: Duration,
+    transport: transport::Config,
+    listen_urls: Vec<String>,
+}
+
+/// A running clone. Cheap to clone; [`Server::stop`] stops it.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("id", &self.shared.id)
+            .finish_non_exhaustive()
+    }
+}
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn random_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// Events of a server, in order. Slow readers miss events (they get
+/// `Lagged` counts in the log, not an error).
+#[derive(Debug)]
+pub struct Events {
+    rx: broadcast::Receiver<ServerEvent>,
+}
+
+impl Events {
+    /// The next event; `None` once the server is gone.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn recv(&mut self) -> Option<ServerEvent> {
+        loop {
+            match self.rx.recv().await {
+                Ok(e) => return Some(e),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// Waits for the first event matching `f` (at most `timeout`).
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        mut f: impl FnMut(&ServerEvent) -> bool,
+    ) -> Option<ServerEvent> {
+        tokio::time::timeout(timeout, async {
+            while let Some(e) = self.recv().await {
+                if f(&e) {
+                    return Some(e);
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+impl Server {
+    /// Binds the listeners and starts the clone.
+    pub async fn start(config: ServerConfig) -> Result<Server, MeshError> {
+        let id = config.id.clone().unwrap_or_else(|| random_id("clone"));
+        let mut listeners = Vec::new();
+        for u in &config.listen {
+            let l = transport::listen(u, &config.transport)
+                .await
+                .map_err(|e| MeshError::Transport(format!("{u}: {e}")))?;
+            listeners.push(Arc::new(l));
+        }
+        let listen_urls: Vec<String> = listeners.iter().map(|l| l.local_url()).collect();
+        let url = config
+            .url
+            .clone()
+            .or_else(|| listen_urls.first().cloned())
+            .unwrap_or_default();
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
+            .max(1);
+        let mut ccfg = CoreConfig::new(id.clone(), url.clone(), incarnation);
+        ccfg.gossip_interval = config.gossip_interval;
+        ccfg.forget_after = config.forget_after;
+        ccfg.seed = rand::random();
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            id: id.clone(),
+            url,
+            incarnation,
+            data: config.data.clone(),
+            cmd: cmd_tx,
+            events,
+            router: Router::default(),
+            shutdown,
+            auth_in: config.auth_in.clone(),
+            hello_timeout: config.hello_timeout,
+            response_timeout: config.response_timeout,
+            transport: config.transport.clone(),
+            listen_urls,
+        });
+        let server = Server { shared };
+        let epoch = Instant::now();
+        let core = Core::new(ccfg, Duration::ZERO);
+        let task = CoreTask {
+            core,
+            epoch,
+            server: server.clone(),
+            links: HashMap::new(),
+            link_peers: HashMap::new(),
+            clients: HashMap::new(),
+            auth_out: config.auth_out.clone(),
+            clone_auth: HashMap::new(),
+            stopping: None,
+        };
+        tokio::spawn(task.run(cmd_rx));
+        for l in listeners {
+            let s = server.clone();
+            tokio::spawn(accept_loop(s, l));
+        }
+        let _ = server.shared.events.send(ServerEvent::Start);
+        Ok(server)
+    }
+
+    /// This clone's id.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The url announced to other clones.
+    pub fn url(&self) -> &str {
+        &self.shared.url
+    }
+
+    /// The actual urls of the listeners (ports filled in).
+    pub fn listen_urls(&self) -> &[String] {
+        &self.shared.listen_urls
+    }
+
+    /// This clone's incarnation (microseconds since the epoch at start).
+    pub fn incarnation(&self) -> u64 {
+        self.shared.incarnation
+    }
+
+    /// A stream of events from now on.
+    pub fn events(&self) -> Events {
+        Events {
+            rx: self.shared.events.subscribe(),
+        }
+    }
+
+    /// The router: add middlewares and route handlers.
+    pub fn router(&self) -> &Router {
+        &self.shared.router
+    }
+
+    /// Adds a middleware (see [`Router::use_middleware`]).
+    pub fn use_middleware<F, Fut>(&self, f: F)
+    where
+        F: Fn(crate::Ctx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Flow, crate::RouteError>> + Send + 'static,
+    {
+        self.shared.router.use_middleware(f)
+    }
+
+    /// Sets a route handler (see [`Router::route`]).
+    pub fn route<F, Fut>(&self, route: &str, act: &str, f: F)
+    where
+        F: Fn(crate::Ctx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, crate::RouteError>> + Send + 'static,
+    {
+        self.shared.router.route(route, act, f)
+    }
+
+    fn cmd(&self, c: Cmd) -> Result<(), MeshError> {
+        self.shared.cmd.send(c).map_err(|_| MeshError::Stopped)
+    }
+
+    async fn ask<T>(&self, f: impl FnOnce(oneshot::Sender<T>) -> Query) -> Result<T, MeshError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd(Cmd::Query(f(tx)))?;
+        rx.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Adds a clone (dials it and tells it every clone we know). Adding
+    /// yourself is an error; adding a known id with a new url updates it.
+    /// `auth_out` overrides the server's function for this clone.
+    pub async fn add_clone(
+        &self,
+        id: &str,
+        url: &str,
+        auth_out: Option<AuthOut>,
+    ) -> Result<(), MeshError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd(Cmd::AddClone {
+            id: id.to_string(),
+            url: url.to_string(),
+            auth_out,
+            reply,
+        })?;
+        rx.await.map_err(|_| MeshError::Stopped)?
+    }
+
+    /// Deletes a clone: drops its link and stops dialing it. This incarnation
+    /// of it stays refused (gossip about it is ignored) until it is added
+    /// again or restarts; see the crate docs.
+    pub async fn delete_clone(&self, id: &str) -> Result<bool, MeshError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd(Cmd::DeleteClone(id.to_string(), tx))?;
+        rx.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Closes every clone link, swaps `auth_out` and dials again.
+    pub fn update_auth_out(&self, f: Option<AuthOut>) -> Result<(), MeshError> {
+        self.cmd(Cmd::UpdateAuthOut(f))
+    }
+
+    /// Creates a group with user data (it persists until deleted).
+    pub fn create_group(&self, name: &str, data: impl Into<Bytes>) -> Result<(), MeshError> {
+        self.cmd(Cmd::CreateGroup(name.to_string(), data.into()))
+    }
+
+    /// Deletes a group here and on every clone (once).
+    pub fn delete_group(&self, name: &str) -> Result<(), MeshError> {
+        self.cmd(Cmd::DeleteGroup(name.to_string()))
+    }
+
+    /// Adds a local client to groups.
+    pub fn subscribe(&self, client: u64, groups: &[&str]) -> Result<(), MeshError> {
+        self.cmd(Cmd::Subscribe(
+            client,
+            groups.iter().map(|s| s.to_string()).collect(),
+        ))
+    }
+
+    /// Removes a local client from groups.
+    pub fn unsubscribe(&self, client: u64, groups: &[&str]) -> Result<(), MeshError> {
+        self.cmd(Cmd::Unsubscribe(
+            client,
+            groups.iter().map(|s| s.to_string()).collect(),
+        ))
+    }
+
+    /// Publishes to groups on every clone. `not_to` excludes one local client
+    /// (by key) from the delivery, everywhere.
+    pub fn publish(
+        &self,
+        groups: Groups,
+        data: impl Into<Bytes>,
+        not_to: Option<u64>,
+    ) -> Result<(), MeshError> {
+        self.cmd(Cmd::Publish {
+            from: not_to,
+            groups,
+            not_to_me: not_to.is_some(),
+            data: data.into(),
+        })
+    }
+
+    /// Known clones.
+    pub async fn clones(&self) -> Result<Vec<CloneInfo>, MeshError> {
+        self.ask(Query::Clones).await
+    }
+
+    /// Local groups with subscriber counts.
+    pub async fn groups(&self) -> Result<Vec<GroupInfo>, MeshError> {
+        self.ask(Query::Groups).await
+    }
+
+    /// Local clients.
+    pub async fn clients(&self) -> Result<Vec<ClientInfo>, MeshError> {
+        self.ask(Query::Clients).await
+    }
+
+    /// The groups of a local client.
+    pub async fn client_groups(&self, client: u64) -> Result<Vec<String>, MeshError> {
+        self.ask(|tx| Query::ClientGroups(client, tx)).await
+    }
+
+    /// Graceful stop: other clones are told this clone is gone, clients and
+    /// links are closed, listeners stop.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd(Cmd::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.shared.shutdown.send(true);
+    }
+
+    fn event(&self, e: ServerEvent) {
+        let _ = self.shared.events.send(e);
+    }
+}
+
+async fn accept_loop(server: Server, listener: Arc<transport::Listener>) {
+    let mut stop = server.shared.shutdown.subscribe();
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = stop.changed() => return,
+        };
+        match conn {
+            Ok(c) => {
+                tokio::spawn(serve_conn(server.clone(), c));
+            }
+            Err(e) => {
+                server.event(ServerEvent::Error(format!("accept: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+fn protocol_error(server: &Server, sender: &transport::Sender, why: String) {
+    sender.close(CloseCode::ProtocolError, &why);
+    server.event(ServerEvent::Error(why));
+}
+
+fn welcome(shared: &Shared) -> Frame {
+    Frame::new(Body::Welcome(proto::Welcome {
+        version: proto::PROTOCOL_VERSION,
+        id: shared.id.clone(),
+        url: shared.url.clone(),
+        incarnation: shared.incarnation,
+        data: shared.data.clone(),
+    }))
+}
+
+/// One accepted connection: handshake, then a clone link or a client.
+async fn serve_conn(server: Server, conn: transport::Connection) {
+    let (sender, mut rx) = conn.split();
+    let addr = format!("{:?}", sender.peer_addr());
+    let first = tokio::time::timeout(server.shared.hello_timeout, rx.recv()).await;
+    let hello = match first {
+        Ok(Ok(Frame {
+            body: Some(Body::Hello(h)),
+        })) => h,
+        Ok(Ok(f)) => {
+            return protocol_error(
+                &server,
+                &sender,
+                format!("{addr}: expected hello, got {}", f.kind()),
+            );
+        }
+        Ok(Err(e)) => {
+            server.event(ServerEvent::Error(format!("{addr}: {e}")));
+            return;
+        }
+        Err(_) => {
+            sender.close(CloseCode::Timeout, "no hello");
+            server.event(ServerEvent::Error(format!("{addr}: no hello in time")));
+            return;
+        }
+    };
+    if hello.version != proto::PROTOCOL_VERSION {
+        sender.close(CloseCode::UnsupportedVersion, "unsupported version");
+        server.event(ServerEvent::Error(format!(
+            "{addr}: version {}",
+            hello.version
+        )));
+        return;
+    }
+    if hello.kind == PeerKind::Clone as i32 {
+        serve_clone(server, sender, rx, hello, addr).await
+    } else {
+        serve_client(server, sender, rx, hello).await
+    }
+}
+
+async fn serve_clone(
+    server: Server,
+    sender: transport::Sender,
+    rx: transport::Receiver,
+    hello: proto::Hello,
+    addr: String,
+) {
+    let info = PeerInfo {
+        id: hello.id.clone(),
+        url: hello.url.clone(),
+        incarnation: hello.incarnation,
+    };
+    if let Some(auth) = &server.shared.auth_in {
+        let ok = tokio::time::timeout(
+            server.shared.hello_timeout,
+            auth(hello.auth.clone(), info.clone()),
+        )
+        .await
+        .unwrap_or(false);
+        if !ok {
+            sender.close(CloseCode::AuthFailed, "auth failed");
+            server.event(ServerEvent::AuthError {
+                id: hello.id.clone(),
+                addr,
+            });
+            return;
+        }
+    }
+    server.event(ServerEvent::Auth(hello.id.clone()));
+    let (reply, answer) = oneshot::channel();
+    if server
+        .cmd(Cmd::Accept {
+            info,
+            sender: sender.clone(),
+            reply,
+        })
+        .is_err()
+    {
+        sender.close(CloseCode::GoingAway, "stopping");
+        return;
+    }
+    match answer.await {
+        Ok(Some(link)) => link_reader(server, link, rx).await,
+        _ => sender.close(CloseCode::Normal, "link refused"),
+    }
+}
+
+/// Reads an established clone link and feeds the core task in batches.
+async fn link_reader(server: Server, link: LinkId, mut rx: transport::Receiver) {
+    loop {
+        let first = match rx.recv().await {
+            Ok(f) => f,
+            Err(_) => break,
+        };
+        let mut batch = Vec::with_capacity(8);
+        let mut bad = None;
+        let mut ended = false;
+        let more = std::iter::from_fn(|| match rx.try_recv() {
+            Some(Ok(f)) => Some(f),
+            Some(Err(_)) => {
+                ended = true;
+                None
+            }
+            None => None,
+        });
+        for f in std::iter::once(first).chain(more.take(255)) {
+            match f.body.map(wire::decode_clone) {
+                Some(Ok(cf)) => batch.push(cf),
+                Some(Err(other)) => {
+                    bad = Some(other);
+                    break;
+                }
+                None => {
+                    bad = Some("empty");
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() && server.cmd(Cmd::LinkFrames(link, batch)).is_err() {
+            break;
+        }
+        if let Some(kind) = bad {
+            server.event(ServerEvent::Error(format!(
+                "clone link {link}: unexpected {kind} frame"
+            )));
+            break;
+        }
+        if ended {
+            break;
+        }
+    }
+    let _ = server.cmd(Cmd::LinkDown(link));
+}
+
+async fn serve_client(
+    server: Server,
+    sender: transport::Sender,
+    mut rx: transport::Receiver,
+    hello: proto::Hello,
+) {
+    let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+    let id = if hello.id.is_empty() {
+        random_id("client")
+    } else {
+        hello.id.clone()
+    };
+    let peer = Peer::new(
+        sender.clone(),
+        key,
+        id.clone(),
+        hello.data.clone(),
+        server.shared.response_timeout,
+    );
+    if sender.send(&welcome(&server.shared)).is_err() {
+        return;
+    }
+    if server.cmd(Cmd::ClientUp(peer.clone())).is_err() {
+        return;
+    }
+    server.event(ServerEvent::Connection {
+        key,
+        id: id.clone(),
+    });
+    loop {
+        let f = match rx.recv().await {
+            Ok(f) => f,
+            Err(e) => {
+                if !matches!(
+                    e,
+                    transport::RecvError::Closed { .. } | transport::RecvError::Eof
+                ) {
+                    server.event(ServerEvent::Error(format!("client {id}: {e}")));
+                }
+                break;
+            }
+        };
+        let Some(body) = f.body else {
+            protocol_error(&server, &sender, format!("client {id}: empty frame"));
+            break;
+        };
+        if wire::is_clone_level(&body) {
+            let kind = Frame::new(body).kind();
+            protocol_error(
+                &server,
+                &sender,
+                format!("client {id}: {kind} is for clone links only"),
+            );
+            break;
+        }
+        let ok = match body {
+            Body::Subscribe(s) => server.cmd(Cmd::Subscribe(key, s.groups)).is_ok(),
+            Body::Unsubscribe(s) => server.cmd(Cmd::Unsubscribe(key, s.groups)).is_ok(),
+            Body::Publish(p) => server
+                .cmd(Cmd::Publish {
+                    from: Some(key),
+                    groups: if p.all {
+                        Groups::All
+                    } else {
+                        Groups::Some(p.groups)
+                    },
+                    not_to_me: p.not_to_me,
+                    data: p.data,
+                })
+                .is_ok(),
+            Body::Response(r) => {
+                peer.resolve(r);
+                true
+            }
+            b @ (Body::Request(_) | Body::Send(_)) => {
+                let (route, act) = match &b {
+                    Body::Request(r) => (r.route.clone(), r.act.clone()),
+                    Body::Send(s) => (s.route.clone(), s.act.clone()),
+                    _ => (String::new(), String::new()),
+                };
+                if handle_routed(&server.shared.router, &peer, Some(server.clone()), b).await {
+                    server.event(ServerEvent::NoRoute { route, act });
+                }
+                true
+            }
+            Body::Hello(_) | Body::Welcome(_) => {
+                protocol_error(&server, &sender, format!("client {id}: second handshake"));
+                false
+            }
+            _ => true, // store frames and others are not the mesh's business
+        };
+        if !ok {
+            break;
+        }
+    }
+    peer.fail_all();
+    let _ = server.cmd(Cmd::ClientDown(key));
+    server.event(ServerEvent::ClientClosed { key, id });
+}
+
+/// Dials a clone: connect, hello with the auth value, wait for welcome.
+async fn dial(
+    server: Server,
+    link: LinkId,
+    peer: String,
+    url: String,
+    auth_out: Option<AuthOut>,
+    incarnation: u64,
+) {
+    let result = async {
+        let mut conn = tokio::time::timeout(
+            server.shared.hello_timeout,
+            transport::connect(&url, &server.shared.transport),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+        let auth = match auth_out {
+            Some(f) => {
+                f(CloneTarget {
+                    id: peer.clone(),
+                    url: url.clone(),
+                })
+                .await
+            }
+            None => Bytes::new(),
+        };
+        let hello = Frame::new(Body::Hello(proto::Hello {
+            version: proto::PROTOCOL_VERSION,
+            kind: PeerKind::Clone as i32,
+            id: server.shared.id.clone(),
+            url: server.shared.url.clone(),
+            incarnation,
+            auth,
+            data: server.shared.data.clone(),
+            login: String::new(),
+            password: String::new(),
+        }));
+        conn.send(&hello).map_err(|e| e.to_string())?;
+        let f = tokio::time::timeout(server.shared.hello_timeout, conn.recv())
+            .await
+            .map_err(|_| "no welcome in time".to_string())?
+            .map_err(|e| e.to_string())?;
+        match f.body {
+            Some(Body::Welcome(w)) => Ok((
+                PeerInfo {
+                    id: w.id,
+                    url: w.url,
+                    incarnation: w.incarnation,
+                },
+                conn,
+            )),
+            _ => Err(format!("expected welcome, got {}", f.kind())),
+        }
+    }
+    .await;
+    let _ = server.cmd(Cmd::DialDone { link, result });
+}
+
+struct CoreTask {
+    core: Core,
+    epoch: Instant,
+    server: Server,
+    links: HashMap<LinkId, transport::Sender>,
+    link_peers: HashMap<LinkId, String>,
+    clients: HashMap<ConnKey, Peer>,
+    auth_out: Option<AuthOut>,
+    clone_auth: HashMap<String, AuthOut>,
+    stopping: Option<oneshot::Sender<()>>,
+}
+
+impl CoreTask {
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        loop {
+            let deadline = self.epoch + self.core.next_deadline();
+            let cmd = tokio::select! {
+                c = rx.recv() => c,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = self.now();
+                    self.core.tick(now);
+                    self.drain();
+                    continue;
+                }
+            };
+            let Some(cmd) = cmd else { break };
+            self.handle(cmd);
+            // take what else is queued before sleeping again
+            for _ in 0..256 {
+                match rx.try_recv() {
+                    Ok(c) => self.handle(c),
+                    Err(_) => break,
+                }
+            }
+            if let Some(done) = self.stopping.take() {
+                let _ = done.send(());
+                break;
+            }
+        }
+        let _ = self.server.shared.events.send(ServerEvent::Stop);
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let now = self.now();
+        match cmd {
+            Cmd::Accept {
+                info,
+                sender,
+                reply,
+            } => {
+                let link = self.core.new_link_id();
+                let peer_id = info.id.clone();
+                match self.core.accept(link, info, now) {
+                    Ok(()) => {
+                        // Welcome goes before anything the core queued for the link
+                        let _ = sender.send(&welcome(&self.server.shared));
+                        self.links.insert(link, sender);
+                        self.link_peers.insert(link, peer_id.clone());
+                        let _ = reply.send(Some(link));
+                        self.server.event(ServerEvent::CloneLinked(peer_id));
+                    }
+                    Err(_) => {
+                        let _ = reply.send(None);
+                    }
+                }
+            }
+            Cmd::DialDone { link, result } => match result {
+                Ok((info, conn)) => {
+                    let (sender, receiver) = conn.split();
+                    self.links.insert(link, sender);
+                    let peer_id = info.id.clone();
+                    if self.core.dial_ok(link, info, now).is_ok() {
+                        self.link_peers.insert(link, peer_id.clone());
+                        tokio::spawn(link_reader(self.server.clone(), link, receiver));
+                        self.server.event(ServerEvent::CloneLinked(peer_id));
+                    }
+                }
+                Err(e) => {
+                    self.server.event(ServerEvent::Error(format!("dial: {e}")));
+                    self.core.link_down(link, now);
+                }
+            },
+            Cmd::LinkFrames(link, frames) => {
+                for f in frames {
+                    self.core.on_frame(link, f, now);
+                    self.drain();
+                }
+            }
+            Cmd::LinkDown(link) => {
+                self.links.remove(&link);
+                if let Some(p) = self.link_peers.remove(&link) {
+                    self.server.event(ServerEvent::Close(p));
+                }
+                self.core.link_down(link, now);
+            }
+            Cmd::ClientUp(peer) => {
+                self.core.client_connected(peer.key(), peer.id());
+                self.clients.insert(peer.key(), peer);
+            }
+            Cmd::ClientDown(key) => {
+                self.clients.remove(&key);
+                self.core.client_gone(key);
+            }
+            Cmd::Subscribe(key, groups) => {
+                self.core.subscribe(key, &groups);
+            }
+            Cmd::Unsubscribe(key, groups) => self.core.unsubscribe(key, &groups),
+            Cmd::Publish {
+                from,
+                groups,
+                not_to_me,
+                data,
+            } => {
+                let (groups, all) = match groups {
+                    Groups::All => (Vec::new(), true),
+                    Groups::Some(g) => (g, false),
+                };
+                self.core.publish(from, groups, all, not_to_me, data);
+            }
+            Cmd::CreateGroup(name, data) => self.core.create_group(&name, data),
+            Cmd::DeleteGroup(name) => self.core.delete_group(&name, now),
+            Cmd::AddClone {
+                id,
+                url,
+                auth_out,
+                reply,
+            } => {
+                if let Some(f) = auth_out {
+                    self.clone_auth.insert(id.clone(), f);
+                }
+                let r = self.core.add_clone(&id, &url, now).map_err(MeshError::from);
+                let _ = reply.send(r);
+            }
+            Cmd::DeleteClone(id, reply) => {
+                self.clone_auth.remove(&id);
+                let _ = reply.send(self.core.delete_clone(&id, now));
+            }
+            Cmd::UpdateAuthOut(f) => {
+                self.auth_out = f;
+                self.core.reset_links(now);
+            }
+            Cmd::Query(q) => match q {
+                Query::Clones(tx) => {
+                    let _ = tx.send(self.core.clones());
+                }
+                Query::Groups(tx) => {
+                    let _ = tx.send(self.core.groups());
+                }
+                Query::Clients(tx) => {
+                    let mut v: Vec<ClientInfo> = self
+                        .clients
+                        .values()
+                        .map(|p| ClientInfo {
+                            key: p.key(),
+                            id: p.id().to_string(),
+                            data: p.data().clone(),
+                            addr: format!("{:?}", p.addr()),
+                            groups: self.core.client_groups(p.key()),
+                        })
+                        .collect();
+                    v.sort_by_key(|c| c.key);
+                    let _ = tx.send(v);
+                }
+                Query::ClientGroups(key, tx) => {
+                    let _ = tx.send(self.core.client_groups(key));
+                }
+            },
+            Cmd::Stop(done) => {
+                self.core.leave(now);
+                self.drain();
+                for s in self.links.values() {
+                    s.close(CloseCode::GoingAway, "server stopping");
+                }
+                for p in self.clients.values() {
+                    p.sender().close(CloseCode::GoingAway, "server stopping");
+                }
+                self.links.clear();
+                self.clients.clear();
+                self.stopping = Some(done);
+                return;
+            }
+        }
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        while let Some(a) = self.core.poll_action() {
+            match a {
+                Action::Dial { link, peer, url } => {
+                    let auth = self
+                        .clone_auth
+                        .get(&peer)
+                        .cloned()
+                        .or_else(|| self.auth_out.clone());
+                    let inc = self.core.incarnation();
+                    tokio::spawn(dial(self.server.clone(), link, peer, url, auth, inc));
+                }
+                Action::Send { links, frame } => {
+                    let bytes = wire::encode_clone(&frame);
+                    for l in links {
+                        if let Some(s) = self.links.get(&l) {
+                            let _ = s.send_encoded(bytes.clone());
+                        }
+                    }
+                }
+                Action::Close { link, reason } => {
+                    if let Some(s) = self.links.remove(&link) {
+                        s.close(CloseCode::Normal, &reason.to_string());
+                    }
+                    if let Some(p) = self.link_peers.remove(&link) {
+                        self.server.event(ServerEvent::Close(p));
+                    }
+                }
+                Action::Deliver {
+                    msg,
+                    targets,
+                    group_of,
+                } => {
+                    let names: &[String] = if msg.all { &group_of } else { &msg.groups };
+                    let mut cache: Vec<Option<Bytes>> = vec![None; names.len()];
+                    for t in targets {
+                        let Some(p) = self.clients.get(&t.conn) else {
+                            continue;
+                        };
+                        let Some(name) = names.get(t.group) else {
+                            continue;
+                        };
+                        let bytes = cache[t.group]
+                            .get_or_insert_with(|| wire::encode_deliver(name, &msg.from, &msg.data))
+                            .clone();
+                        let _ = p.sender().send_encoded(bytes);
+                    }
+                }
+                Action::Event(e) => self.server.event(ServerEvent::Mesh(e)),
+            }
+        }
+    }
+}
