@@ -175,7 +175,8 @@ fn bench(args: &[String]) -> Result<bool> {
     } else {
         args.to_vec()
     };
-    requested.dedup();
+    let mut seen = std::collections::BTreeSet::new();
+    requested.retain(|s| seen.insert(s.clone()));
 
     let target = target_dir()?;
     // Scenarios that could not be built, with why.
