@@ -1,0 +1,410 @@
+//! Clients: a replica's link to a server (with reconnection) or to the
+//! parent process of a worker.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use proto::frame::Body;
+use proto::{CloseCode, Frame, PROTOCOL_VERSION};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::core::store_of;
+use crate::error::RemoteError;
+use crate::link::{self, LinkEnd, LinkRx, LinkTx};
+use crate::server::WORKER_ENV;
+use crate::store::{random_nonzero, AnyStore, Role, Store};
+use crate::Reducer;
+
+/// Settings of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Transport settings (trusted roots for `tls://` and `wss://`).
+    pub transport: transport::Config,
+    /// Login name.
+    pub login: String,
+    /// Password (sent inside the connection: use TLS across machines).
+    pub password: String,
+    /// First delay before reconnecting; doubles up to `reconnect_max`.
+    /// Default 50 ms.
+    pub reconnect_min: Duration,
+    /// Longest delay between reconnection attempts. Default 5 s.
+    pub reconnect_max: Duration,
+    /// How long to wait for the server's welcome. Default 10 s.
+    pub handshake_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A configuration with a login and a password.
+    pub fn new(login: &str, password: &str) -> Self {
+        ClientConfig {
+            transport: transport::Config::default(),
+            login: login.to_owned(),
+            password: password.to_owned(),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors of [`Client::connect`], [`Client::attach`] and [`Store::connect`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The transport could not connect.
+    #[error(transparent)]
+    Transport(#[from] transport::Error),
+    /// The server refused the login.
+    #[error("login refused: {0}")]
+    AuthFailed(String),
+    /// The server has banned this address.
+    #[error("banned: {0}")]
+    Banned(String),
+    /// The connection ended during the handshake.
+    #[error("connection closed during the handshake: {0}")]
+    Closed(String),
+    /// The server refused the store (unknown store, wrong schema).
+    #[error("store refused: {0}")]
+    Refused(#[from] RemoteError),
+    /// This process is not a worker, or its socket was already taken.
+    #[error("no worker socket: {0}")]
+    NoWorkerSocket(String),
+    /// The store is an authority: it cannot follow another one.
+    #[error("an authority store cannot connect to an upstream")]
+    NotAReplica,
+    /// An I/O error (worker socket).
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client was shut down.
+    #[error("client shut down")]
+    Shutdown,
+}
+
+enum Target {
+    Url(String, Box<ClientConfig>),
+    Worker,
+}
+
+struct ClientCore {
+    target: Target,
+    stores: Mutex<HashMap<String, Arc<dyn AnyStore>>>,
+    /// The current link and its cancel token.
+    current: Mutex<Option<(LinkTx, CancellationToken)>>,
+    up: watch::Sender<bool>,
+    stop: CancellationToken,
+}
+
+struct Guard {
+    core: Arc<ClientCore>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.core.stop.cancel();
+    }
+}
+
+/// A connection to a server (or to the parent process) carrying one or more
+/// replica stores. It reconnects by itself with exponential backoff; stores
+/// catch up and resend their unacknowledged dispatches after each
+/// reconnection. Cheap to clone; dropping the last clone (or
+/// [`Client::shutdown`]) closes it.
+#[derive(Clone)]
+pub struct Client {
+    guard: Arc<Guard>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("connected", &self.connected())
+            .finish()
+    }
+}
+
+static WORKER: OnceLock<Client> = OnceLock::new();
+
+impl Client {
+    /// Connects and logs in to `url`. Fails if the first attempt fails
+    /// (wrong login, ban, unreachable); later disconnections are retried.
+    pub async fn connect(url: &str, config: ClientConfig) -> Result<Client, ConnectError> {
+        let (tx, rx) = dial(url, &config).await?;
+        let core = Arc::new(ClientCore {
+            target: Target::Url(url.to_owned(), Box::new(config)),
+            stores: Mutex::new(HashMap::new()),
+            current: Mutex::new(None),
+            up: watch::channel(false).0,
+            stop: CancellationToken::new(),
+        });
+        Ok(Client::start(core, tx, rx))
+    }
+
+    /// In a worker process spawned by [`crate::Server::spawn_worker`]: the
+    /// link to the parent, over the inherited socket. Every call returns the
+    /// same client; a worker link is not re-established if it breaks.
+    pub async fn worker() -> Result<Client, ConnectError> {
+        if let Some(c) = WORKER.get() {
+            return Ok(c.clone());
+        }
+        if std::env::var(WORKER_ENV).as_deref() != Ok("0") {
+            return Err(ConnectError::NoWorkerSocket(format!(
+                "{WORKER_ENV} is not set: this process was not spawned as a worker"
+            )));
+        }
+        let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
+        let std_stream = std::os::unix::net::UnixStream::from(fd);
+        std_stream.set_nonblocking(true)?;
+        let stream = tokio::net::UnixStream::from_std(std_stream)?;
+        let (tx, mut rx) = link::from_unix(stream, proto::DEFAULT_MAX_FRAME);
+        handshake(&tx, &mut rx, "", "", Duration::from_secs(10)).await?;
+        let core = Arc::new(ClientCore {
+            target: Target::Worker,
+            stores: Mutex::new(HashMap::new()),
+            current: Mutex::new(None),
+            up: watch::channel(false).0,
+            stop: CancellationToken::new(),
+        });
+        let client = Client::start(core, tx, rx);
+        Ok(WORKER.get_or_init(|| client).clone())
+    }
+
+    fn start(core: Arc<ClientCore>, tx: LinkTx, rx: LinkRx) -> Client {
+        let c = core.clone();
+        tokio::spawn(
+            async move { run(c, tx, rx).await }.instrument(tracing::debug_span!("store-client")),
+        );
+        Client {
+            guard: Arc::new(Guard { core }),
+        }
+    }
+
+    /// Attaches a replica store to this connection and waits until the
+    /// server has welcomed it (or refused it: unknown store, wrong schema).
+    pub async fn attach<R: Reducer>(&self, store: &Store<R>) -> Result<(), ConnectError> {
+        let any = store.any();
+        if !any.is_replica() {
+            return Err(ConnectError::NotAReplica);
+        }
+        let core = &self.guard.core;
+        any.add_role(match core.target {
+            Target::Url(..) => Role::Client,
+            Target::Worker => Role::Worker,
+        });
+        {
+            let cur = core.current.lock().unwrap_or_else(|e| e.into_inner());
+            core.stores
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(store.name().to_owned(), any.clone());
+            if let Some((tx, cancel)) = cur.as_ref() {
+                any.clone().link_up(tx.clone(), cancel.child_token());
+            }
+        }
+        tokio::select! {
+            r = any.wait_ready() => r.map_err(ConnectError::Refused),
+            _ = core.stop.cancelled() => Err(ConnectError::Shutdown),
+        }
+    }
+
+    /// Whether the link is up now.
+    pub fn connected(&self) -> bool {
+        *self.guard.core.up.borrow()
+    }
+
+    /// Closes the link and stops reconnecting.
+    pub fn shutdown(&self) {
+        self.guard.core.stop.cancel();
+    }
+}
+
+impl<R: Reducer> Store<R> {
+    /// Connects this replica to a server at `url` with a login (a shortcut
+    /// for [`Client::connect`] plus [`Client::attach`]). Keep the returned
+    /// client: dropping it disconnects.
+    pub async fn connect(
+        &self,
+        url: &str,
+        login: &str,
+        password: &str,
+    ) -> Result<Client, ConnectError> {
+        self.connect_with(url, ClientConfig::new(login, password))
+            .await
+    }
+
+    /// [`Store::connect`] with full client settings.
+    pub async fn connect_with(
+        &self,
+        url: &str,
+        config: ClientConfig,
+    ) -> Result<Client, ConnectError> {
+        let client = Client::connect(url, config).await?;
+        client.attach(self).await?;
+        Ok(client)
+    }
+
+    /// In a worker process: attaches this replica to the parent's store of
+    /// the same name (see [`crate::Server::spawn_worker`]).
+    pub async fn connect_worker(&self) -> Result<Client, ConnectError> {
+        let client = Client::worker().await?;
+        client.attach(self).await?;
+        Ok(client)
+    }
+}
+
+async fn dial(url: &str, config: &ClientConfig) -> Result<(LinkTx, LinkRx), ConnectError> {
+    let conn = transport::connect(url, &config.transport).await?;
+    let (tx, mut rx) = link::from_transport(conn);
+    handshake(
+        &tx,
+        &mut rx,
+        &config.login,
+        &config.password,
+        config.handshake_timeout,
+    )
+    .await?;
+    Ok((tx, rx))
+}
+
+async fn handshake(
+    tx: &LinkTx,
+    rx: &mut LinkRx,
+    login: &str,
+    password: &str,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
+    let hello = Frame::new(Body::Hello(proto::Hello {
+        version: PROTOCOL_VERSION,
+        kind: proto::PeerKind::Client as i32,
+        id: format!("{:016x}", random_nonzero()),
+        login: login.to_owned(),
+        password: password.to_owned(),
+        ..Default::default()
+    }));
+    tx.send(&hello)
+        .map_err(|_| ConnectError::Closed("could not send hello".into()))?;
+    match tokio::time::timeout(timeout, rx.recv()).await {
+        Err(_) => {
+            tx.close(CloseCode::Timeout, "no welcome");
+            Err(ConnectError::Closed("no welcome within the timeout".into()))
+        }
+        Ok(Ok(Frame {
+            body: Some(Body::Welcome(_)),
+        })) => Ok(()),
+        Ok(Ok(_)) => {
+            tx.close(CloseCode::ProtocolError, "expected welcome");
+            Err(ConnectError::Closed(
+                "unexpected frame instead of welcome".into(),
+            ))
+        }
+        Ok(Err(LinkEnd::Closed { code, reason })) => Err(match CloseCode::from_u32(code) {
+            Some(CloseCode::AuthFailed) => ConnectError::AuthFailed(reason),
+            Some(CloseCode::Banned) => ConnectError::Banned(reason),
+            _ => ConnectError::Closed(reason),
+        }),
+        Ok(Err(e)) => Err(ConnectError::Closed(e.to_string())),
+    }
+}
+
+async fn run(core: Arc<ClientCore>, mut tx: LinkTx, mut rx: LinkRx) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let cancel = core.stop.child_token();
+        {
+            let mut cur = core.current.lock().unwrap_or_else(|e| e.into_inner());
+            *cur = Some((tx.clone(), cancel.clone()));
+            for s in core
+                .stores
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+            {
+                s.clone().link_up(tx.clone(), cancel.child_token());
+            }
+        }
+        core.up.send_replace(true);
+        let mut routes: HashMap<String, Arc<dyn AnyStore>> = HashMap::new();
+        loop {
+            let frame = tokio::select! {
+                f = rx.recv() => f,
+                _ = cancel.cancelled() => {
+                    tx.close(CloseCode::Normal, "client shut down");
+                    break;
+                }
+            };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(error = %e, "store link lost");
+                    break;
+                }
+            };
+            let Some(name) = store_of(&frame) else {
+                continue;
+            };
+            let store = match routes.get(name) {
+                Some(s) => Some(s.clone()),
+                None => {
+                    let s = core
+                        .stores
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(name)
+                        .cloned();
+                    if let Some(s) = &s {
+                        routes.insert(name.to_owned(), s.clone());
+                    }
+                    s
+                }
+            };
+            if let Some(s) = store {
+                s.upstream_frame(frame);
+            }
+        }
+        cancel.cancel();
+        {
+            let mut cur = core.current.lock().unwrap_or_else(|e| e.into_inner());
+            *cur = None;
+            for s in core
+                .stores
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+            {
+                s.link_down();
+            }
+        }
+        core.up.send_replace(false);
+        let Target::Url(url, config) = &core.target else {
+            tracing::warn!("worker link to the parent is gone");
+            return;
+        };
+        // Reconnect with exponential backoff.
+        loop {
+            if core.stop.is_cancelled() {
+                return;
+            }
+            backoff = if backoff.is_zero() {
+                config.reconnect_min
+            } else {
+                (backoff * 2).min(config.reconnect_max)
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = core.stop.cancelled() => return,
+            }
+            match dial(url, config).await {
+                Ok((t, r)) => {
+                    tx = t;
+                    rx = r;
+                    backoff = Duration::ZERO;
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+            }
+        }
+    }
+}

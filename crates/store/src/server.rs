@@ -1,0 +1,368 @@
+//! Servers: listeners with logins and bans, and worker processes.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use proto::frame::Body;
+use proto::{CloseCode, Frame, PROTOCOL_VERSION};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::auth::{Bans, Logins};
+use crate::core::{store_of, FollowerId};
+use crate::error::{ErrorCode, RemoteError};
+use crate::link::{self, LinkRx, LinkTx};
+use crate::store::{random_nonzero, AnyStore, Role, Store};
+use crate::Reducer;
+
+/// The environment variable that tells a worker process its store socket is
+/// its standard input.
+pub const WORKER_ENV: &str = "REPLIMESH_STORE_FD";
+
+/// Acks waiting for one replica beyond which its reader pauses.
+const ACK_BACKLOG: usize = 1 << 18;
+
+/// Settings of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Transport settings (TLS certificates for `tls://` and `wss://`).
+    pub transport: transport::Config,
+    /// Who may connect.
+    pub logins: Logins,
+    /// Failed logins from one address before it is banned. Default 5.
+    pub max_failures: u32,
+    /// How long a ban lasts. Default 3 hours.
+    pub ban_duration: Duration,
+    /// A connection that has not logged in within this time is closed.
+    /// Default 10 s.
+    pub auth_timeout: Duration,
+    /// Accept any login, even with no login table. For tests and trusted
+    /// local sockets only.
+    pub danger_allow_anonymous: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            transport: transport::Config::default(),
+            logins: Logins::new(),
+            max_failures: 5,
+            ban_duration: Duration::from_secs(3 * 3600),
+            auth_timeout: Duration::from_secs(10),
+            danger_allow_anonymous: false,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// A configuration with these logins.
+    pub fn with_logins(logins: Logins) -> Self {
+        ServerConfig {
+            logins,
+            ..ServerConfig::default()
+        }
+    }
+}
+
+/// Errors of [`Server::listen`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The transport could not listen.
+    #[error(transparent)]
+    Transport(#[from] transport::Error),
+}
+
+struct ServerShared {
+    id: String,
+    config: ServerConfig,
+    stores: RwLock<HashMap<String, Arc<dyn AnyStore>>>,
+    bans: Mutex<Bans>,
+    urls: Mutex<Vec<String>>,
+    stop: CancellationToken,
+}
+
+/// Serves stores to replicas: over listeners ([`Server::listen`]) and to
+/// worker processes ([`Server::spawn_worker`]). Several stores share one
+/// server and one connection; a replica picks a store by name.
+///
+/// Dropping the server (or [`Server::shutdown`]) stops its listeners and
+/// closes its connections.
+pub struct Server {
+    shared: Arc<ServerShared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+    }
+}
+
+impl Server {
+    /// A server with no store and no listener yet.
+    pub fn new(config: ServerConfig) -> Self {
+        Self::with_stop(config, CancellationToken::new())
+    }
+
+    fn with_stop(config: ServerConfig, stop: CancellationToken) -> Self {
+        let bans = Bans::new(config.max_failures, config.ban_duration);
+        Server {
+            shared: Arc::new(ServerShared {
+                id: format!("{:016x}", random_nonzero()),
+                config,
+                stores: RwLock::new(HashMap::new()),
+                bans: Mutex::new(bans),
+                urls: Mutex::new(Vec::new()),
+                stop,
+            }),
+        }
+    }
+
+    /// Adds a store (authority or replica: a replica serves as a relay).
+    pub fn add<R: Reducer>(&self, store: &Store<R>) -> &Self {
+        let any = store.any();
+        any.add_role(Role::Server);
+        self.shared
+            .stores
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(store.name().to_owned(), any);
+        self
+    }
+
+    /// Listens on `url` (`tcp://`, `tls://`, `unix://`, `ws://`, `wss://`);
+    /// returns the URL actually bound (port 0 picks one).
+    pub async fn listen(&self, url: &str) -> Result<String, ServeError> {
+        let listener = transport::listen(url, &self.shared.config.transport).await?;
+        let local = listener.local_url();
+        self.shared
+            .urls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(local.clone());
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    c = listener.accept() => c,
+                    _ = shared.stop.cancelled() => break,
+                };
+                match conn {
+                    Ok(conn) => {
+                        let (tx, rx) = link::from_transport(conn);
+                        let s = shared.clone();
+                        let span = tracing::debug_span!("store-conn", peer = %tx.peer());
+                        tokio::spawn(handle(s, tx, rx, false).instrument(span));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "listener failed");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(local)
+    }
+
+    /// Spawns a worker process that shares this server's stores over an
+    /// inherited socket: the child's standard input is one end of a Unix
+    /// socket pair, and [`WORKER_ENV`] is set so that
+    /// [`crate::Client::worker`] finds it. No address or password is
+    /// involved. Must be called inside a Tokio runtime.
+    pub fn spawn_worker(&self, cmd: &mut Command) -> std::io::Result<Child> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        cmd.stdin(Stdio::from(OwnedFd::from(theirs)));
+        cmd.env(WORKER_ENV, "0");
+        let child = cmd.spawn();
+        // Drop our copy of the child's end, so that its exit is seen as EOF.
+        cmd.stdin(Stdio::null());
+        let child = child?;
+        ours.set_nonblocking(true)?;
+        let stream = tokio::net::UnixStream::from_std(ours)?;
+        let (tx, rx) = link::from_unix(stream, self.shared.config.transport.max_frame);
+        for s in self
+            .shared
+            .stores
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            s.add_role(Role::Master);
+        }
+        let shared = self.shared.clone();
+        let span = tracing::debug_span!("store-worker-conn");
+        tokio::spawn(handle(shared, tx, rx, true).instrument(span));
+        Ok(child)
+    }
+
+    /// The URLs this server listens on (with the ports actually bound).
+    pub fn urls(&self) -> Vec<String> {
+        self.shared
+            .urls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stops the listeners and closes every connection of this server.
+    pub fn shutdown(&self) {
+        self.shared.stop.cancel();
+    }
+}
+
+impl<R: Reducer> Store<R> {
+    /// Serves this store on `url` with `config` (a shortcut for a [`Server`]
+    /// with one store). [`Server::add`] adds more stores to it;
+    /// [`Server::listen`] more listeners. Dropping the server stops it.
+    pub async fn serve(&self, url: &str, config: ServerConfig) -> Result<Server, ServeError> {
+        let server = Server::with_stop(config, self.inner.stop.child_token());
+        server.add(self);
+        server.listen(url).await?;
+        Ok(server)
+    }
+}
+
+/// One connection on the server side: login, then store frames.
+async fn handle(shared: Arc<ServerShared>, tx: LinkTx, mut rx: LinkRx, trusted: bool) {
+    let key = tx.ban_key();
+    if !trusted
+        && shared
+            .bans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_banned(&key)
+    {
+        tx.close(CloseCode::Banned, "banned after too many failed logins");
+        return;
+    }
+    let first = tokio::select! {
+        r = tokio::time::timeout(shared.config.auth_timeout, rx.recv()) => r,
+        _ = shared.stop.cancelled() => return,
+    };
+    let hello = match first {
+        Err(_) => {
+            tx.close(CloseCode::Timeout, "no login within the auth timeout");
+            return;
+        }
+        Ok(Err(_)) => return,
+        Ok(Ok(Frame {
+            body: Some(Body::Hello(h)),
+        })) => h,
+        Ok(Ok(_)) => {
+            tx.close(CloseCode::ProtocolError, "expected hello");
+            return;
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        tx.close(
+            CloseCode::UnsupportedVersion,
+            &format!("protocol version {} not supported", hello.version),
+        );
+        return;
+    }
+    if !trusted && !shared.config.danger_allow_anonymous {
+        let logins = shared.config.logins.clone();
+        let (user, pw) = (hello.login.clone(), hello.password.clone());
+        let ok = tokio::task::spawn_blocking(move || logins.verify(&user, &pw))
+            .await
+            .unwrap_or(false);
+        let mut bans = shared.bans.lock().unwrap_or_else(|e| e.into_inner());
+        if !ok {
+            let banned = bans.fail(&key);
+            drop(bans);
+            tracing::info!(login = %hello.login, banned, "failed login");
+            if banned {
+                tx.close(CloseCode::Banned, "wrong login or password; address banned");
+            } else {
+                tx.close(CloseCode::AuthFailed, "wrong login or password");
+            }
+            return;
+        }
+        bans.success(&key);
+    }
+    let welcome = Frame::new(Body::Welcome(proto::Welcome {
+        version: PROTOCOL_VERSION,
+        id: shared.id.clone(),
+        ..Default::default()
+    }));
+    if tx.send(&welcome).is_err() {
+        return;
+    }
+    let cancel = shared.stop.child_token();
+    let mut attached: HashMap<String, (Arc<dyn AnyStore>, FollowerId)> = HashMap::new();
+    loop {
+        let frame = tokio::select! {
+            f = rx.recv() => f,
+            _ = cancel.cancelled() => {
+                tx.close(CloseCode::GoingAway, "server shutting down");
+                break;
+            }
+        };
+        let Ok(frame) = frame else { break };
+        let Some(name) = store_of(&frame).map(str::to_owned) else {
+            continue;
+        };
+        if let Some(Body::StoreHello(h)) = &frame.body {
+            if let Some((s, fid)) = attached.remove(&name) {
+                s.detach(fid);
+            }
+            let store = shared
+                .stores
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&name)
+                .cloned();
+            let result = match store {
+                None => Err(RemoteError::new(
+                    ErrorCode::UnknownStore,
+                    format!("unknown store {name:?}"),
+                )),
+                Some(s) => s
+                    .clone()
+                    .attach(h, tx.clone(), cancel.child_token())
+                    .map(|fid| (s, fid)),
+            };
+            match result {
+                Ok(x) => {
+                    attached.insert(name, x);
+                }
+                Err(e) => {
+                    let _ = tx.send(&e.to_frame(&name, 0));
+                }
+            }
+            continue;
+        }
+        match attached.get(&name) {
+            Some((s, fid)) => {
+                let mut backlog = s.follower_frame(*fid, frame);
+                // A replica that dispatches without reading its acks waits here.
+                while backlog > ACK_BACKLOG && !cancel.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    backlog = s.follower_frame(*fid, Frame::default());
+                }
+            }
+            None => {
+                let e = RemoteError::new(
+                    ErrorCode::NotAttached,
+                    format!("store {name:?} is not attached on this connection"),
+                );
+                let _ = tx.send(&e.to_frame(&name, 0));
+            }
+        }
+    }
+    cancel.cancel();
+    for (_, (s, fid)) in attached {
+        s.detach(fid);
+    }
+}

@@ -1,0 +1,894 @@
+//! The store handle: the runtime around the sans-IO core.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use proto::frame::Body;
+use proto::Frame;
+use tokio::sync::{oneshot, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{
+    Authority, AuthorityConfig, FollowerId, LogConfig, Replica, ReplicaConfig, ReplicaEvent,
+    SyncMode,
+};
+use crate::error::{DispatchError, RemoteError};
+use crate::link::LinkTx;
+use crate::persist::{PersistError, Persistence};
+use crate::reducer::{Encoding, Reducer};
+
+/// Budget of one poll of a follower, in payload bytes.
+const FOLLOWER_BUDGET: usize = 1 << 20;
+
+/// Settings of a store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Sync mode, resync period, backlog and batch limits (authority; a relay
+    /// takes mode and resync from its upstream).
+    pub log: LogConfig,
+    /// Replica: most dispatches waiting to be committed (outbox and in
+    /// flight). A dispatch beyond it fails with
+    /// [`DispatchError::OutboxFull`]. Default 65,536.
+    pub max_pending: usize,
+    /// Op ids remembered per client for duplicate detection. Default 65,536.
+    pub dedup_window: usize,
+    /// Clients remembered for duplicate detection. Default 10,000.
+    pub dedup_clients: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            log: LogConfig::default(),
+            max_pending: 65_536,
+            dedup_window: 65_536,
+            dedup_clients: 10_000,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Sets the sync mode.
+    pub fn mode(mut self, mode: SyncMode) -> Self {
+        self.log.mode = mode;
+        self
+    }
+
+    /// Sets the snapshot/digest period in actions (0: never).
+    pub fn resync(mut self, resync: u64) -> Self {
+        self.log.resync = resync;
+        self
+    }
+
+    /// Sets the backlog limits (count of actions, bytes).
+    pub fn backlog(mut self, count: usize, bytes: usize) -> Self {
+        self.log.backlog_count = count;
+        self.log.backlog_bytes = bytes;
+        self
+    }
+
+    /// Sets the replica outbox limit.
+    pub fn max_pending(mut self, max: usize) -> Self {
+        self.max_pending = max;
+        self
+    }
+}
+
+/// The roles a store holds (as the seed's `role` array).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Orders actions (the seed's master/server holding the truth).
+    Authority,
+    /// Follows an authority.
+    Replica,
+    /// Serves replicas over a listener.
+    Server,
+    /// Connected to a server as a client.
+    Client,
+    /// Spawned worker processes that share this store.
+    Master,
+    /// Runs in a worker process, connected to its parent.
+    Worker,
+}
+
+impl Role {
+    fn bit(self) -> u8 {
+        match self {
+            Role::Authority => 1,
+            Role::Replica => 2,
+            Role::Server => 4,
+            Role::Client => 8,
+            Role::Master => 16,
+            Role::Worker => 32,
+        }
+    }
+
+    const ALL: [Role; 6] = [
+        Role::Authority,
+        Role::Replica,
+        Role::Server,
+        Role::Client,
+        Role::Master,
+        Role::Worker,
+    ];
+}
+
+/// The state of a replica's link to its upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LinkState {
+    Down,
+    Ready,
+    Refused(RemoteError),
+}
+
+type Waiter = oneshot::Sender<Result<u64, DispatchError>>;
+
+#[allow(clippy::large_enum_variant)] // One per store; boxing buys nothing.
+pub(crate) enum Core<R: Reducer> {
+    Authority {
+        a: Authority<R>,
+        persist: Option<Box<dyn Persistence>>,
+        persisted: u64,
+        snap_persisted: u64,
+    },
+    Replica {
+        r: Replica<R>,
+        waiters: HashMap<u64, Waiter>,
+        up_wake: Arc<Notify>,
+    },
+}
+
+pub(crate) struct Shared<R: Reducer> {
+    pub(crate) core: Core<R>,
+    wakers: HashMap<FollowerId, Arc<Notify>>,
+}
+
+impl<R: Reducer> Shared<R> {
+    fn head(&self) -> u64 {
+        match &self.core {
+            Core::Authority { a, .. } => a.seq(),
+            Core::Replica { r, .. } => r.seq(),
+        }
+    }
+
+    fn wake_followers(&self) {
+        for w in self.wakers.values() {
+            w.notify_one();
+        }
+    }
+}
+
+pub(crate) struct Inner<R: Reducer> {
+    name: String,
+    schema: u32,
+    shared: Mutex<Shared<R>>,
+    seq_tx: watch::Sender<u64>,
+    link_tx: watch::Sender<LinkState>,
+    roles: AtomicU8,
+    pub(crate) stop: CancellationToken,
+}
+
+/// A replicated store: a cloneable handle over an authority or a replica.
+///
+/// Dropping every handle does not stop servers or client links that were
+/// started from it; call [`Store::shutdown`] for that.
+pub struct Store<R: Reducer> {
+    pub(crate) inner: Arc<Inner<R>>,
+}
+
+impl<R: Reducer> Clone for Store<R> {
+    fn clone(&self) -> Self {
+        Store {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<R: Reducer> std::fmt::Debug for Store<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("name", &self.inner.name)
+            .field("roles", &self.role())
+            .field("seq", &self.seq())
+            .finish()
+    }
+}
+
+impl<R: Reducer> Store<R> {
+    fn from_core(name: String, schema: u32, core: Core<R>, role: Role) -> Self {
+        let shared = Shared {
+            core,
+            wakers: HashMap::new(),
+        };
+        let head = shared.head();
+        let link = if role == Role::Authority {
+            LinkState::Ready
+        } else {
+            LinkState::Down
+        };
+        Store {
+            inner: Arc::new(Inner {
+                name,
+                schema,
+                shared: Mutex::new(shared),
+                seq_tx: watch::channel(head).0,
+                link_tx: watch::channel(link).0,
+                roles: AtomicU8::new(role.bit()),
+                stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// A store that is its own authority: it orders every action dispatched
+    /// on it or by its replicas. The history id is random.
+    pub fn authority(reducer: R, config: StoreConfig) -> Self {
+        let name = reducer.name().to_owned();
+        let schema = reducer.schema();
+        let a = Authority::new(reducer, authority_config(&config), random_nonzero());
+        Self::from_core(
+            name,
+            schema,
+            Core::Authority {
+                a,
+                persist: None,
+                persisted: 0,
+                snap_persisted: 0,
+            },
+            Role::Authority,
+        )
+    }
+
+    /// An authority that continues the history kept by `persistence` and
+    /// records every committed action and snapshot into it.
+    pub fn authority_with_persistence(
+        reducer: R,
+        config: StoreConfig,
+        mut persistence: Box<dyn Persistence>,
+    ) -> Result<Self, PersistError> {
+        let name = reducer.name().to_owned();
+        let schema = reducer.schema();
+        let recovered = persistence.load()?;
+        let fresh = recovered.history_id == 0;
+        let a = Authority::recover(
+            reducer,
+            authority_config(&config),
+            recovered,
+            random_nonzero(),
+        )
+        .map_err(|e| PersistError::new(e.to_string()))?;
+        let head = a.seq();
+        let snap_seq = a.latest_snapshot().map(|s| s.0).unwrap_or(0);
+        let store = Self::from_core(
+            name,
+            schema,
+            Core::Authority {
+                a,
+                persist: Some(persistence),
+                persisted: head,
+                snap_persisted: if fresh { u64::MAX } else { snap_seq },
+            },
+            Role::Authority,
+        );
+        if fresh {
+            // Record the new history's starting point.
+            let mut g = store.inner.lock();
+            if let Core::Authority {
+                a,
+                persist: Some(p),
+                snap_persisted,
+                ..
+            } = &mut g.core
+            {
+                let (seq, bytes) = a
+                    .take_snapshot()
+                    .map_err(|e| PersistError::new(e.to_string()))?;
+                p.snapshot(a.history_id(), seq, &bytes)?;
+                *snap_persisted = seq;
+            }
+        }
+        Ok(store)
+    }
+
+    /// A replica: it applies the history of an upstream (see
+    /// [`Store::connect`], [`crate::Client`]) and sends its dispatches there.
+    pub fn replica(reducer: R, config: StoreConfig) -> Self {
+        let name = reducer.name().to_owned();
+        let schema = reducer.schema();
+        let rc = ReplicaConfig {
+            client_id: format!("{:016x}", random_nonzero()),
+            encoding: Encoding::Binary,
+            max_pending: config.max_pending,
+            max_dispatch_batch: config.log.max_batch,
+            log: config.log.clone(),
+            dedup_window: config.dedup_window,
+            dedup_clients: config.dedup_clients,
+        };
+        Self::from_core(
+            name,
+            schema,
+            Core::Replica {
+                r: Replica::new(reducer, rc),
+                waiters: HashMap::new(),
+                up_wake: Arc::new(Notify::new()),
+            },
+            Role::Replica,
+        )
+    }
+
+    /// The store's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The store's schema version.
+    pub fn schema(&self) -> u32 {
+        self.inner.schema
+    }
+
+    /// Dispatches an action and waits until it is committed (and, on a
+    /// replica, applied locally). Resolves to its sequence number.
+    ///
+    /// On a replica the action waits in the outbox while disconnected and is
+    /// sent after reconnecting; the authority applies it exactly once.
+    ///
+    /// # Cancel safety
+    /// Dropping the future does not withdraw the action: it is still committed.
+    pub async fn dispatch(&self, action: R::Action) -> Result<u64, DispatchError> {
+        self.try_dispatch(&action)?.await
+    }
+
+    /// Queues an action without waiting; the returned [`Pending`] resolves
+    /// to its sequence number. Fails at once when the outbox is full.
+    pub fn try_dispatch(&self, action: &R::Action) -> Result<Pending, DispatchError> {
+        if let LinkState::Refused(e) = &*self.inner.link_tx.borrow() {
+            return Err(DispatchError::Rejected(e.clone()));
+        }
+        let mut g = self.inner.lock();
+        let pending = match &mut g.core {
+            Core::Authority {
+                a,
+                persist,
+                persisted,
+                snap_persisted,
+            } => {
+                let seq = a.dispatch(action)?;
+                persist_new(a, persist, persisted, snap_persisted);
+                Pending(PendingInner::Ready(Some(Ok(seq))))
+            }
+            Core::Replica {
+                r,
+                waiters,
+                up_wake,
+            } => {
+                let op = r.dispatch(action)?;
+                let (tx, rx) = oneshot::channel();
+                waiters.insert(op, tx);
+                up_wake.notify_one();
+                Pending(PendingInner::Wait(rx))
+            }
+        };
+        if matches!(pending.0, PendingInner::Ready(_)) {
+            g.wake_followers();
+            let head = g.head();
+            drop(g);
+            self.inner.publish(head);
+        }
+        Ok(pending)
+    }
+
+    /// Read access to the current state. Cheap: it holds the store's lock, so
+    /// keep it short and never across an `.await`.
+    pub fn state(&self) -> StateRef<'_, R> {
+        StateRef {
+            guard: self.inner.lock(),
+        }
+    }
+
+    /// The last committed (authority) or applied (replica) sequence number.
+    pub fn seq(&self) -> u64 {
+        *self.inner.seq_tx.borrow()
+    }
+
+    /// The history id (0 on a replica that has not synced yet).
+    pub fn history_id(&self) -> u64 {
+        let g = self.inner.lock();
+        match &g.core {
+            Core::Authority { a, .. } => a.history_id(),
+            Core::Replica { r, .. } => r.history_id(),
+        }
+    }
+
+    /// Changes of the state: each item is the sequence number of a state that
+    /// was current at some moment after the previous item (fast series of
+    /// changes are coalesced for slow subscribers).
+    pub fn subscribe(&self) -> Subscription {
+        let mut rx = self.inner.seq_tx.subscribe();
+        rx.mark_unchanged();
+        Subscription { rx }
+    }
+
+    /// Waits until the store has applied `seq` (or a later one).
+    pub async fn wait_for(&self, seq: u64) {
+        let mut rx = self.inner.seq_tx.subscribe();
+        let _ = rx.wait_for(|s| *s >= seq).await;
+    }
+
+    /// An authority is always connected; a replica while its upstream link is
+    /// up and has welcomed it.
+    pub fn connected(&self) -> bool {
+        *self.inner.link_tx.borrow() == LinkState::Ready
+    }
+
+    /// The roles this store holds.
+    pub fn role(&self) -> Vec<Role> {
+        let bits = self.inner.roles.load(Ordering::Relaxed);
+        Role::ALL
+            .into_iter()
+            .filter(|r| bits & r.bit() != 0)
+            .collect()
+    }
+
+    /// Whether this store is the authority.
+    pub fn is_authority(&self) -> bool {
+        self.inner.roles.load(Ordering::Relaxed) & Role::Authority.bit() != 0
+    }
+
+    /// Stops the servers, client links and tasks started from this store.
+    pub fn shutdown(&self) {
+        self.inner.stop.cancel();
+    }
+}
+
+/// Read access to a store's state (see [`Store::state`]).
+pub struct StateRef<'a, R: Reducer> {
+    guard: MutexGuard<'a, Shared<R>>,
+}
+
+impl<R: Reducer> std::ops::Deref for StateRef<'_, R> {
+    type Target = R::State;
+    fn deref(&self) -> &R::State {
+        match &self.guard.core {
+            Core::Authority { a, .. } => a.state(),
+            Core::Replica { r, .. } => r.state(),
+        }
+    }
+}
+
+/// A stream of state changes (see [`Store::subscribe`]).
+pub struct Subscription {
+    rx: watch::Receiver<u64>,
+}
+
+impl Subscription {
+    /// The sequence number of the next change; `None` once the store is gone.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn next(&mut self) -> Option<u64> {
+        self.rx.changed().await.ok()?;
+        Some(*self.rx.borrow_and_update())
+    }
+}
+
+/// A dispatch waiting to be committed; resolves to its sequence number.
+pub struct Pending(PendingInner);
+
+enum PendingInner {
+    Ready(Option<Result<u64, DispatchError>>),
+    Wait(oneshot::Receiver<Result<u64, DispatchError>>),
+}
+
+impl Future for Pending {
+    type Output = Result<u64, DispatchError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            PendingInner::Ready(r) => Poll::Ready(r.take().unwrap_or(Err(DispatchError::Closed))),
+            PendingInner::Wait(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(DispatchError::Closed))),
+        }
+    }
+}
+
+fn authority_config(c: &StoreConfig) -> AuthorityConfig {
+    AuthorityConfig {
+        log: c.log.clone(),
+        dedup_window: c.dedup_window,
+        dedup_clients: c.dedup_clients,
+    }
+}
+
+pub(crate) fn random_nonzero() -> u64 {
+    loop {
+        let v: u64 = rand::random();
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+fn persist_new<R: Reducer>(
+    a: &mut Authority<R>,
+    persist: &mut Option<Box<dyn Persistence>>,
+    persisted: &mut u64,
+    snap_persisted: &mut u64,
+) {
+    let Some(p) = persist else {
+        *persisted = a.seq();
+        return;
+    };
+    let history = a.history_id();
+    let head = a.seq();
+    if head > *persisted {
+        let mut first = None;
+        let mut batch: Vec<Bytes> = Vec::new();
+        for (seq, b) in a.entries_after(*persisted) {
+            first.get_or_insert(seq);
+            batch.push(b.clone());
+        }
+        match first {
+            Some(f) if f == *persisted + 1 => {
+                if let Err(e) = p.record(history, f, &batch) {
+                    tracing::error!(error = %e, "persisting actions failed");
+                }
+            }
+            _ => {
+                // The backlog no longer holds everything since the last record:
+                // a snapshot covers it.
+                if let Ok((seq, bytes)) = a.take_snapshot() {
+                    if let Err(e) = p.snapshot(history, seq, &bytes) {
+                        tracing::error!(error = %e, "persisting a snapshot failed");
+                    }
+                    *snap_persisted = seq;
+                }
+            }
+        }
+        *persisted = head;
+    }
+    if let Some((seq, bytes)) = a.latest_snapshot() {
+        if seq != *snap_persisted && seq <= head {
+            if let Err(e) = p.snapshot(history, seq, &bytes) {
+                tracing::error!(error = %e, "persisting a snapshot failed");
+            }
+            *snap_persisted = seq;
+        }
+    }
+}
+
+impl<R: Reducer> Inner<R> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Shared<R>> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn add_role(&self, role: Role) {
+        self.roles.fetch_or(role.bit(), Ordering::Relaxed);
+    }
+
+    fn publish(&self, head: u64) {
+        self.seq_tx.send_if_modified(|s| {
+            if *s != head {
+                *s = head;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    // ---- serving followers (authority or relay) ----
+
+    /// Attaches a downstream replica; spawns its writer task.
+    pub(crate) fn attach(
+        self: &Arc<Self>,
+        hello: &proto::StoreHello,
+        tx: LinkTx,
+        cancel: CancellationToken,
+    ) -> Result<FollowerId, RemoteError> {
+        let wake = Arc::new(Notify::new());
+        let fid = {
+            let mut g = self.lock();
+            let fid = match &mut g.core {
+                Core::Authority { a, .. } => a.on_hello(hello)?,
+                Core::Replica { r, .. } => r.serve_hello(hello)?,
+            };
+            g.wakers.insert(fid, wake.clone());
+            fid
+        };
+        let inner = self.clone();
+        tokio::spawn(async move {
+            inner.follower_task(fid, wake, tx, cancel).await;
+        });
+        Ok(fid)
+    }
+
+    async fn follower_task(
+        self: Arc<Self>,
+        fid: FollowerId,
+        wake: Arc<Notify>,
+        tx: LinkTx,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let frames = {
+                let mut g = self.lock();
+                match &mut g.core {
+                    Core::Authority { a, .. } => a.poll(fid, FOLLOWER_BUDGET),
+                    Core::Replica { r, .. } => r.poll_follower(fid, FOLLOWER_BUDGET),
+                }
+            };
+            if frames.is_empty() {
+                tokio::select! {
+                    _ = wake.notified() => continue,
+                    _ = cancel.cancelled() => break,
+                    _ = self.stop.cancelled() => break,
+                }
+            }
+            for f in &frames {
+                if tx.send_wait(f).await.is_err() {
+                    cancel.cancel();
+                    break;
+                }
+            }
+            if cancel.is_cancelled() {
+                break;
+            }
+        }
+        self.detach(fid);
+    }
+
+    pub(crate) fn detach(&self, fid: FollowerId) {
+        let mut g = self.lock();
+        g.wakers.remove(&fid);
+        match &mut g.core {
+            Core::Authority { a, .. } => a.on_leave(fid),
+            Core::Replica { r, .. } => r.serve_leave(fid),
+        }
+    }
+
+    /// A frame from a downstream replica (Dispatch or Resync). Returns the
+    /// number of acks and errors waiting for it (for backpressure).
+    pub(crate) fn follower_frame(&self, fid: FollowerId, frame: Frame) -> usize {
+        let mut g = self.lock();
+        let mut committed = false;
+        let backlog = match &mut g.core {
+            Core::Authority {
+                a,
+                persist,
+                persisted,
+                snap_persisted,
+            } => {
+                match frame.body {
+                    Some(Body::Dispatch(d)) => {
+                        committed = a.on_dispatch(fid, d) > 0;
+                        if committed {
+                            persist_new(a, persist, persisted, snap_persisted);
+                        }
+                    }
+                    Some(Body::Resync(_)) => a.on_resync(fid),
+                    _ => {}
+                }
+                a.pending_control(fid)
+            }
+            Core::Replica { r, up_wake, .. } => {
+                match frame.body {
+                    Some(Body::Dispatch(d)) => {
+                        r.serve_dispatch(fid, d);
+                        up_wake.notify_one();
+                    }
+                    Some(Body::Resync(_)) => r.serve_resync(fid),
+                    _ => {}
+                }
+                r.pending_control(fid)
+            }
+        };
+        if committed {
+            g.wake_followers();
+            let head = g.head();
+            drop(g);
+            self.publish(head);
+        } else if let Some(w) = g.wakers.get(&fid) {
+            w.notify_one();
+        }
+        backlog
+    }
+
+    // ---- the upstream link of a replica ----
+
+    /// The link to upstream is up: hello, then the writer task.
+    pub(crate) fn link_up(self: &Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool {
+        let wake = {
+            let mut g = self.lock();
+            let Core::Replica { r, up_wake, .. } = &mut g.core else {
+                return false;
+            };
+            r.on_connected();
+            up_wake.clone()
+        };
+        self.link_tx.send_replace(LinkState::Down);
+        wake.notify_one();
+        let inner = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let frames = {
+                    let mut g = inner.lock();
+                    match &mut g.core {
+                        Core::Replica { r, .. } => r.poll_upstream(),
+                        Core::Authority { .. } => Vec::new(),
+                    }
+                };
+                if frames.is_empty() {
+                    tokio::select! {
+                        _ = wake.notified() => continue,
+                        _ = cancel.cancelled() => break,
+                        _ = inner.stop.cancelled() => break,
+                    }
+                }
+                for f in &frames {
+                    if tx.send_wait(f).await.is_err() {
+                        cancel.cancel();
+                        break;
+                    }
+                }
+                if cancel.is_cancelled() {
+                    break;
+                }
+            }
+        });
+        true
+    }
+
+    /// The link to upstream is down.
+    pub(crate) fn link_down(&self) {
+        {
+            let mut g = self.lock();
+            if let Core::Replica { r, .. } = &mut g.core {
+                r.on_disconnected();
+            }
+        }
+        self.link_tx.send_if_modified(|s| {
+            if *s == LinkState::Ready {
+                *s = LinkState::Down;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// A frame from upstream.
+    pub(crate) fn upstream_frame(&self, frame: Frame) {
+        let mut g = self.lock();
+        let mut link_event = None;
+        let head = {
+            let Core::Replica {
+                r,
+                waiters,
+                up_wake,
+            } = &mut g.core
+            else {
+                return;
+            };
+            r.on_frame(frame);
+            while let Some(ev) = r.poll_event() {
+                match ev {
+                    ReplicaEvent::Ready => link_event = Some(LinkState::Ready),
+                    ReplicaEvent::Refused(e) => link_event = Some(LinkState::Refused(e)),
+                    ReplicaEvent::Committed { op, seq } => {
+                        if let Some(w) = waiters.remove(&op) {
+                            let _ = w.send(Ok(seq));
+                        }
+                    }
+                    ReplicaEvent::Rejected { op, error } => {
+                        if let Some(w) = waiters.remove(&op) {
+                            let _ = w.send(Err(DispatchError::Rejected(error)));
+                        }
+                    }
+                }
+            }
+            if r.has_upstream_output() {
+                up_wake.notify_one();
+            }
+            r.seq()
+        };
+        if let Some(LinkState::Refused(e)) = &link_event {
+            // Dispatches cannot go anywhere: fail them.
+            if let Core::Replica { waiters, .. } = &mut g.core {
+                for (_, w) in waiters.drain() {
+                    let _ = w.send(Err(DispatchError::Rejected(e.clone())));
+                }
+            }
+        }
+        g.wake_followers();
+        drop(g);
+        self.publish(head);
+        if let Some(s) = link_event {
+            self.link_tx.send_replace(s);
+        }
+    }
+
+    /// Waits for the welcome (Ok) or a refusal (Err) on the current link.
+    pub(crate) async fn wait_ready(&self) -> Result<(), RemoteError> {
+        let mut rx = self.link_tx.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                LinkState::Ready => return Ok(()),
+                LinkState::Refused(e) => return Err(e.clone()),
+                LinkState::Down => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(RemoteError::new(
+                    crate::ErrorCode::Internal,
+                    "store dropped",
+                ));
+            }
+        }
+    }
+
+    pub(crate) fn is_replica(&self) -> bool {
+        matches!(self.lock().core, Core::Replica { .. })
+    }
+}
+
+/// A store of any reducer, as servers and clients see it.
+pub(crate) trait AnyStore: Send + Sync + 'static {
+    fn attach(
+        self: Arc<Self>,
+        hello: &proto::StoreHello,
+        tx: LinkTx,
+        cancel: CancellationToken,
+    ) -> Result<FollowerId, RemoteError>;
+    fn follower_frame(&self, fid: FollowerId, frame: Frame) -> usize;
+    fn detach(&self, fid: FollowerId);
+    fn link_up(self: Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool;
+    fn link_down(&self);
+    fn upstream_frame(&self, frame: Frame);
+    fn add_role(&self, role: Role);
+    fn is_replica(&self) -> bool;
+    fn wait_ready(&self) -> Pin<Box<dyn Future<Output = Result<(), RemoteError>> + Send + '_>>;
+}
+
+impl<R: Reducer> AnyStore for Inner<R> {
+    fn attach(
+        self: Arc<Self>,
+        hello: &proto::StoreHello,
+        tx: LinkTx,
+        cancel: CancellationToken,
+    ) -> Result<FollowerId, RemoteError> {
+        Inner::attach(&self, hello, tx, cancel)
+    }
+    fn follower_frame(&self, fid: FollowerId, frame: Frame) -> usize {
+        Inner::follower_frame(self, fid, frame)
+    }
+    fn detach(&self, fid: FollowerId) {
+        Inner::detach(self, fid)
+    }
+    fn link_up(self: Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool {
+        Inner::link_up(&self, tx, cancel)
+    }
+    fn link_down(&self) {
+        Inner::link_down(self)
+    }
+    fn upstream_frame(&self, frame: Frame) {
+        Inner::upstream_frame(self, frame)
+    }
+    fn add_role(&self, role: Role) {
+        Inner::add_role(self, role)
+    }
+    fn is_replica(&self) -> bool {
+        Inner::is_replica(self)
+    }
+    fn wait_ready(&self) -> Pin<Box<dyn Future<Output = Result<(), RemoteError>> + Send + '_>> {
+        Box::pin(Inner::wait_ready(self))
+    }
+}
+
+impl<R: Reducer> Store<R> {
+    pub(crate) fn any(&self) -> Arc<dyn AnyStore> {
+        self.inner.clone()
+    }
+}
