@@ -528,7 +528,10 @@ async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver) {
             }
             Some(Body::Response(r)) => peer.resolve(r),
             Some(b @ (Body::Request(_) | Body::Send(_))) => {
-                handle_routed(&c.inner.router, peer, None, b).await;
+                let (router, p) = (c.inner.router.clone(), peer.clone());
+                tokio::spawn(async move {
+                    handle_routed(&router, &p, None, b).await;
+                });
             }
             _ => {}
         }

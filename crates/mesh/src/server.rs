@@ -282,6 +282,7 @@ struct Shared {
     response_timeout: Duration,
     transport: transport::Config,
     listen_urls: Vec<String>,
+    acceptors: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A running clone. Cheap to clone; [`Server::stop`] stops it.
@@ -389,6 +390,7 @@ impl Server {
             response_timeout: config.response_timeout,
             transport: config.transport.clone(),
             listen_urls,
+            acceptors: std::sync::Mutex::new(Vec::new()),
         });
         let server = Server { shared };
         let epoch = Instant::now();
@@ -407,7 +409,8 @@ impl Server {
         tokio::spawn(task.run(cmd_rx));
         for l in listeners {
             let s = server.clone();
-            tokio::spawn(accept_loop(s, l));
+            let h = tokio::spawn(accept_loop(s, l));
+            crate::router::lock(&server.shared.acceptors).push(h);
         }
         let _ = server.shared.events.send(ServerEvent::Start);
         Ok(server)
@@ -576,6 +579,12 @@ impl Server {
             let _ = rx.await;
         }
         let _ = self.shared.shutdown.send(true);
+        let handles: Vec<_> = crate::router::lock(&self.shared.acceptors)
+            .drain(..)
+            .collect();
+        for h in handles {
+            let _ = h.await;
+        }
     }
 
     fn event(&self, e: ServerEvent) {
@@ -832,9 +841,14 @@ async fn serve_client(
                     Body::Send(s) => (s.route.clone(), s.act.clone()),
                     _ => (String::new(), String::new()),
                 };
-                if handle_routed(&server.shared.router, &peer, Some(server.clone()), b).await {
-                    server.event(ServerEvent::NoRoute { route, act });
-                }
+                // handlers run in their own task: one may await a response
+                // from this very client, which this loop must read
+                let (srv, p) = (server.clone(), peer.clone());
+                tokio::spawn(async move {
+                    if handle_routed(&srv.shared.router, &p, Some(srv.clone()), b).await {
+                        srv.event(ServerEvent::NoRoute { route, act });
+                    }
+                });
                 true
             }
             Body::Hello(_) | Body::Welcome(_) => {
