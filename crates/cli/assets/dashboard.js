@@ -85,7 +85,7 @@ async function tick() {
     rows($('clones'), st.clones || [], c => [esc(c.id) + (c.self ? ' (this)' : ''), esc(c.url || ''),
       `<span class="${c.up ? 'up' : 'down'}">${c.up ? 'up' : 'down'}</span>`, c.linked ? 'yes' : 'no']);
     rows($('groups'), st.groups || [], g => [esc(g.name), g.subscribers]);
-    rows($('stores'), st.stores || [], s => [esc(s.name), esc(s.role || ''), s.seq, s.replicas,
+    rows($('stores'), st.stores || [], s => [esc(s.name), esc(s.role || ''), s.seq, s.replicas ?? '—',
       s.backup ? `${fmtAge(s.backup.age_s)}${s.backup.failures ? ` · ${s.backup.failures} failures` : ''}` : '—']);
     drawLinks(st);
     updateCharts(st, dt);

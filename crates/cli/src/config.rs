@@ -107,6 +107,8 @@ pub struct BackupSettings {
     pub after: Option<Duration>,
     /// Journal of the actions between snapshots.
     pub journal: Journal,
+    /// Argon2id cost of the key derivation: (memory KiB, passes); default (19456, 2).
+    pub kdf: Option<(u32, u32)>,
 }
 
 /// One hosted store.
@@ -122,8 +124,22 @@ pub struct StoreSettings {
     pub resync: u64,
     /// Logins: user → password or Argon2id PHC string.
     pub logins: BTreeMap<String, String>,
-    /// Backup, if any.
+    /// Backup, if any (authority only).
     pub backup: Option<BackupSettings>,
+    /// When set, this store is a replica of the authority at this URL and
+    /// relays it to its own replicas (a clone carrying another clone's store).
+    pub upstream: Option<Upstream>,
+}
+
+/// The authority a relaying store follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The authority's store listener URL.
+    pub url: String,
+    /// Login at the authority.
+    pub login: String,
+    /// Password at the authority.
+    pub password: String,
 }
 
 /// Connection limits.
@@ -332,6 +348,16 @@ struct RawStore {
     #[serde(default)]
     logins: BTreeMap<String, String>,
     backup: Option<RawBackup>,
+    upstream: Option<RawUpstream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: String,
+    login: String,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -342,6 +368,8 @@ struct RawBackup {
     every: Option<u64>,
     after_ms: Option<u64>,
     journal: Option<String>,
+    kdf_memory_kib: Option<u32>,
+    kdf_passes: Option<u32>,
 }
 
 const SCHEMES: [&str; 5] = ["tcp://", "tls://", "unix://", "ws://", "wss://"];
@@ -608,6 +636,54 @@ impl RawConfig {
                             .map(|v| ms(&key("backup.after_ms"), v))
                             .transpose()?,
                         journal,
+                        kdf: match (b.kdf_memory_kib, b.kdf_passes) {
+                            (None, None) => None,
+                            (m, t) => {
+                                let (m, t) = (m.unwrap_or(19 * 1024), t.unwrap_or(2));
+                                if !(8..=4 * 1024 * 1024).contains(&m) {
+                                    return Err(ConfigError::new(
+                                        key("backup.kdf_memory_kib"),
+                                        "must be between 8 and 4194304",
+                                    ));
+                                }
+                                if !(1..=1000).contains(&t) {
+                                    return Err(ConfigError::new(
+                                        key("backup.kdf_passes"),
+                                        "must be between 1 and 1000",
+                                    ));
+                                }
+                                Some((m, t))
+                            }
+                        },
+                    })
+                }
+            };
+            let upstream = match s.upstream {
+                None => None,
+                Some(u) => {
+                    check_url(&key("upstream.url"), &u.url)?;
+                    if backup.is_some() {
+                        return Err(ConfigError::new(
+                            key("backup"),
+                            "a store with an upstream is a replica; back it up at its authority",
+                        ));
+                    }
+                    let password = match (u.password, u.password_file) {
+                        (Some(p), None) => p,
+                        (None, Some(f)) => {
+                            read_secret(&key("upstream.password_file"), &resolve(base, &f))?
+                        }
+                        _ => {
+                            return Err(ConfigError::new(
+                                key("upstream.password"),
+                                "give either upstream.password or upstream.password_file",
+                            ))
+                        }
+                    };
+                    Some(Upstream {
+                        url: u.url,
+                        login: u.login,
+                        password,
                     })
                 }
             };
@@ -618,6 +694,7 @@ impl RawConfig {
                 resync,
                 logins: s.logins,
                 backup,
+                upstream,
             });
         }
         if !stores.is_empty() && !listen.iter().any(|l| l.serves == Serves::Store) {

@@ -29,4 +29,7 @@ pub mod admin;
 pub mod assets;
 pub mod backup_cmd;
 pub mod config;
+pub mod demo;
 pub mod metrics;
+pub mod node;
+pub mod reducers;

@@ -1,0 +1,902 @@
+//! A node: one mesh clone plus the stores it hosts, an admin HTTP server
+//! with metrics and the dashboard, and a graceful shutdown.
+//!
+//! The mesh and the stores use **separate listeners** (`serves = "mesh"` or
+//! `"store"` in the config): the mesh and store crates each accept their own
+//! connections today, so one connection cannot carry both yet.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use replimesh::backup::{self, Backup, BackupConfig, FsyncPolicy, Snapshot};
+use replimesh::mesh;
+use replimesh::store::{self, Encoding, Reducer, Store, StoreConfig};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{AdminServer, AdminSource};
+use crate::config::{Journal, Mode, NodeConfig, ReducerKind, Serves, StoreSettings};
+use crate::metrics::{Counter, Registry};
+use crate::reducers::{Counter as CounterReducer, Kv};
+
+/// A store hosted by a node, whatever its reducer.
+#[derive(Clone)]
+pub enum HostedStore {
+    /// A [`CounterReducer`] store.
+    Counter(Store<CounterReducer>),
+    /// A [`Kv`] store.
+    Kv(Store<Kv>),
+}
+
+macro_rules! with_store {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            HostedStore::Counter($s) => $e,
+            HostedStore::Kv($s) => $e,
+        }
+    };
+}
+
+impl HostedStore {
+    /// The store's name.
+    pub fn name(&self) -> String {
+        with_store!(self, s => s.name().to_owned())
+    }
+    /// Its sequence number.
+    pub fn seq(&self) -> u64 {
+        with_store!(self, s => s.seq())
+    }
+    /// The state as JSON.
+    #[allow(clippy::needless_borrows_for_generic_args)] // `&*` is needed for the non-Copy states
+    pub fn state_json(&self) -> serde_json::Value {
+        with_store!(self, s => serde_json::to_value(&*s.state()).unwrap_or(serde_json::Value::Null))
+    }
+    /// Whether it is the authority.
+    pub fn is_authority(&self) -> bool {
+        with_store!(self, s => s.is_authority())
+    }
+    /// Whether it is connected (an authority always is).
+    pub fn connected(&self) -> bool {
+        with_store!(self, s => s.connected())
+    }
+    fn shutdown(&self) {
+        with_store!(self, s => s.shutdown())
+    }
+    fn add_to(&self, server: &store::Server) {
+        with_store!(self, s => { server.add(s); })
+    }
+    async fn connect(
+        &self,
+        url: &str,
+        login: &str,
+        password: &str,
+    ) -> Result<store::Client, store::ConnectError> {
+        with_store!(self, s => s.connect(url, login, password).await)
+    }
+}
+
+/// The backup of one hosted store, shared with its [`store::Persistence`] adapter.
+struct BackupState {
+    backup: Backup,
+    store: String,
+    schema: u32,
+    /// Last seq handed to the backup (updated under the store's lock).
+    last_seq: AtomicU64,
+    history_id: AtomicU64,
+    last_write: Mutex<Option<Instant>>,
+    failures: Counter,
+    writes: Counter,
+}
+
+impl BackupState {
+    fn wrote(&self) {
+        self.writes.inc();
+        *self.last_write.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+    fn age(&self) -> Option<f64> {
+        self.last_write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed().as_secs_f64())
+    }
+}
+
+/// [`store::Persistence`] over a [`Backup`].
+struct BackupPersistence {
+    state: Arc<BackupState>,
+    restored: Option<backup::Restored>,
+}
+
+impl store::Persistence for BackupPersistence {
+    fn load(&mut self) -> Result<store::Recovered, store::PersistError> {
+        let mut r = store::Recovered::default();
+        if let Some(x) = self.restored.take() {
+            if x.snapshot.store != self.state.store || x.snapshot.schema != self.state.schema {
+                return Err(store::PersistError::new(format!(
+                    "backup holds store {:?} schema {}, not {:?} schema {}",
+                    x.snapshot.store, x.snapshot.schema, self.state.store, self.state.schema
+                )));
+            }
+            r.history_id = x.snapshot.history_id;
+            r.snapshot = Some((x.snapshot.seq, x.snapshot.state.clone()));
+            r.actions = x.journal.into_iter().map(|e| (e.seq, e.action)).collect();
+            let last = r.actions.last().map_or(x.snapshot.seq, |a| a.0);
+            self.state.last_seq.store(last, Ordering::Relaxed);
+            self.state.history_id.store(r.history_id, Ordering::Relaxed);
+        }
+        Ok(r)
+    }
+
+    fn record(
+        &mut self,
+        history_id: u64,
+        first_seq: u64,
+        actions: &[Bytes],
+    ) -> Result<(), store::PersistError> {
+        self.state.history_id.store(history_id, Ordering::Relaxed);
+        for (i, a) in actions.iter().enumerate() {
+            let seq = first_seq + i as u64;
+            // A `Due::Snapshot` is served by the node's backup task.
+            if let Err(e) = self.state.backup.record(seq, a) {
+                self.state.failures.inc();
+                return Err(store::PersistError::new(e.to_string()));
+            }
+            self.state.last_seq.store(seq, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn snapshot(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+    ) -> Result<(), store::PersistError> {
+        self.state.history_id.store(history_id, Ordering::Relaxed);
+        let r = self.state.backup.snapshot(Snapshot {
+            store: self.state.store.clone(),
+            schema: self.state.schema,
+            history_id,
+            seq,
+            state: state.clone(),
+        });
+        match r {
+            Ok(()) => {
+                self.state.wrote();
+                if seq > self.state.last_seq.load(Ordering::Relaxed) {
+                    self.state.last_seq.store(seq, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.state.failures.inc();
+                Err(store::PersistError::new(e.to_string()))
+            }
+        }
+    }
+}
+
+/// One hosted store with its backup and upstream link.
+struct Hosted {
+    settings: StoreSettings,
+    store: HostedStore,
+    backup: Option<Arc<BackupState>>,
+    upstream: Mutex<Option<store::Client>>,
+}
+
+impl Hosted {
+    /// A consistent snapshot of the state (taken under the store's lock).
+    fn take_snapshot(&self, b: &BackupState) -> Result<Snapshot, store::CodecError> {
+        let history_id = b.history_id.load(Ordering::Relaxed);
+        let (seq, state) = with_store!(&self.store, s => {
+            let st = s.state();
+            let seq = b.last_seq.load(Ordering::Relaxed);
+            (seq, Encoding::Binary.encode(&*st)?)
+        });
+        Ok(Snapshot {
+            store: b.store.clone(),
+            schema: b.schema,
+            history_id,
+            seq,
+            state,
+        })
+    }
+
+    fn snapshot_if_due(&self) {
+        let Some(b) = &self.backup else { return };
+        if !b.backup.is_due() {
+            return;
+        }
+        match self.take_snapshot(b) {
+            Ok(snap) => match b.backup.snapshot(snap) {
+                Ok(()) => b.wrote(),
+                Err(e) => {
+                    b.failures.inc();
+                    tracing::warn!(store = %b.store, error = %e, "backup snapshot failed");
+                }
+            },
+            Err(e) => {
+                b.failures.inc();
+                tracing::warn!(store = %b.store, error = %e, "encoding the state failed");
+            }
+        }
+    }
+
+    /// Final snapshot and backup shutdown.
+    fn final_backup(&self) -> anyhow::Result<()> {
+        let Some(b) = &self.backup else { return Ok(()) };
+        let snap = self.take_snapshot(b).ok();
+        b.backup
+            .shutdown(snap)
+            .with_context(|| format!("final backup of store {}", b.store))?;
+        b.wrote();
+        Ok(())
+    }
+}
+
+struct Shared {
+    config: NodeConfig,
+    mesh: mesh::Server,
+    store_server: Option<store::Server>,
+    stores: Vec<Hosted>,
+    registry: Registry,
+    healthy: AtomicBool,
+    started: Instant,
+    status: Mutex<serde_json::Value>,
+    stop: CancellationToken,
+    mesh_urls: Vec<String>,
+    store_urls: Vec<String>,
+    requests: Counter,
+}
+
+impl AdminSource for Shared {
+    fn status(&self) -> serde_json::Value {
+        let mut v = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        v["uptime_s"] = json!(self.started.elapsed().as_secs_f64());
+        v["stores"] = json!(self.stores_json());
+        v
+    }
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+impl Shared {
+    fn stores_json(&self) -> Vec<serde_json::Value> {
+        self.stores
+            .iter()
+            .map(|h| {
+                json!({
+                    "name": h.store.name(),
+                    "reducer": match h.settings.reducer { ReducerKind::Counter => "counter", ReducerKind::Kv => "kv" },
+                    "role": if h.store.is_authority() { "authority" } else { "relay" },
+                    "seq": h.store.seq(),
+                    "connected": h.store.connected(),
+                    "replicas": serde_json::Value::Null,
+                    "backup": h.backup.as_ref().map(|b| json!({
+                        "path": h.settings.backup.as_ref().map(|s| s.path.display().to_string()),
+                        "age_s": b.age(),
+                        "failures": b.failures.get(),
+                    })),
+                })
+            })
+            .collect()
+    }
+
+    /// Refreshes the cached status and the gauges from the mesh.
+    async fn refresh(&self, gauges: &mut BTreeMap<String, ()>) {
+        let (Ok(clones), Ok(groups), Ok(clients)) = (
+            self.mesh.clones().await,
+            self.mesh.groups().await,
+            self.mesh.clients().await,
+        ) else {
+            return;
+        };
+        let r = &self.registry;
+        let up = clones.iter().filter(|c| c.up).count();
+        r.gauge(
+            "replimesh_clones",
+            "Known clones by state",
+            &[("state", "up")],
+        )
+        .set(up as i64);
+        r.gauge(
+            "replimesh_clones",
+            "Known clones by state",
+            &[("state", "down")],
+        )
+        .set((clones.len() - up) as i64);
+        r.gauge("replimesh_clone_links", "Established clone links", &[])
+            .set(clones.iter().filter(|c| c.linked).count() as i64);
+        r.gauge("replimesh_groups", "Local groups", &[])
+            .set(groups.len() as i64);
+        r.gauge(
+            "replimesh_connections",
+            "Open client connections",
+            &[("subsystem", "mesh")],
+        )
+        .set(clients.len() as i64);
+        // Subscriber gauges for up to 200 groups; stale ones are removed.
+        let mut seen = BTreeMap::new();
+        for g in groups.iter().take(200) {
+            r.gauge(
+                "replimesh_group_subscribers",
+                "Local subscribers per group",
+                &[("group", &g.name)],
+            )
+            .set(g.subscribers as i64);
+            seen.insert(g.name.clone(), ());
+        }
+        for old in gauges.keys() {
+            if !seen.contains_key(old) {
+                r.remove("replimesh_group_subscribers", &[("group", old)]);
+            }
+        }
+        *gauges = seen;
+        let me = self.mesh.id().to_owned();
+        let mut clone_rows = vec![
+            json!({"id": me, "url": self.mesh.url(), "up": true, "linked": true, "self": true}),
+        ];
+        let mut links = Vec::new();
+        for c in &clones {
+            clone_rows.push(
+                json!({"id": c.id, "url": c.url, "up": c.up, "linked": c.linked, "self": false}),
+            );
+            if c.linked {
+                links.push(json!({"from": me, "to": c.id}));
+            }
+        }
+        let status = json!({
+            "id": me,
+            "url": self.mesh.url(),
+            "clones": clone_rows,
+            "links": links,
+            "groups": groups.iter().map(|g| json!({"name": g.name, "subscribers": g.subscribers})).collect::<Vec<_>>(),
+            "counters": {
+                "requests": self.requests.get(),
+                "connections": clients.len(),
+                "actions": self.stores.iter().map(|h| h.store.seq()).sum::<u64>(),
+            },
+            "endpoints": {
+                "mesh": self.mesh_urls,
+                "store": self.store_urls,
+                "mesh_ws": self.mesh_urls.iter().filter(|u| u.starts_with("ws")).collect::<Vec<_>>(),
+                "store_ws": self.store_urls.iter().filter(|u| u.starts_with("ws")).collect::<Vec<_>>(),
+            },
+        });
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+    admin: Arc<Mutex<Option<AdminServer>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.shared.config.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tls_for(
+    config: &NodeConfig,
+    serves: Serves,
+    transport: &mut replimesh::transport::Config,
+) -> anyhow::Result<()> {
+    let mut tls = config
+        .listen
+        .iter()
+        .filter(|l| l.serves == serves)
+        .filter_map(|l| Some((l.cert.as_ref()?, l.key.as_ref()?)));
+    if let Some((cert, key)) = tls.next() {
+        let c = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        let k = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+        transport.tls.server = Some(
+            replimesh::transport::TlsConfig::server_from_pem(&c, &k)
+                .with_context(|| format!("certificate {}", cert.display()))?,
+        );
+        if tls.next().is_some() {
+            tracing::warn!("several TLS listeners: all of one subsystem use the first certificate");
+        }
+    }
+    Ok(())
+}
+
+fn make_store(s: &StoreSettings) -> StoreConfig {
+    let mode = match s.mode {
+        Mode::Action => store::SyncMode::Action,
+        Mode::Snapshot => store::SyncMode::Snapshot,
+        Mode::Digest => store::SyncMode::Digest,
+    };
+    StoreConfig::default().mode(mode).resync(s.resync)
+}
+
+type OpenedBackup = (Arc<BackupState>, Box<dyn store::Persistence>);
+
+fn open_backup(
+    s: &StoreSettings,
+    schema: u32,
+    registry: &Registry,
+) -> anyhow::Result<Option<OpenedBackup>> {
+    let Some(b) = &s.backup else { return Ok(None) };
+    let mut bc = BackupConfig::new(&b.path);
+    if let Some(k) = &b.key_file {
+        bc = bc.key(crate::config::read_secret("backup.key_file", k)?);
+    }
+    if let Some((m, t)) = b.kdf {
+        bc = bc.kdf(backup::KdfParams {
+            m_cost_kib: m,
+            t_cost: t,
+            p_cost: 1,
+        });
+    }
+    if b.every > 0 {
+        bc = bc.count(b.every);
+    }
+    if let Some(t) = b.after {
+        bc = bc.timeout(t);
+    }
+    bc = match b.journal {
+        Journal::Off => bc,
+        Journal::Always => bc.journal(FsyncPolicy::Always),
+        Journal::Interval => bc.journal(FsyncPolicy::Every(Duration::from_millis(200))),
+        Journal::Never => bc.journal(FsyncPolicy::Never),
+    };
+    let (backup, restored) =
+        Backup::open(bc).with_context(|| format!("opening the backup of store {}", s.name))?;
+    let labels = [("store", s.name.as_str())];
+    let state = Arc::new(BackupState {
+        backup,
+        store: s.name.clone(),
+        schema,
+        last_seq: AtomicU64::new(0),
+        history_id: AtomicU64::new(0),
+        last_write: Mutex::new(None),
+        failures: registry.counter(
+            "replimesh_backup_failures_total",
+            "Failed backup writes",
+            &labels,
+        ),
+        writes: registry.counter(
+            "replimesh_backup_writes_total",
+            "Backup snapshots written",
+            &labels,
+        ),
+    });
+    let p = BackupPersistence {
+        state: state.clone(),
+        restored,
+    };
+    Ok(Some((state, Box::new(p))))
+}
+
+fn host_store(s: &StoreSettings, registry: &Registry) -> anyhow::Result<Hosted> {
+    let cfg = make_store(s);
+    macro_rules! build {
+        ($reducer:expr, $variant:ident) => {{
+            let reducer = $reducer;
+            let schema = reducer.schema();
+            if s.upstream.is_some() {
+                (HostedStore::$variant(Store::replica(reducer, cfg)), None)
+            } else {
+                match open_backup(s, schema, registry)? {
+                    Some((b, p)) => (
+                        HostedStore::$variant(
+                            Store::authority_with_persistence(reducer, cfg, p)
+                                .map_err(|e| anyhow::anyhow!("store {}: {e}", s.name))?,
+                        ),
+                        Some(b),
+                    ),
+                    None => (HostedStore::$variant(Store::authority(reducer, cfg)), None),
+                }
+            }
+        }};
+    }
+    let name = s.name.clone();
+    let (store, backup) = match s.reducer {
+        ReducerKind::Counter => build!(CounterReducer { name }, Counter),
+        ReducerKind::Kv => build!(Kv { name }, Kv),
+    };
+    Ok(Hosted {
+        settings: s.clone(),
+        store,
+        backup,
+        upstream: Mutex::new(None),
+    })
+}
+
+impl Node {
+    /// Starts everything the configuration describes: stores (restoring
+    /// backups), listeners, clone links, the admin server.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+        let registry = Registry::new();
+        let transport = config.transport();
+
+        // Stores first: a restored authority must exist before replicas attach.
+        let mut stores = Vec::new();
+        for s in &config.stores {
+            stores.push(host_store(s, &registry)?);
+        }
+        let store_listen: Vec<_> = config
+            .listen
+            .iter()
+            .filter(|l| l.serves == Serves::Store)
+            .collect();
+        let (store_server, store_urls) = if store_listen.is_empty() {
+            (None, Vec::new())
+        } else {
+            let mut logins = store::Logins::new();
+            for s in &config.stores {
+                for (user, pw) in &s.logins {
+                    logins
+                        .add_config(user, pw)
+                        .map_err(|e| anyhow::anyhow!("store {} login {user}: {e}", s.name))?;
+                }
+            }
+            let mut sc = store::ServerConfig::with_logins(logins);
+            sc.transport = transport.clone();
+            sc.max_failures = config.limits.max_login_failures;
+            sc.ban_duration = config.limits.ban;
+            tls_for(&config, Serves::Store, &mut sc.transport)?;
+            let server = store::Server::new(sc);
+            for h in &stores {
+                h.store.add_to(&server);
+            }
+            let mut urls = Vec::new();
+            for l in store_listen {
+                urls.push(
+                    server
+                        .listen(&l.url)
+                        .await
+                        .with_context(|| format!("store listener {}", l.url))?,
+                );
+            }
+            (Some(server), urls)
+        };
+
+        // The mesh clone.
+        let mut mc = mesh::ServerConfig {
+            id: Some(config.id.clone()),
+            listen: config
+                .listen
+                .iter()
+                .filter(|l| l.serves == Serves::Mesh)
+                .map(|l| l.url.clone())
+                .collect(),
+            url: config.url.clone(),
+            data: Bytes::from(config.data.clone().into_bytes()),
+            transport: transport.clone(),
+            ..Default::default()
+        };
+        tls_for(&config, Serves::Mesh, &mut mc.transport)?;
+        if let Some(token) = &config.token {
+            let t_in = token.clone().into_bytes();
+            let t_out = Bytes::from(token.clone().into_bytes());
+            mc = mc
+                .auth_in(move |v| v == t_in.as_slice())
+                .auth_out(move |_| t_out.clone());
+        }
+        let mesh = mesh::Server::start(mc)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the mesh clone: {e}"))?;
+        let mesh_urls = mesh.listen_urls().to_vec();
+        let requests = registry.counter(
+            "replimesh_requests_total",
+            "Routed requests and sends handled by this node",
+            &[],
+        );
+        {
+            let requests = requests.clone();
+            mesh.use_middleware(move |_ctx| {
+                requests.inc();
+                async { Ok(mesh::Flow::Next) }
+            });
+        }
+        // Built-in routes: `node/info` (status) and `echo` (any act).
+        mesh.route("echo", "", |ctx| async move { Ok(ctx.data) });
+
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            mesh: mesh.clone(),
+            store_server,
+            stores,
+            registry: registry.clone(),
+            healthy: AtomicBool::new(true),
+            started: Instant::now(),
+            status: Mutex::new(json!({"id": config.id})),
+            stop: CancellationToken::new(),
+            mesh_urls,
+            store_urls,
+            requests,
+        });
+        {
+            let weak = Arc::downgrade(&shared);
+            mesh.route("node", "info", move |_ctx| {
+                let weak = weak.clone();
+                async move {
+                    let v = weak.upgrade().map(|s| s.status()).unwrap_or_default();
+                    Ok(Bytes::from(v.to_string()))
+                }
+            });
+        }
+        register_metrics(&shared);
+
+        // Upstreams of relaying stores (retried in the background until they answer).
+        for (i, h) in shared.stores.iter().enumerate() {
+            if let Some(u) = &h.settings.upstream {
+                let s = shared.clone();
+                let u = u.clone();
+                tokio::spawn(async move {
+                    let mut delay = Duration::from_millis(100);
+                    loop {
+                        let h = &s.stores[i];
+                        match h.store.connect(&u.url, &u.login, &u.password).await {
+                            Ok(c) => {
+                                *h.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(store = %h.settings.name, upstream = %u.url, error = %e, "upstream not reachable yet");
+                            }
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = s.stop.cancelled() => break,
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                });
+            }
+        }
+
+        // Peers.
+        for p in &config.peers {
+            if let Err(e) = mesh.add_clone(&p.id, &p.url, None).await {
+                tracing::warn!(peer = %p.id, url = %p.url, error = %e, "add_clone failed");
+            }
+        }
+
+        // Background: status refresh, backup policies, events.
+        {
+            let s = shared.clone();
+            tokio::spawn(async move {
+                let mut groups = BTreeMap::new();
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = s.stop.cancelled() => break,
+                    }
+                    s.refresh(&mut groups).await;
+                    for h in &s.stores {
+                        h.snapshot_if_due();
+                    }
+                }
+            });
+        }
+        {
+            let s = shared.clone();
+            let mut events = mesh.events();
+            let r = &shared.registry;
+            let auth_err = r.counter(
+                "replimesh_clone_auth_failures_total",
+                "Clone links refused by auth_in",
+                &[],
+            );
+            let errors = r.counter(
+                "replimesh_connection_errors_total",
+                "Protocol errors and failed connections",
+                &[],
+            );
+            let opened = r.counter(
+                "replimesh_connections_opened_total",
+                "Client connections accepted",
+                &[("subsystem", "mesh")],
+            );
+            let noroute = r.counter(
+                "replimesh_no_route_total",
+                "Messages for a route without handler",
+                &[],
+            );
+            tokio::spawn(async move {
+                loop {
+                    let e = tokio::select! {
+                        e = events.recv() => e,
+                        _ = s.stop.cancelled() => break,
+                    };
+                    match e {
+                        None => break,
+                        Some(mesh::ServerEvent::AuthError { .. }) => auth_err.inc(),
+                        Some(mesh::ServerEvent::Error(_)) => errors.inc(),
+                        Some(mesh::ServerEvent::Connection { .. }) => opened.inc(),
+                        Some(mesh::ServerEvent::NoRoute { .. }) => noroute.inc(),
+                        Some(_) => {}
+                    }
+                }
+            });
+        }
+        shared.refresh(&mut BTreeMap::new()).await;
+
+        let admin = match &config.admin {
+            Some(addr) => Some(
+                AdminServer::start(addr, registry.clone(), shared.clone())
+                    .await
+                    .with_context(|| format!("admin listener {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(Node {
+            shared,
+            admin: Arc::new(Mutex::new(admin)),
+        })
+    }
+
+    /// The node's clone id.
+    pub fn id(&self) -> &str {
+        self.shared.mesh.id()
+    }
+
+    /// The mesh clone.
+    pub fn mesh(&self) -> &mesh::Server {
+        &self.shared.mesh
+    }
+
+    /// Bound URLs of the mesh listeners.
+    pub fn mesh_urls(&self) -> &[String] {
+        &self.shared.mesh_urls
+    }
+
+    /// Bound URLs of the store listeners.
+    pub fn store_urls(&self) -> &[String] {
+        &self.shared.store_urls
+    }
+
+    /// The admin server's address, if any.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|a| a.addr())
+    }
+
+    /// The metrics registry.
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// A hosted store by name.
+    pub fn store(&self, name: &str) -> Option<HostedStore> {
+        self.shared
+            .stores
+            .iter()
+            .find(|h| h.settings.name == name)
+            .map(|h| h.store.clone())
+    }
+
+    /// The status document (what `/api/status` serves).
+    pub fn status(&self) -> serde_json::Value {
+        self.shared.status()
+    }
+
+    /// Graceful shutdown: `/health` turns 503, listeners stop, clients are
+    /// told to go elsewhere (close code "going away"), peers are told this
+    /// clone left, final backups are written.
+    pub async fn shutdown(&self) -> anyhow::Result<()> {
+        let s = &self.shared;
+        s.healthy.store(false, Ordering::Relaxed);
+        if let Some(server) = &s.store_server {
+            server.shutdown();
+        }
+        s.mesh.stop().await;
+        s.stop.cancel();
+        let mut result = Ok(());
+        for h in &s.stores {
+            if let Some(c) = h.upstream.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                c.shutdown();
+            }
+            if let Err(e) = h.final_backup() {
+                tracing::error!(error = %e, "final backup failed");
+                result = Err(e);
+            }
+            h.store.shutdown();
+        }
+        if let Some(a) = self.admin.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            a.shutdown();
+        }
+        result
+    }
+}
+
+fn register_metrics(shared: &Arc<Shared>) {
+    let r = &shared.registry;
+    let started = shared.started;
+    r.gauge_fn(
+        "replimesh_uptime_seconds",
+        "Seconds since the node started",
+        &[],
+        move || started.elapsed().as_secs_f64(),
+    );
+    r.gauge_fn(
+        "replimesh_up",
+        "1 while the node accepts work, 0 while draining",
+        &[],
+        {
+            let w = Arc::downgrade(shared);
+            move || w.upgrade().map_or(0.0, |s| s.healthy() as u8 as f64)
+        },
+    );
+    for (i, h) in shared.stores.iter().enumerate() {
+        let labels = [("store", h.settings.name.as_str())];
+        let w = Arc::downgrade(shared);
+        r.gauge_fn(
+            "replimesh_store_seq",
+            "Last committed/applied sequence number",
+            &labels,
+            move || w.upgrade().map_or(0.0, |s| s.stores[i].store.seq() as f64),
+        );
+        let w = Arc::downgrade(shared);
+        r.gauge_fn(
+            "replimesh_store_connected",
+            "1 when the store is connected to its authority (or is it)",
+            &labels,
+            move || {
+                w.upgrade()
+                    .map_or(0.0, |s| s.stores[i].store.connected() as u8 as f64)
+            },
+        );
+        if h.backup.is_some() {
+            let w = Arc::downgrade(shared);
+            r.gauge_fn(
+                "replimesh_backup_age_seconds",
+                "Seconds since the last backup snapshot was written (-1: none yet)",
+                &labels,
+                move || {
+                    w.upgrade()
+                        .and_then(|s| s.stores[i].backup.as_ref().and_then(|b| b.age()))
+                        .unwrap_or(-1.0)
+                },
+            );
+        }
+    }
+}
+
+/// Runs a node until SIGTERM or SIGINT, printing its bound URLs; then shuts
+/// it down gracefully.
+pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let node = Node::start(config).await?;
+    println!("node {}", node.id());
+    for u in node.mesh_urls() {
+        println!("listening mesh {u}");
+    }
+    for u in node.store_urls() {
+        println!("listening store {u}");
+    }
+    if let Some(a) = node.admin_addr() {
+        println!("admin http://{a}/");
+    }
+    println!("ready");
+    tokio::select! {
+        _ = term.recv() => println!("SIGTERM: shutting down"),
+        _ = int.recv() => println!("SIGINT: shutting down"),
+    }
+    node.shutdown().await?;
+    println!("stopped");
+    Ok(())
+}
