@@ -232,6 +232,8 @@ struct JState {
     closed: bool,
     history_id: u64,
     last_seq: u64,
+    /// Seq of the last snapshot handed over (or loaded).
+    snap_seq: u64,
     /// Actions recorded but not yet written (policies other than `Always`), as
     /// `journal::push_entry` plaintext.
     batch: Vec<u8>,
@@ -306,11 +308,9 @@ impl Backup {
                 let mut cur = s.seq;
                 let mut broken = false;
                 for (base, seg) in &segments {
-                    if *base < s.seq && !broken {
-                        // Covered by the snapshot (its deletion was interrupted).
-                        let _ = std::fs::remove_file(seg);
-                        continue;
-                    }
+                    // Segments are read in base order; the actions the snapshot (or an earlier
+                    // segment) already holds are skipped below. A segment starting after `cur`
+                    // follows a gap.
                     if broken || *base > cur {
                         broken = true;
                         let to =
@@ -377,6 +377,7 @@ impl Backup {
                 closed: false,
                 history_id,
                 last_seq,
+                snap_seq: snapshot.as_ref().map_or(0, |s| s.seq),
                 batch: Vec::new(),
                 since_snapshot: journal.len() as u64,
                 first_change: (!journal.is_empty()).then(Instant::now),
@@ -463,13 +464,16 @@ impl Backup {
         Ok(due)
     }
 
-    /// Hands a snapshot to the background writer and returns at once. `snapshot.seq` must be
-    /// the seq of the last recorded action (the state must include exactly the recorded
-    /// actions). The journal switches to a new segment at that seq; older segments are deleted
-    /// once the snapshot is durable. If several snapshots queue up, only the newest is written.
+    /// Hands a snapshot to the background writer and returns at once. `snapshot.seq` is the
+    /// seq of the last action included in the state: usually the last recorded one, but it may
+    /// lag behind (a state captured a few actions ago), never behind an earlier snapshot. The
+    /// journal switches to a new segment; segments whose actions the snapshot covers are
+    /// deleted once it is durable. If several snapshots queue up, only the newest is written.
     ///
-    /// The first snapshot after a fresh start (when [`open`](Self::open) returned `None`) is
-    /// written before this returns, so that the journal always has a base.
+    /// Written before this returns: the first snapshot after a fresh start (when
+    /// [`open`](Self::open) returned `None`), so that the journal always has a base; and, under
+    /// [`FsyncPolicy::Always`], a snapshot ahead of the recorded actions (it holds actions the
+    /// journal does not).
     pub fn snapshot(&self, snapshot: Snapshot) -> Result<(), Error> {
         let seq = snapshot.seq;
         let history_id = snapshot.history_id;
@@ -551,15 +555,28 @@ impl Backup {
         let sh = &*self.shared;
         sh.check_failed()?;
         let mut make = Some(make);
+        let mut wait = wait;
+        let mut old_history_segments = Vec::new();
         let first = {
             let mut w = lock(&sh.w);
             let mut j = lock(&sh.j);
             if j.closed {
                 return Err(Error::Closed);
             }
-            if seq < j.last_seq {
+            if j.started && history_id.is_some_and(|h| h != j.history_id) {
+                // A new history starts over: its snapshot replaces everything (written before
+                // this returns; the old history's segments are deleted after it).
+                wait = true;
+                j.last_seq = seq;
+                j.snap_seq = seq;
+                old_history_segments = list_segments(&sh.path)?
+                    .into_iter()
+                    .filter(|(base, _)| *base != seq)
+                    .collect();
+            }
+            if seq < j.snap_seq {
                 return Err(Error::SeqOutOfOrder {
-                    last: j.last_seq,
+                    last: j.snap_seq,
                     got: seq,
                 });
             }
@@ -571,6 +588,7 @@ impl Backup {
                 let mut j = lock(&sh.j);
                 j.history_id = snap.history_id;
                 j.last_seq = snap.seq;
+                j.snap_seq = snap.seq;
                 j.started = true;
                 j.since_snapshot = 0;
                 j.first_change = None;
@@ -580,10 +598,18 @@ impl Backup {
                 if let Some(h) = history_id {
                     j.history_id = h;
                 }
-                j.last_seq = seq;
+                if seq > j.last_seq && sh.policy == Some(FsyncPolicy::Always) {
+                    // The snapshot holds actions the journal does not: make it durable now.
+                    wait = true;
+                }
+                // The new segment starts after the last recorded action; the old one (up to
+                // that action) stays until a snapshot covers all of it.
+                let base = seq.max(j.last_seq);
+                j.last_seq = base;
+                j.snap_seq = seq;
                 j.since_snapshot = 0;
                 j.first_change = None;
-                sh.switch_segment(&mut w, &mut j, seq)?;
+                sh.switch_segment(&mut w, &mut j, base)?;
                 false
             }
         };
@@ -605,9 +631,13 @@ impl Backup {
                 .map_err(|_| Error::Closed)?;
         }
         match rx {
-            Some(rx) => rx.recv().map_err(|_| Error::Closed)?,
-            None => Ok(()),
+            Some(rx) => rx.recv().map_err(|_| Error::Closed)??,
+            None => return Ok(()),
         }
+        for (_, p) in old_history_segments {
+            fsutil::remove_if_exists(&p).map_err(|e| Error::io(&p, e))?;
+        }
+        Ok(())
     }
 
     fn deadline_locked(&self, j: &JState) -> Option<Instant> {
@@ -808,10 +838,16 @@ impl Shared {
     }
 
     /// Deletes the journal segments covered by a durable snapshot at `seq`.
+    ///
+    /// A segment holds the actions after its base up to the next segment's base, so it is
+    /// covered when the next segment's base is at most `seq`. The last segment is never
+    /// deleted.
     fn delete_covered(&self, seq: u64) -> Result<(), Error> {
-        for (base, p) in list_segments(&self.path)? {
-            if base < seq {
-                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        let segments = list_segments(&self.path)?;
+        for pair in segments.windows(2) {
+            let ((_, p), (next_base, _)) = (&pair[0], &pair[1]);
+            if *next_base <= seq {
+                fsutil::remove_if_exists(p).map_err(|e| Error::io(p, e))?;
             }
         }
         Ok(())

@@ -108,3 +108,11 @@ pub(crate) fn move_aside(path: &Path, tag: &str) -> io::Result<PathBuf> {
     }
     Err(io::Error::other("no free name to move the file aside"))
 }
+
+/// Removes a file; a file that is already gone is fine.
+pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

@@ -269,10 +269,11 @@ pub enum Error {
     /// Argon2id refused the parameters.
     #[error("invalid key derivation parameters: {0}")]
     InvalidKdfParams(String),
-    /// An action or snapshot seq is not after the last recorded one.
-    #[error("sequence number {got} is not after the last recorded {last}")]
+    /// An action's seq is not after the last recorded one, or a snapshot's seq is before the
+    /// previous snapshot's.
+    #[error("sequence number {got} is out of order (after {last})")]
     SeqOutOfOrder {
-        /// The last recorded seq.
+        /// The last recorded seq (actions) or the previous snapshot's seq (snapshots).
         last: u64,
         /// The offending seq.
         got: u64,
