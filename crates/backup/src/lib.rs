@@ -67,6 +67,8 @@
 //! struct BackupPersistence {
 //!     backup: Backup,
 //!     restored: Option<Restored>,
+//!     /// A snapshot exists (loaded or handed over), so the journal has a base.
+//!     based: bool,
 //!     store: String,
 //!     schema: u32,
 //! }
@@ -74,7 +76,8 @@
 //! impl BackupPersistence {
 //!     fn open(config: BackupConfig, store: &str, schema: u32) -> Result<Self, Error> {
 //!         let (backup, restored) = Backup::open(config)?;
-//!         Ok(Self { backup, restored, store: store.into(), schema })
+//!         let based = restored.is_some();
+//!         Ok(Self { backup, restored, based, store: store.into(), schema })
 //!     }
 //!
 //!     fn load(&mut self) -> Recovered {
@@ -89,9 +92,10 @@
 //!     }
 //!
 //!     fn record(&mut self, history_id: u64, first_seq: u64, actions: &[Bytes]) -> Result<(), Error> {
-//!         if first_seq == 1 && self.backup.last_seq() == 0 {
-//!             // First actions of a new history: give the journal its base.
-//!             self.snapshot(history_id, 0, &Bytes::new())?;
+//!         if !self.based {
+//!             // First actions of a history whose initial state was not handed over: give the
+//!             // journal a base.
+//!             self.snapshot(history_id, first_seq - 1, &Bytes::new())?;
 //!         }
 //!         for (i, a) in actions.iter().enumerate() {
 //!             // A `Due::Snapshot` here tells the store's own policy to call `snapshot`.
@@ -101,6 +105,7 @@
 //!     }
 //!
 //!     fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), Error> {
+//!         self.based = true;
 //!         self.backup.snapshot(Snapshot {
 //!             store: self.store.clone(),
 //!             schema: self.schema,
