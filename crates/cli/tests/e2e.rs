@@ -1,0 +1,388 @@
+//! The `replimesh` binary end to end: three `replimesh node` processes from
+//! config files, linked; publish and dispatch through them; SIGTERM one and
+//! see clients move with nothing lost; metrics; bad configs; backup tools.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use replimesh::mesh;
+use replimesh::store::{Client, ClientConfig, Store, StoreConfig};
+use replimesh_cli::admin::http_get;
+use replimesh_cli::metrics::parse_text;
+use replimesh_cli::reducers::{Kv, KvAction};
+
+const BIN: &str = env!("CARGO_BIN_EXE_replimesh");
+
+struct NodeProc {
+    child: Child,
+    mesh: String,
+    store: String,
+    admin: SocketAddr,
+    lines: mpsc::Receiver<String>,
+}
+
+impl NodeProc {
+    fn start(dir: &Path, name: &str, toml: &str) -> NodeProc {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["node", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut mesh, mut store, mut admin) = (None, None, None);
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{name} did not start: {e}"));
+            if let Some(u) = line.strip_prefix("listening mesh ") {
+                mesh.get_or_insert(u.to_owned());
+            } else if let Some(u) = line.strip_prefix("listening store ") {
+                store.get_or_insert(u.to_owned());
+            } else if let Some(a) = line.strip_prefix("admin http://") {
+                admin = Some(a.trim_end_matches('/').parse().unwrap());
+            } else if line == "ready" {
+                break;
+            }
+        }
+        NodeProc {
+            child,
+            mesh: mesh.unwrap(),
+            store: store.unwrap(),
+            admin: admin.unwrap(),
+            lines: rx,
+        }
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn config(id: &str, peer: Option<(&str, &str)>, upstream: Option<&str>) -> String {
+    let mut t = format!(
+        r#"
+id = "{id}"
+admin = "127.0.0.1:0"
+[[listen]]
+url = "tcp://127.0.0.1:0"
+[[listen]]
+url = "tcp://127.0.0.1:0"
+serves = "store"
+[auth]
+token_file = "token"
+[limits]
+idle_timeout_ms = 0
+[[store]]
+name = "kv"
+reducer = "kv"
+logins = {{ app = "app-password" }}
+"#
+    );
+    match upstream {
+        Some(u) => t.push_str(&format!(
+            "[store.upstream]\nurl = \"{u}\"\nlogin = \"app\"\npassword = \"app-password\"\n"
+        )),
+        None => t.push_str(
+            "[store.backup]\npath = \"kv.backup\"\nkey_file = \"backup.key\"\nevery = 50\n\
+             kdf_memory_kib = 1024\nkdf_passes = 1\n",
+        ),
+    }
+    if let Some((pid, purl)) = peer {
+        t.push_str(&format!("[[peer]]\nid = \"{pid}\"\nurl = \"{purl}\"\n"));
+    }
+    t
+}
+
+async fn metric(admin: SocketAddr, name: &str, label: Option<(&str, &str)>) -> f64 {
+    let (code, body) = http_get(admin, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    let samples = parse_text(&body).unwrap_or_else(|e| panic!("bad Prometheus text: {e}\n{body}"));
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name && label.is_none_or(|(k, v)| l.get(k).map(String::as_str) == Some(v))
+        })
+        .map(|s| s.2)
+        .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
+}
+
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_sigterm_one_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "e2e-clone-token\n").unwrap();
+    std::fs::write(dir.path().join("backup.key"), "e2e-backup-pass\n").unwrap();
+    let mut n1 = NodeProc::start(dir.path(), "n1", &config("n1", None, None));
+    let mut n2 = NodeProc::start(
+        dir.path(),
+        "n2",
+        &config("n2", Some(("n1", &n1.mesh)), Some(&n1.store)),
+    );
+    let mut n3 = NodeProc::start(
+        dir.path(),
+        "n3",
+        &config("n3", Some(("n2", &n2.mesh)), Some(&n1.store)),
+    );
+    // Discovery: n3 was only told about n2, and learns n1.
+    wait_until("n3 linked to n1 and n2", async || {
+        metric(n3.admin, "replimesh_clone_links", None).await == 2.0
+    })
+    .await;
+
+    // A subscriber on n2 (n3 as its second URL), a publisher on n3.
+    let mut sc = mesh::ClientConfig::new([n2.mesh.clone(), n3.mesh.clone()]);
+    sc.reconnect_delay = Duration::from_millis(20);
+    let sub = mesh::Client::connect(sc).await.unwrap();
+    let mut inbox = sub.deliveries().unwrap();
+    sub.subscribe(&["e2e"]).unwrap();
+    let publ = mesh::Client::connect(mesh::ClientConfig::new([n3.mesh.clone()]))
+        .await
+        .unwrap();
+    // Probe until the subscription has reached n3.
+    loop {
+        publ.publish(mesh::Groups::one("e2e"), &b"probe"[..], false)
+            .unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), inbox.recv()).await {
+            break;
+        }
+    }
+    while tokio::time::timeout(Duration::from_millis(200), inbox.recv())
+        .await
+        .is_ok()
+    {}
+    let mut got = Vec::new();
+    for i in 0..100u32 {
+        publ.publish_wait(mesh::Groups::one("e2e"), i.to_string().into_bytes(), false)
+            .await
+            .unwrap();
+    }
+    while got.len() < 100 {
+        let d = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+            .await
+            .expect("a message was lost")
+            .unwrap();
+        got.push(String::from_utf8(d.data.to_vec()).unwrap());
+    }
+    let want: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    assert_eq!(got, want);
+
+    // Requests through n1 move its request counter; the store replica on
+    // n2 dispatches through the relay.
+    let asker = mesh::Client::connect(mesh::ClientConfig::new([n1.mesh.clone()]))
+        .await
+        .unwrap();
+    let before = metric(n1.admin, "replimesh_requests_total", None).await;
+    let echo = asker.request("echo", "", &b"hi"[..]).await.unwrap();
+    assert_eq!(&echo[..], b"hi");
+    let info = asker.request("node", "info", &b""[..]).await.unwrap();
+    assert!(String::from_utf8_lossy(&info).contains("\"n1\""));
+    assert!(metric(n1.admin, "replimesh_requests_total", None).await >= before + 2.0);
+
+    let replica = Store::replica(Kv { name: "kv".into() }, StoreConfig::default());
+    let mut cc = ClientConfig::new("app", "app-password");
+    cc.reconnect_min = Duration::from_millis(20);
+    let link2 = replica.connect_with(&n2.store, cc.clone()).await.unwrap();
+    for i in 0..50 {
+        replica
+            .dispatch(KvAction::Set {
+                key: format!("k{i}"),
+                value: i.to_string(),
+            })
+            .await
+            .unwrap();
+    }
+    wait_until("n1 seq 50", async || {
+        metric(n1.admin, "replimesh_store_seq", Some(("store", "kv"))).await == 50.0
+    })
+    .await;
+
+    // SIGTERM n2: it exits 0; the subscriber moves to n3; the replica's
+    // dispatches made meanwhile wait in its outbox and are committed once
+    // through n3.
+    let pending: Vec<_> = (50..60)
+        .map(|i| {
+            replica
+                .try_dispatch(&KvAction::Set {
+                    key: format!("k{i}"),
+                    value: i.to_string(),
+                })
+                .unwrap()
+        })
+        .collect();
+    let status = n2.sigterm();
+    assert!(status.success(), "n2 exited with {status}");
+    assert!(n2.lines.try_iter().any(|l| l == "stopped"));
+    drop(link2);
+    let link3 = Client::connect(&n3.store, cc).await.unwrap();
+    link3.attach(&replica).await.unwrap();
+    for p in pending {
+        p.await.unwrap();
+    }
+    // The subscriber is on n3 now, with its subscription restored.
+    wait_until("subscriber on n3", async || {
+        sub.info().connected_to.as_deref() == Some(n3.mesh.as_str())
+    })
+    .await;
+    loop {
+        publ.publish(mesh::Groups::one("e2e"), &b"probe"[..], false)
+            .unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), inbox.recv()).await {
+            break;
+        }
+    }
+    while tokio::time::timeout(Duration::from_millis(200), inbox.recv())
+        .await
+        .is_ok()
+    {}
+    for i in 100..200u32 {
+        publ.publish_wait(mesh::Groups::one("e2e"), i.to_string().into_bytes(), false)
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        let d = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+            .await
+            .expect("a message was lost after the move")
+            .unwrap();
+        got.push(String::from_utf8(d.data.to_vec()).unwrap());
+    }
+    let want: Vec<String> = (100..200).map(|i| i.to_string()).collect();
+    assert_eq!(got, want);
+    // Every dispatch exactly once.
+    wait_until("n1 seq 60", async || {
+        metric(n1.admin, "replimesh_store_seq", Some(("store", "kv"))).await == 60.0
+    })
+    .await;
+    replica.wait_for(60).await;
+    assert_eq!(replica.state().len(), 60);
+    assert_eq!(replica.seq(), 60);
+    // n3's view: n2 is down or forgotten.
+    wait_until("n3 sees one link", async || {
+        metric(n3.admin, "replimesh_clone_links", None).await == 1.0
+    })
+    .await;
+
+    // SIGTERM the authority: final backup, readable by `replimesh backup`.
+    sub.close();
+    publ.close();
+    asker.close();
+    link3.shutdown();
+    assert!(n3.sigterm().success());
+    assert!(n1.sigterm().success());
+    let backup = dir.path().join("kv.backup");
+    let out = Command::new(BIN)
+        .args(["backup", "verify"])
+        .arg(&backup)
+        .arg("--key-file")
+        .arg(dir.path().join("backup.key"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("seq 60"), "{text}");
+    let out = Command::new(BIN)
+        .args(["backup", "inspect"])
+        .arg(&backup)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("AES-256-GCM"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[[listen]]\nurl = \"http://127.0.0.1:1\"\n",
+            "listen[0].url",
+        ),
+        (
+            "[[listen]]\nurl = \"wss://127.0.0.1:1/\"\n",
+            "listen[0].cert",
+        ),
+        (
+            "[[store]]\nname = \"s\"\nmode = \"turbo\"\n",
+            "store[0].mode",
+        ),
+        ("[limits]\nmax_frame = \"huge\"\n", "limits.max_frame"),
+        ("admin = \"localhost\"\n", "admin"),
+        ("colour = \"red\"\n", "colour"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["node", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{text}: {err}");
+        assert!(
+            err.contains(key),
+            "{text}: error does not name `{key}`: {err}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["node", "--config"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
