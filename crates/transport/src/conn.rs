@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Buf;
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use proto::{frame::Body, CloseCode, CodecError, Frame, FrameCodec, Message as _};
+use proto::{frame::Body, CloseCode, Frame, FrameCodec, Message as _, LENGTH_PREFIX};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -660,15 +661,34 @@ async fn stream_reader<R: AsyncRead + Unpin>(
     config: Config,
 ) {
     const READ_CHUNK: usize = 128 * 1024;
+    let max = codec.max_frame();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // A large frame being read straight into its own buffer: (buffer, length).
+    let mut big: Option<(BytesMut, usize)> = None;
+    // After a large frame, read the next length prefix alone, so a following
+    // large frame is not split across a shared buffer (which would copy it).
+    let mut prefix_only = false;
     let mut timers = Timers::new(&config);
     let mut last = Instant::now();
     let reason = 'outer: loop {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        if big.is_none() && buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
+        let read = async {
+            match &mut big {
+                Some((b, len)) => {
+                    let want = (*len - b.len()) as u64;
+                    (&mut reader).take(want).read_buf(b).await
+                }
+                None if prefix_only && buf.len() < LENGTH_PREFIX => {
+                    let want = (LENGTH_PREFIX - buf.len()) as u64;
+                    (&mut reader).take(want).read_buf(&mut buf).await
+                }
+                None => reader.read_buf(&mut buf).await,
+            }
+        };
         tokio::select! {
-            r = reader.read_buf(&mut buf) => match r {
+            r = read => match r {
                 Ok(0) => break RecvError::Eof,
                 Ok(_) => {}
                 Err(e) => break io_reason(e),
@@ -683,24 +703,22 @@ async fn stream_reader<R: AsyncRead + Unpin>(
         }
         last = Instant::now();
         let mut batch = Vec::new();
-        loop {
-            match codec.split_frame(&mut buf) {
-                Ok(Some(body)) => match handle_body(&shared, body) {
-                    Incoming::Deliver(b) => batch.push(b),
-                    Incoming::Handled => {}
-                    Incoming::End(r) => {
-                        if !batch.is_empty() {
-                            let _ = tx.send(std::mem::take(&mut batch)).await;
-                        }
-                        break 'outer r;
-                    }
-                    Incoming::Malformed(why) => {
-                        refuse(&shared, CloseCode::ProtocolError, &why);
-                        break 'outer RecvError::Malformed(why);
-                    }
-                },
-                Ok(None) => break,
-                Err(CodecError::FrameTooLarge { len, max }) => {
+        let mut bodies = Vec::new();
+        match big.take() {
+            Some((b, len)) if b.len() == len => {
+                bodies.push(b.freeze());
+                prefix_only = true;
+            }
+            Some(partial) => {
+                big = Some(partial);
+                continue;
+            }
+            None => loop {
+                if buf.len() < LENGTH_PREFIX {
+                    break;
+                }
+                let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                if len > max {
                     refuse(
                         &shared,
                         CloseCode::FrameTooLarge,
@@ -708,7 +726,38 @@ async fn stream_reader<R: AsyncRead + Unpin>(
                     );
                     break 'outer RecvError::FrameTooLarge { len, max };
                 }
-                Err(e) => break 'outer RecvError::Malformed(e.to_string()),
+                if buf.len() >= LENGTH_PREFIX + len {
+                    buf.advance(LENGTH_PREFIX);
+                    bodies.push(buf.split_to(len).freeze());
+                    continue;
+                }
+                // Incomplete; the length is within the limit, so allocating for it is bounded.
+                if len >= LARGE_FRAME {
+                    let mut b = BytesMut::with_capacity(len);
+                    b.extend_from_slice(&buf[LENGTH_PREFIX..]);
+                    buf.clear();
+                    big = Some((b, len));
+                } else {
+                    prefix_only = false;
+                    buf.reserve(LENGTH_PREFIX + len - buf.len());
+                }
+                break;
+            },
+        }
+        for body in bodies {
+            match handle_body(&shared, body) {
+                Incoming::Deliver(b) => batch.push(b),
+                Incoming::Handled => {}
+                Incoming::End(r) => {
+                    if !batch.is_empty() {
+                        let _ = tx.send(std::mem::take(&mut batch)).await;
+                    }
+                    break 'outer r;
+                }
+                Incoming::Malformed(why) => {
+                    refuse(&shared, CloseCode::ProtocolError, &why);
+                    break 'outer RecvError::Malformed(why);
+                }
             }
         }
         if !batch.is_empty() {
