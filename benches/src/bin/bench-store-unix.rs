@@ -1,0 +1,273 @@
+//! Scenario `store-unix`: 1 authority (this process) and 4 replica processes
+//! over `unix://`, all replicas dispatching increments; measures the time
+//! until every replica has applied every action (actions/s), and the
+//! authority's RSS at the end. The same code runs `store-tcp` and `store-ws`
+//! (they include this file) and `store-latency`.
+//! Run it with `cargo xtask bench store-unix`; see `docs/store.md`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use replimesh_benches::{
+    emit, exit_when_parent_goes, median, rounds, tell_parent, watchdog, ChildRole, TempDir,
+    CHILD_FLAG,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use store::{Logins, Reducer, ServerConfig, Store, StoreConfig};
+
+const REPLICAS: usize = 4;
+const LOGIN: &str = "bench";
+const PASSWORD: &str = "bench-password";
+
+/// The benchmark's store: a counter and a round marker.
+pub(crate) struct Bench;
+
+/// State of [`Bench`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct BenchState {
+    round: u32,
+    count: u64,
+}
+
+/// Actions of [`Bench`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum BenchAction {
+    /// Start of a round (dispatched by the authority).
+    Start(u32),
+    /// An increment.
+    Inc,
+}
+
+impl Reducer for Bench {
+    type State = BenchState;
+    type Action = BenchAction;
+    fn name(&self) -> &str {
+        "bench"
+    }
+    fn initial_state(&self) -> BenchState {
+        BenchState::default()
+    }
+    fn reduce(&self, s: &mut BenchState, a: &BenchAction) {
+        match a {
+            BenchAction::Start(r) => s.round = *r,
+            BenchAction::Inc => s.count += 1,
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Entry point shared by the `store-*` scenarios.
+pub(crate) fn run(scenario: &str, scheme: &str) -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(CHILD_FLAG) {
+        exit_when_parent_goes(Duration::from_secs(120));
+        return runtime()?.block_on(child(&args[2..]));
+    }
+    watchdog(Duration::from_secs(150), "store bench");
+    // Multi-threaded: reading the children's answers blocks a thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(parent(scenario, scheme))
+}
+
+async fn serve(scheme: &str, dir: &TempDir) -> Result<(Store<Bench>, store::Server, String)> {
+    let authority = Store::authority(Bench, StoreConfig::default());
+    let mut logins = Logins::new();
+    logins.add(LOGIN, PASSWORD)?;
+    let url = match scheme {
+        "unix" => format!("unix://{}/store.sock", dir.path().display()),
+        "tcp" => "tcp://127.0.0.1:0".to_owned(),
+        "ws" => "ws://127.0.0.1:0/store".to_owned(),
+        other => bail!("unknown scheme {other}"),
+    };
+    let server = authority
+        .serve(&url, ServerConfig::with_logins(logins))
+        .await?;
+    let url = server.urls().first().cloned().context("no url")?;
+    Ok((authority, server, url))
+}
+
+async fn parent(scenario: &str, scheme: &str) -> Result<()> {
+    let dir = TempDir::new(scenario)?;
+    let (authority, _server, url) = serve(scheme, &dir).await?;
+    let latency = scenario == "store-latency";
+    let per_replica = env_u64("STORE_BENCH_ACTIONS", 250_000);
+    let nrounds = if latency { 1 } else { rounds(3) } as u32;
+    let rate = 200u64;
+    let samples = env_u64("STORE_BENCH_SAMPLES", 1000);
+    let mut children = Vec::new();
+    for i in 0..REPLICAS {
+        let role = if latency {
+            if i == 0 {
+                "probe"
+            } else {
+                "idle"
+            }
+        } else {
+            "load"
+        };
+        let args = [
+            "replica".to_owned(),
+            url.clone(),
+            role.to_owned(),
+            per_replica.to_string(),
+            nrounds.to_string(),
+            samples.to_string(),
+            rate.to_string(),
+        ];
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        children.push(ChildRole::spawn(&refs)?);
+    }
+    for c in &mut children {
+        let line = read_line(c).await?;
+        if line != "ready" {
+            bail!("child said {line:?}");
+        }
+    }
+    let params =
+        json!({"replicas": REPLICAS, "transport": scheme, "mode": "action", "resync": 1000});
+    if latency {
+        authority.dispatch(BenchAction::Start(1)).await?;
+        let line = read_line(&mut children[0]).await?;
+        let mut it = line.split_whitespace();
+        let (Some("lat"), Some(p50), Some(p99)) = (it.next(), it.next(), it.next()) else {
+            bail!("probe said {line:?}");
+        };
+        let p50: f64 = p50.parse()?;
+        let p99: f64 = p99.parse()?;
+        let mut p = params.clone();
+        p["rate_per_s"] = json!(rate);
+        p["samples"] = json!(samples);
+        emit(scenario, "dispatch_to_committed_p50", p50, "ms", p.clone());
+        emit(scenario, "dispatch_to_committed_p99", p99, "ms", p);
+    } else {
+        let mut rates = Vec::new();
+        for r in 1..=nrounds {
+            let start = Instant::now();
+            authority.dispatch(BenchAction::Start(r)).await?;
+            for c in &mut children {
+                let line = read_line(c).await?;
+                if line != format!("done {r}") {
+                    bail!("child said {line:?}");
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let total = per_replica * REPLICAS as u64;
+            let rate = total as f64 / secs;
+            eprintln!("{scenario}: round {r}: {total} actions applied everywhere in {secs:.3} s = {rate:.0}/s");
+            rates.push(rate);
+        }
+        let mut p = params.clone();
+        p["actions_per_round"] = json!(per_replica * REPLICAS as u64);
+        p["rounds"] = json!(nrounds);
+        emit(
+            scenario,
+            "actions_applied_everywhere",
+            median(&rates),
+            "actions/s",
+            p.clone(),
+        );
+        let state_bytes = std::mem::size_of::<BenchState>();
+        p["state_bytes"] = json!(state_bytes);
+        emit(scenario, "authority_rss", rss_mib(), "MiB", p);
+    }
+    for c in children {
+        c.finish()?;
+    }
+    Ok(())
+}
+
+async fn read_line(c: &mut ChildRole) -> Result<String> {
+    tokio::task::block_in_place(|| c.read_line())
+}
+
+async fn child(args: &[String]) -> Result<()> {
+    let [kind, url, role, per, nrounds, samples, rate] = args else {
+        bail!("bad child arguments {args:?}");
+    };
+    if kind != "replica" {
+        bail!("unknown child role {kind}");
+    }
+    let per: u64 = per.parse()?;
+    let nrounds: u64 = nrounds.parse()?;
+    let samples: u64 = samples.parse()?;
+    let rate: u64 = rate.parse()?;
+    let store = Store::replica(Bench, StoreConfig::default());
+    let _client = store.connect(url, LOGIN, PASSWORD).await?;
+    tell_parent("ready");
+    match role.as_str() {
+        "load" => {
+            for r in 1..=nrounds {
+                // The round starts with the authority's marker.
+                let start_seq = (r - 1) * (per * REPLICAS as u64 + 1) + 1;
+                store.wait_for(start_seq).await;
+                let mut sent = 0;
+                while sent < per {
+                    match store.try_dispatch(&BenchAction::Inc) {
+                        Ok(_) => sent += 1,
+                        Err(store::DispatchError::OutboxFull { .. }) => {
+                            tokio::time::sleep(Duration::from_micros(200)).await
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    if sent % 4096 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                store.wait_for(r * (per * REPLICAS as u64 + 1)).await;
+                tell_parent(&format!("done {r}"));
+            }
+        }
+        "probe" => {
+            store.wait_for(1).await;
+            let mut lat = Vec::with_capacity(samples as usize);
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+            for _ in 0..samples {
+                tick.tick().await;
+                let t = Instant::now();
+                store.dispatch(BenchAction::Inc).await?;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat.sort_by(f64::total_cmp);
+            let p50 = lat[lat.len() / 2];
+            let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+            tell_parent(&format!("lat {p50} {p99}"));
+        }
+        _ => {}
+    }
+    // Stay connected until the parent closes our stdin.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn main() -> Result<()> {
+    run("store-unix", "unix")
+}
