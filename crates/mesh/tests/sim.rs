@@ -79,6 +79,8 @@ struct Node {
     links: HashMap<LinkId, (usize, usize)>,
     permanent_death: bool,
     restart_at: Option<Duration>,
+    /// The core's next deadline, refreshed after every call into it.
+    deadline: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
@@ -157,6 +159,7 @@ impl Sim {
                 links: HashMap::new(),
                 permanent_death: false,
                 restart_at: None,
+                deadline: Duration::MAX,
             });
             sim.start(i);
         }
@@ -165,7 +168,7 @@ impl Sim {
 
     fn cfg(&self, i: usize, inc: u64) -> CoreConfig {
         let mut c = CoreConfig::new(name(i), url(i), inc);
-        c.gossip_interval = Duration::from_millis(500);
+        c.gossip_interval = Duration::from_millis(1000);
         c.forget_after = Duration::from_millis(1000);
         c.dial_backoff_min = Duration::from_millis(10);
         c.dial_backoff_max = Duration::from_millis(400);
@@ -188,6 +191,7 @@ impl Sim {
         for j in configured {
             self.with_core(i, |c, now| c.add_clone(&name(j), &url(j), now).unwrap());
         }
+        self.drain(i);
     }
 
     fn push(&mut self, at: Duration, node: usize, ev: Ev) {
@@ -222,10 +226,14 @@ impl Sim {
     fn drain(&mut self, i: usize) {
         loop {
             let Some(a) = self.nodes[i].core.as_mut().and_then(|c| c.poll_action()) else {
-                return;
+                break;
             };
             self.act(i, a);
         }
+        self.nodes[i].deadline = self.nodes[i]
+            .core
+            .as_ref()
+            .map_or(Duration::MAX, |c| c.next_deadline());
     }
 
     fn act(&mut self, i: usize, a: Action) {
@@ -610,8 +618,8 @@ impl Sim {
                 t = t.min(*et);
             }
             for n in &self.nodes {
-                if let Some(c) = &n.core {
-                    t = t.min(c.next_deadline());
+                if n.core.is_some() {
+                    t = t.min(n.deadline);
                 }
                 if let Some(r) = n.restart_at {
                     t = t.min(r);
@@ -655,11 +663,7 @@ impl Sim {
                 self.handle(node, ev);
             }
             for i in 0..self.nodes.len() {
-                if self.nodes[i]
-                    .core
-                    .as_ref()
-                    .is_some_and(|c| c.next_deadline() <= now)
-                {
+                if self.nodes[i].core.is_some() && self.nodes[i].deadline <= now {
                     self.with_core(i, |c, now| c.tick(now));
                 }
             }

@@ -505,7 +505,12 @@ impl Core {
         let Some(rec) = self.clones.get(id) else {
             return false;
         };
-        let inc = rec.incarnation;
+        // never linked: its incarnation is unknown, refuse every incarnation
+        let inc = if rec.incarnation == 0 {
+            u64::MAX
+        } else {
+            rec.incarnation
+        };
         self.remove_clone(id, now);
         self.tombs.insert(
             id.to_string(),
