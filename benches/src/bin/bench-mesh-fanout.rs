@@ -59,20 +59,23 @@ async fn run() -> Result<()> {
             let k = counter.clone();
             tokio::spawn(async move {
                 let mut next = 0u64;
-                while let Some(d) = inbox.recv().await {
-                    let seq = u64::from_le_bytes(d.data[..8].try_into().unwrap_or([0; 8]));
-                    if seq == WARMUP {
-                        k.received.fetch_max(1, Ordering::Relaxed);
-                        continue;
+                let mut buf = Vec::with_capacity(1024);
+                while inbox.recv_many(&mut buf, 1024).await > 0 {
+                    for d in buf.drain(..) {
+                        let seq = u64::from_le_bytes(d.data[..8].try_into().unwrap_or([0; 8]));
+                        if seq == WARMUP {
+                            k.received.fetch_max(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if seq < next {
+                            k.dup.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if seq > next {
+                            k.lost.fetch_add(seq - next, Ordering::Relaxed);
+                        }
+                        next = seq + 1;
                     }
-                    if seq < next {
-                        k.dup.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if seq > next {
-                        k.lost.fetch_add(seq - next, Ordering::Relaxed);
-                    }
-                    next = seq + 1;
                     k.received.store(next + 1, Ordering::Relaxed);
                 }
             });

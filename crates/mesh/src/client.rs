@@ -93,6 +93,16 @@ impl Deliveries {
     pub fn try_recv(&mut self) -> Option<Delivery> {
         self.rx.try_recv().ok()
     }
+
+    /// Waits for at least one delivery and appends up to `limit` to `buf`;
+    /// returns how many (0 once the client is closed). Cheaper than
+    /// [`Deliveries::recv`] under load.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Delivery>, limit: usize) -> usize {
+        self.rx.recv_many(buf, limit).await
+    }
 }
 
 /// What [`Client::info`] reports.
