@@ -539,9 +539,9 @@ async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver) {
             Some(Body::Response(r)) => peer.resolve(r),
             Some(b @ (Body::Request(_) | Body::Send(_))) => {
                 let (router, p) = (c.inner.router.clone(), peer.clone());
-                tokio::spawn(async move {
+                crate::server::run_or_spawn(Box::pin(async move {
                     handle_routed(&router, &p, None, b).await;
-                });
+                }));
             }
             _ => {}
         }

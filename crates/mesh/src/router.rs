@@ -239,7 +239,8 @@ pub struct Router {
 #[derive(Default)]
 struct RouterInner {
     middlewares: Vec<Middleware>,
-    routes: HashMap<(String, String), Handler>,
+    /// route -> act -> handler.
+    routes: HashMap<String, HashMap<String, Handler>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -283,7 +284,9 @@ impl Router {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .routes
-            .insert((route.to_string(), act.to_string()), h);
+            .entry(route.to_string())
+            .or_default()
+            .insert(act.to_string(), h);
     }
 
     pub(crate) async fn dispatch(&self, ctx: Ctx) -> Routed {
@@ -291,10 +294,15 @@ impl Router {
             let r = self.inner.read().unwrap_or_else(|e| e.into_inner());
             let h = r
                 .routes
-                .get(&(ctx.route.clone(), ctx.act.clone()))
-                .or_else(|| r.routes.get(&(ctx.route.clone(), String::new())))
+                .get(ctx.route.as_str())
+                .and_then(|acts| acts.get(ctx.act.as_str()).or_else(|| acts.get("")))
                 .cloned();
-            (r.middlewares.clone(), h)
+            let mws = if r.middlewares.is_empty() {
+                Vec::new()
+            } else {
+                r.middlewares.clone()
+            };
+            (mws, h)
         };
         for m in mws {
             match m(ctx.clone()).await {

@@ -844,11 +844,12 @@ async fn serve_client(
                 // handlers run in their own task: one may await a response
                 // from this very client, which this loop must read
                 let (srv, p) = (server.clone(), peer.clone());
-                tokio::spawn(async move {
+                let fut = Box::pin(async move {
                     if handle_routed(&srv.shared.router, &p, Some(srv.clone()), b).await {
                         srv.event(ServerEvent::NoRoute { route, act });
                     }
                 });
+                run_or_spawn(fut);
                 true
             }
             Body::Hello(_) | Body::Welcome(_) => {
@@ -864,6 +865,15 @@ async fn serve_client(
     peer.fail_all();
     let _ = server.cmd(Cmd::ClientDown(key));
     server.event(ServerEvent::ClientClosed { key, id });
+}
+
+/// Runs a handler future here if it completes at once, else in its own task
+/// (it may await a response that the caller's read loop must read).
+pub(crate) fn run_or_spawn(mut fut: std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>) {
+    use futures_util::FutureExt;
+    if (&mut fut).now_or_never().is_none() {
+        tokio::spawn(fut);
+    }
 }
 
 /// Dials a clone: connect, hello with the auth value, wait for welcome.
