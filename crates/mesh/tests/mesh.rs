@@ -575,7 +575,8 @@ async fn groups_not_to_me_all_and_cluster_wide_delete() {
         a.groups().await.unwrap().len() == 2 && b.groups().await.unwrap().len() == 2
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // let interest reach the other clone
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // not_to_me: the publisher does not get its own message
     pa.publish(
         Groups::Some(vec!["g1".into(), "g2".into()]),

@@ -728,6 +728,19 @@ impl Sim {
                 }
             }
         }
+        // one link per pair
+        let mut pairs: HashMap<(usize, usize), usize> = HashMap::new();
+        for c in &self.conns {
+            if !c.dead && c.up_since.is_some() && c.up_until.is_none() {
+                let k = (c.side[0].min(c.side[1]), c.side[0].max(c.side[1]));
+                *pairs.entry(k).or_default() += 1;
+            }
+        }
+        assert!(
+            pairs.values().all(|&n| n == 1),
+            "seed {}: duplicate links {pairs:?}",
+            self.seed
+        );
         assert!(
             self.late_dials.is_empty(),
             "seed {}: dead addresses redialed: {:?}",

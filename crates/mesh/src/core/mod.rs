@@ -1646,3 +1646,66 @@ fn new_rec(
         down_since: Some(now),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(c: &Core) -> PeerInfo {
+        PeerInfo {
+            id: c.id().to_string(),
+            url: c.url().to_string(),
+            incarnation: c.incarnation(),
+        }
+    }
+
+    fn dial_of(c: &mut Core) -> LinkId {
+        loop {
+            match c.poll_action() {
+                Some(Action::Dial { link, .. }) => return link,
+                Some(_) => {}
+                None => panic!("no dial"),
+            }
+        }
+    }
+
+    #[test]
+    fn simultaneous_dials_keep_the_link_of_the_lower_id() {
+        let t = Duration::ZERO;
+        let mut a = Core::new(CoreConfig::new("a", "x://a", 1), t);
+        let mut b = Core::new(CoreConfig::new("b", "x://b", 1), t);
+        a.add_clone("b", "x://b", t).unwrap();
+        b.add_clone("a", "x://a", t).unwrap();
+        let da = dial_of(&mut a);
+        let db = dial_of(&mut b);
+        // both hellos arrive before either welcome
+        let la = a.new_link_id();
+        assert_eq!(a.accept(la, info(&b), t), Err(Refusal::Duplicate));
+        let lb = b.new_link_id();
+        assert_eq!(b.accept(lb, info(&a), t), Ok(()));
+        assert_eq!(a.dial_ok(da, info(&b), t), Ok(()));
+        b.link_down(db, t); // refused by a
+        assert_eq!(a.link_peer(da), Some("b"));
+        assert_eq!(b.link_peer(lb), Some("a"));
+        assert_eq!(a.link_count(), 1);
+        assert_eq!(b.link_count(), 1);
+        assert_eq!(a.add_clone("a", "x://a", t), Err(CoreError::AddSelf));
+    }
+
+    #[test]
+    fn deleted_clone_is_refused_until_it_restarts_or_is_added() {
+        let t = Duration::ZERO;
+        let mut a = Core::new(CoreConfig::new("a", "x://a", 1), t);
+        let b = Core::new(CoreConfig::new("b", "x://b", 5), t);
+        let l = a.new_link_id();
+        a.accept(l, info(&b), t).unwrap();
+        assert!(a.delete_clone("b", t));
+        assert!(a.clones().is_empty());
+        let l2 = a.new_link_id();
+        assert_eq!(a.accept(l2, info(&b), t), Err(Refusal::Deleted));
+        let b6 = Core::new(CoreConfig::new("b", "x://b", 6), t);
+        let l3 = a.new_link_id();
+        assert_eq!(a.accept(l3, info(&b6), t), Ok(()));
+        assert_eq!(a.clones().len(), 1);
+    }
+}
