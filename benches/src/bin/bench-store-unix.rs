@@ -100,7 +100,16 @@ pub(crate) fn run(scenario: &str, scheme: &str) -> Result<()> {
 async fn serve(scheme: &str, dir: &TempDir) -> Result<(Store<Bench>, store::Server, String)> {
     let authority = Store::authority(Bench, StoreConfig::default());
     let mut logins = Logins::new();
-    logins.add(LOGIN, PASSWORD)?;
+    if std::env::var("STORE_BENCH_CHEAP_LOGIN").is_ok() {
+        let cheap = store::HashCost {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        logins.add_with_cost(LOGIN, PASSWORD, cheap)?;
+    } else {
+        logins.add(LOGIN, PASSWORD)?;
+    }
     let url = match scheme {
         "unix" => format!("unix://{}/store.sock", dir.path().display()),
         "tcp" => "tcp://127.0.0.1:0".to_owned(),
@@ -116,7 +125,12 @@ async fn serve(scheme: &str, dir: &TempDir) -> Result<(Store<Bench>, store::Serv
 
 async fn parent(scenario: &str, scheme: &str) -> Result<()> {
     let dir = TempDir::new(scenario)?;
+    eprintln!("{scenario}: authority RSS at start: {:.1} MiB", rss_mib());
     let (authority, _server, url) = serve(scheme, &dir).await?;
+    eprintln!(
+        "{scenario}: authority RSS after serve: {:.1} MiB",
+        rss_mib()
+    );
     let latency = scenario == "store-latency";
     let per_replica = env_u64("STORE_BENCH_ACTIONS", 250_000);
     let nrounds = if latency { 1 } else { rounds(3) } as u32;
@@ -151,6 +165,10 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
             bail!("child said {line:?}");
         }
     }
+    eprintln!(
+        "{scenario}: authority RSS before the rounds: {:.1} MiB",
+        rss_mib()
+    );
     let params =
         json!({"replicas": REPLICAS, "transport": scheme, "mode": "action", "resync": 1000});
     if latency {
@@ -233,7 +251,8 @@ async fn child(args: &[String]) -> Result<()> {
                     match store.try_dispatch(&BenchAction::Inc) {
                         Ok(_) => sent += 1,
                         Err(store::DispatchError::OutboxFull { .. }) => {
-                            tokio::time::sleep(Duration::from_micros(200)).await
+                            // Room comes back as actions are applied.
+                            store.wait_for(store.seq() + 1).await
                         }
                         Err(e) => return Err(e.into()),
                     }

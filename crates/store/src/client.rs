@@ -41,7 +41,7 @@ impl ClientConfig {
     /// A configuration with a login and a password.
     pub fn new(login: &str, password: &str) -> Self {
         ClientConfig {
-            transport: transport::Config::default(),
+            transport: crate::server::queue_limited(transport::Config::default()),
             login: login.to_owned(),
             password: password.to_owned(),
             reconnect_min: Duration::from_millis(50),

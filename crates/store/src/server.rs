@@ -29,6 +29,7 @@ const ACK_BACKLOG: usize = 1 << 18;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Transport settings (TLS certificates for `tls://` and `wss://`).
+    /// The default bounds each connection's outbound queue to 1 MiB.
     pub transport: transport::Config,
     /// Who may connect.
     pub logins: Logins,
@@ -47,7 +48,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            transport: transport::Config::default(),
+            transport: queue_limited(transport::Config::default()),
             logins: Logins::new(),
             max_failures: 5,
             ban_duration: Duration::from_secs(3 * 3600),
@@ -67,6 +68,18 @@ impl ServerConfig {
     }
 }
 
+/// Default bound of a store connection's outbound queue: followers are fed
+/// from the backlog as the queue drains, so a deep queue only costs memory.
+pub(crate) const STORE_QUEUE_BYTES: usize = 1 << 20;
+
+pub(crate) fn queue_limited(mut c: transport::Config) -> transport::Config {
+    c.max_queue_bytes = STORE_QUEUE_BYTES;
+    // Received batches waiting for the store: a few keep the socket busy;
+    // more only hold decoded dispatches in memory.
+    c.recv_batches = 16;
+    c
+}
+
 /// Errors of [`Server::listen`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -82,7 +95,53 @@ struct ServerShared {
     stores: RwLock<HashMap<String, Arc<dyn AnyStore>>>,
     bans: Mutex<Bans>,
     urls: Mutex<Vec<String>>,
+    verifier: Verifier,
     stop: CancellationToken,
+}
+
+type VerifyJob = (String, String, tokio::sync::oneshot::Sender<bool>);
+
+/// Checks passwords on one dedicated thread, one at a time: Argon2id is slow
+/// and memory-hard on purpose, so this bounds both the CPU a flood of logins
+/// can take and the memory (one hash's worth, reused).
+struct Verifier {
+    tx: Mutex<Option<std::sync::mpsc::Sender<VerifyJob>>>,
+    logins: Logins,
+}
+
+impl Verifier {
+    fn new(logins: Logins) -> Self {
+        Verifier {
+            tx: Mutex::new(None),
+            logins,
+        }
+    }
+
+    async fn verify(&self, user: String, password: String) -> bool {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            let sender = tx.get_or_insert_with(|| {
+                let (jtx, jrx) = std::sync::mpsc::channel::<VerifyJob>();
+                let logins = self.logins.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("store-login".into())
+                    .spawn(move || {
+                        for (user, password, reply) in jrx {
+                            let _ = reply.send(logins.verify(&user, &password));
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start the login thread");
+                }
+                jtx
+            });
+            if sender.send((user, password, reply)).is_err() {
+                return false;
+            }
+        }
+        rx.await.unwrap_or(false)
+    }
 }
 
 /// Serves stores to replicas: over listeners ([`Server::listen`]) and to
@@ -117,6 +176,7 @@ impl Server {
 
     fn with_stop(config: ServerConfig, stop: CancellationToken) -> Self {
         let bans = Bans::new(config.max_failures, config.ban_duration);
+        let verifier = Verifier::new(config.logins.clone());
         Server {
             shared: Arc::new(ServerShared {
                 id: format!("{:016x}", random_nonzero()),
@@ -124,6 +184,7 @@ impl Server {
                 stores: RwLock::new(HashMap::new()),
                 bans: Mutex::new(bans),
                 urls: Mutex::new(Vec::new()),
+                verifier,
                 stop,
             }),
         }
@@ -272,11 +333,10 @@ async fn handle(shared: Arc<ServerShared>, tx: LinkTx, mut rx: LinkRx, trusted: 
         return;
     }
     if !trusted && !shared.config.danger_allow_anonymous {
-        let logins = shared.config.logins.clone();
-        let (user, pw) = (hello.login.clone(), hello.password.clone());
-        let ok = tokio::task::spawn_blocking(move || logins.verify(&user, &pw))
-            .await
-            .unwrap_or(false);
+        let ok = shared
+            .verifier
+            .verify(hello.login.clone(), hello.password.clone())
+            .await;
         let mut bans = shared.bans.lock().unwrap_or_else(|e| e.into_inner());
         if !ok {
             let banned = bans.fail(&key);

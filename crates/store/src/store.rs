@@ -14,8 +14,8 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{
-    Authority, AuthorityConfig, FollowerId, LogConfig, Replica, ReplicaConfig, ReplicaEvent,
-    SyncMode,
+    Authority, AuthorityConfig, FollowerId, LogConfig, OpSlots, Replica, ReplicaConfig,
+    ReplicaEvent, SyncMode,
 };
 use crate::error::{DispatchError, RemoteError};
 use crate::link::LinkTx;
@@ -33,9 +33,9 @@ pub struct StoreConfig {
     pub log: LogConfig,
     /// Replica: most dispatches waiting to be committed (outbox and in
     /// flight). A dispatch beyond it fails with
-    /// [`DispatchError::OutboxFull`]. Default 65,536.
+    /// [`DispatchError::OutboxFull`]. Default 16,384.
     pub max_pending: usize,
-    /// Op ids remembered per client for duplicate detection. Default 65,536.
+    /// Op ids remembered per client for duplicate detection. Default 32,768 (keep it above the replicas' `max_pending`).
     pub dedup_window: usize,
     /// Clients remembered for duplicate detection. Default 10,000.
     pub dedup_clients: usize,
@@ -45,8 +45,8 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             log: LogConfig::default(),
-            max_pending: 65_536,
-            dedup_window: 65_536,
+            max_pending: 16_384,
+            dedup_window: 32_768,
             dedup_clients: 10_000,
         }
     }
@@ -138,7 +138,7 @@ pub(crate) enum Core<R: Reducer> {
     },
     Replica {
         r: Replica<R>,
-        waiters: HashMap<u64, Waiter>,
+        waiters: OpSlots<Waiter>,
         up_wake: Arc<Notify>,
     },
 }
@@ -313,7 +313,7 @@ impl<R: Reducer> Store<R> {
             schema,
             Core::Replica {
                 r: Replica::new(reducer, rc),
-                waiters: HashMap::new(),
+                waiters: OpSlots::default(),
                 up_wake: Arc::new(Notify::new()),
             },
             Role::Replica,
@@ -779,12 +779,12 @@ impl<R: Reducer> Inner<R> {
                     ReplicaEvent::Ready => link_event = Some(LinkState::Ready),
                     ReplicaEvent::Refused(e) => link_event = Some(LinkState::Refused(e)),
                     ReplicaEvent::Committed { op, seq } => {
-                        if let Some(w) = waiters.remove(&op) {
+                        if let Some(w) = waiters.remove(op) {
                             let _ = w.send(Ok(seq));
                         }
                     }
                     ReplicaEvent::Rejected { op, error } => {
-                        if let Some(w) = waiters.remove(&op) {
+                        if let Some(w) = waiters.remove(op) {
                             let _ = w.send(Err(DispatchError::Rejected(error)));
                         }
                     }

@@ -16,7 +16,7 @@ use crate::reducer::{to_binary, Encoding, Reducer};
 pub struct AuthorityConfig {
     /// History, mode and batch limits.
     pub log: LogConfig,
-    /// Op ids remembered per client for duplicate detection. Default 65,536.
+    /// Op ids remembered per client for duplicate detection. Default 32,768.
     pub dedup_window: usize,
     /// Clients remembered for duplicate detection (least recently seen are
     /// forgotten first). Default 10,000.
@@ -27,7 +27,7 @@ impl Default for AuthorityConfig {
     fn default() -> Self {
         AuthorityConfig {
             log: LogConfig::default(),
-            dedup_window: 65_536,
+            dedup_window: 32_768,
             dedup_clients: 10_000,
         }
     }
@@ -201,10 +201,12 @@ impl<R: Reducer> Authority<R> {
         let enc = f.encoding;
         let mut committed = 0;
         let first_op = d.op_id;
+        let window = self.dedup.window();
+        let mut ops = self.dedup.take(&client);
         let all = std::iter::once(d.action).chain(d.more);
         for (i, bytes) in all.enumerate() {
             let op = first_op + i as u64;
-            match self.dedup.lookup(&client, op) {
+            match ops.lookup(op) {
                 Lookup::Known(OpState::Committed(seq)) => self.log.ack(id, op, seq),
                 Lookup::Known(_) => {
                     let e = RemoteError::new(ErrorCode::BadAction, "rejected before");
@@ -220,16 +222,17 @@ impl<R: Reducer> Authority<R> {
                 Lookup::New => match self.commit_bytes(&bytes, enc) {
                     Ok(seq) => {
                         committed += 1;
-                        self.dedup.record(&client, op, OpState::Committed(seq));
+                        ops.record(op, OpState::Committed(seq), window);
                         self.log.ack(id, op, seq);
                     }
                     Err(e) => {
-                        self.dedup.record(&client, op, OpState::Rejected);
+                        ops.record(op, OpState::Rejected, window);
                         self.log.error(id, op, &e);
                     }
                 },
             }
         }
+        self.dedup.put(&client, ops);
         committed
     }
 

@@ -26,7 +26,7 @@ pub(crate) enum Lookup {
     Forgotten,
 }
 
-struct ClientOps {
+pub(crate) struct ClientOps {
     /// Op id of `entries[0]`.
     first: u64,
     entries: VecDeque<OpState>,
@@ -36,6 +36,47 @@ struct ClientOps {
 impl ClientOps {
     fn last(&self) -> u64 {
         self.first + self.entries.len() as u64 - 1
+    }
+
+    pub(crate) fn lookup(&self, op: u64) -> Lookup {
+        if self.entries.is_empty() || op > self.last() {
+            return Lookup::New;
+        }
+        if op < self.first {
+            return Lookup::Forgotten;
+        }
+        match self.entries[(op - self.first) as usize] {
+            OpState::Unseen => Lookup::New,
+            s => Lookup::Known(s),
+        }
+    }
+
+    pub(crate) fn record(&mut self, op: u64, state: OpState, window: usize) {
+        if self.entries.is_empty() {
+            self.first = op;
+        }
+        if op < self.first {
+            return;
+        }
+        let end = self.first + self.entries.len() as u64;
+        if op >= end {
+            let gap = op - end;
+            if gap as usize >= window {
+                self.entries.clear();
+                self.first = op;
+            } else {
+                for _ in 0..gap {
+                    self.entries.push_back(OpState::Unseen);
+                }
+            }
+            self.entries.push_back(state);
+        } else {
+            self.entries[(op - self.first) as usize] = state;
+        }
+        while self.entries.len() > window {
+            self.entries.pop_front();
+            self.first += 1;
+        }
     }
 }
 
@@ -58,18 +99,9 @@ impl Dedup {
     }
 
     pub(crate) fn lookup(&self, client: &str, op: u64) -> Lookup {
-        let Some(c) = self.clients.get(client) else {
-            return Lookup::New;
-        };
-        if c.entries.is_empty() || op > c.last() {
-            return Lookup::New;
-        }
-        if op < c.first {
-            return Lookup::Forgotten;
-        }
-        match c.entries[(op - c.first) as usize] {
-            OpState::Unseen => Lookup::New,
-            s => Lookup::Known(s),
+        match self.clients.get(client) {
+            Some(c) => c.lookup(op),
+            None => Lookup::New,
         }
     }
 
@@ -83,49 +115,33 @@ impl Dedup {
     }
 
     pub(crate) fn record(&mut self, client: &str, op: u64, state: OpState) {
+        let mut c = self.take(client);
+        c.record(op, state, self.window);
+        self.put(client, c);
+    }
+
+    /// Takes a client's window out (to work on many ops with one lookup);
+    /// give it back with [`Dedup::put`].
+    pub(crate) fn take(&mut self, client: &str) -> ClientOps {
+        self.clients.remove(client).unwrap_or(ClientOps {
+            first: 0,
+            entries: VecDeque::new(),
+            last_used: 0,
+        })
+    }
+
+    pub(crate) fn put(&mut self, client: &str, mut c: ClientOps) {
         self.tick += 1;
-        let tick = self.tick;
-        if !self.clients.contains_key(client) {
-            self.evict();
-            self.clients.insert(
-                client.to_owned(),
-                ClientOps {
-                    first: op,
-                    entries: VecDeque::new(),
-                    last_used: tick,
-                },
-            );
-        }
-        let window = self.window;
-        let Some(c) = self.clients.get_mut(client) else {
-            return;
-        };
-        c.last_used = tick;
+        c.last_used = self.tick;
         if c.entries.is_empty() {
-            c.first = op;
-        }
-        if op < c.first {
             return;
         }
-        let last = c.first + c.entries.len() as u64;
-        if op >= last {
-            let gap = op - last;
-            if gap as usize >= window {
-                c.entries.clear();
-                c.first = op;
-            } else {
-                for _ in 0..gap {
-                    c.entries.push_back(OpState::Unseen);
-                }
-            }
-            c.entries.push_back(state);
-        } else {
-            c.entries[(op - c.first) as usize] = state;
-        }
-        while c.entries.len() > window {
-            c.entries.pop_front();
-            c.first += 1;
-        }
+        self.evict();
+        self.clients.insert(client.to_owned(), c);
+    }
+
+    pub(crate) fn window(&self) -> usize {
+        self.window
     }
 
     fn evict(&mut self) {

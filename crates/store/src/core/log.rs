@@ -49,7 +49,7 @@ pub struct LogConfig {
     pub mode: SyncMode,
     /// Snapshot (action mode) or digest (digest mode) period, in actions. Default 1000.
     pub resync: u64,
-    /// Most committed actions kept for catch-up. Default 65,536.
+    /// Most committed actions kept for catch-up. Default 16,384.
     pub backlog_count: usize,
     /// Most bytes of committed actions kept for catch-up. Default 8 MiB.
     pub backlog_bytes: usize,
@@ -64,7 +64,7 @@ impl Default for LogConfig {
         LogConfig {
             mode: SyncMode::Action,
             resync: 1000,
-            backlog_count: 65_536,
+            backlog_count: 16_384,
             backlog_bytes: 8 << 20,
             max_batch: 4096,
             max_batch_bytes: 256 << 10,
@@ -159,8 +159,20 @@ impl<R: Reducer> Log<R> {
     /// Appends an action that has been applied to `state`.
     pub(crate) fn append(&mut self, binary: Bytes) {
         self.head += 1;
+        // A copy: the argument is often a slice of a whole received buffer,
+        // which the backlog must not keep alive.
+        let binary = Bytes::copy_from_slice(&binary);
         self.backlog_bytes += binary.len();
         self.backlog.push_back(binary);
+    }
+
+    /// Advances past an applied action without keeping it (nobody to serve).
+    pub(crate) fn advance(&mut self) {
+        self.head += 1;
+        if !self.backlog.is_empty() {
+            self.backlog.clear();
+            self.backlog_bytes = 0;
+        }
     }
 
     /// Drops the oldest actions beyond the limits. With `keep_covered`, first

@@ -10,6 +10,7 @@ use proto::Frame;
 use super::authority::check_hello;
 use super::dedup::{Dedup, Lookup, OpState};
 use super::log::{FollowerId, Log, LogConfig, SyncMode};
+use super::OpSlots;
 use crate::error::{DispatchError, ErrorCode, RemoteError};
 use crate::reducer::{digest, to_binary, Encoding, Reducer};
 
@@ -22,14 +23,14 @@ pub struct ReplicaConfig {
     /// How payloads are encoded towards the authority. Default binary.
     pub encoding: Encoding,
     /// Most dispatches waiting to be committed (outbox plus in flight).
-    /// Default 65,536.
+    /// Default 16,384.
     pub max_pending: usize,
     /// Most actions sent per poll. Default 4,096.
     pub max_dispatch_batch: usize,
     /// Backlog kept for this replica's own replicas (relay); mode and resync
     /// are taken from upstream.
     pub log: LogConfig,
-    /// Duplicate window for downstream replicas (relay). Default 65,536.
+    /// Duplicate window for downstream replicas (relay). Default 32,768.
     pub dedup_window: usize,
     /// Downstream clients remembered (relay). Default 10,000.
     pub dedup_clients: usize,
@@ -40,10 +41,10 @@ impl Default for ReplicaConfig {
         ReplicaConfig {
             client_id: String::new(),
             encoding: Encoding::Binary,
-            max_pending: 65_536,
+            max_pending: 16_384,
             max_dispatch_batch: 4096,
             log: LogConfig::default(),
-            dedup_window: 65_536,
+            dedup_window: 32_768,
             dedup_clients: 10_000,
         }
     }
@@ -88,7 +89,7 @@ pub struct Replica<R: Reducer> {
     link: Link,
     next_op: u64,
     outbox: VecDeque<(u64, Bytes)>,
-    inflight: BTreeMap<u64, Bytes>,
+    inflight: OpSlots<Bytes>,
     /// Committed but not applied yet: seq -> op.
     waiting: BTreeMap<u64, u64>,
     waiting_history: u64,
@@ -119,7 +120,7 @@ impl<R: Reducer> Replica<R> {
             link: Link::Down,
             next_op: 1,
             outbox: VecDeque::new(),
-            inflight: BTreeMap::new(),
+            inflight: OpSlots::default(),
             waiting: BTreeMap::new(),
             waiting_history: 0,
             welcome_history: 0,
@@ -200,8 +201,7 @@ impl<R: Reducer> Replica<R> {
         self.link = Link::Hello;
         self.up_out.clear();
         self.resync_requested = false;
-        let mut resend: VecDeque<(u64, Bytes)> =
-            std::mem::take(&mut self.inflight).into_iter().collect();
+        let mut resend: VecDeque<(u64, Bytes)> = self.inflight.drain().into_iter().collect();
         resend.extend(self.outbox.drain(..));
         self.outbox = resend;
         self.up_out
@@ -317,7 +317,7 @@ impl<R: Reducer> Replica<R> {
     }
 
     fn committed(&mut self, op: u64, seq: u64) {
-        if self.inflight.remove(&op).is_none() {
+        if self.inflight.remove(op).is_none() {
             return; // Duplicate answer.
         }
         if let Some((client, their_op)) = self.routes.remove(&op) {
@@ -337,7 +337,7 @@ impl<R: Reducer> Replica<R> {
     }
 
     fn rejected(&mut self, op: u64, err: RemoteError) {
-        if self.inflight.remove(&op).is_none() {
+        if self.inflight.remove(op).is_none() {
             return;
         }
         if let Some((client, their_op)) = self.routes.remove(&op) {
@@ -416,7 +416,11 @@ impl<R: Reducer> Replica<R> {
                 self.request_resync();
                 break;
             }
-            self.log.append(binary);
+            if self.log.followers.is_empty() {
+                self.log.advance();
+            } else {
+                self.log.append(binary);
+            }
             seq += 1;
         }
         self.log.trim(false);
