@@ -213,22 +213,16 @@ fn bench(args: &[String]) -> Result<bool> {
         }
     }
 
+    // The criterion bench executable, built here, outside the scenario's
+    // timeout, and run directly (so edits made meanwhile cause no rebuild).
+    let mut criterion_exe = None;
     if requested.iter().any(|s| s == CRITERION_SCENARIO) {
-        // Built here, outside the scenario's timeout.
         section("build: cargo bench -p replimesh-benches --bench codec --no-run");
-        let status = cargo()
-            .args([
-                "bench",
-                "-p",
-                "replimesh-benches",
-                "--bench",
-                CRITERION_SCENARIO,
-            ])
-            .arg("--no-run")
-            .status()
-            .context("running cargo bench --no-run")?;
-        if !status.success() {
-            broken.insert(CRITERION_SCENARIO.to_string(), "build failed".to_string());
+        match build_criterion(CRITERION_SCENARIO) {
+            Ok(exe) => criterion_exe = Some(exe),
+            Err(e) => {
+                broken.insert(CRITERION_SCENARIO.to_string(), format!("{e:#}"));
+            }
         }
     }
 
@@ -239,8 +233,8 @@ fn bench(args: &[String]) -> Result<bool> {
         let started = Instant::now();
         let result = if let Some(why) = broken.get(scenario) {
             Err(anyhow::anyhow!("{why}"))
-        } else if scenario == CRITERION_SCENARIO {
-            run_criterion(scenario, &target)
+        } else if let (true, Some(exe)) = (scenario == CRITERION_SCENARIO, &criterion_exe) {
+            run_criterion(scenario, exe, &target)
         } else {
             run_binary(scenario, &target)
         };
@@ -312,20 +306,57 @@ fn run_binary(scenario: &str, target: &Path) -> Result<Vec<Row>> {
 }
 
 /// Runs the criterion bench and converts medians to frames per second.
-fn run_criterion(scenario: &str, target: &Path) -> Result<Vec<Row>> {
+/// Builds the criterion bench `name` and returns its executable.
+fn build_criterion(name: &str) -> Result<PathBuf> {
+    let out = cargo()
+        .args([
+            "bench",
+            "-p",
+            "replimesh-benches",
+            "--bench",
+            name,
+            "--no-run",
+        ])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo bench --no-run")?;
+    if !out.status.success() {
+        bail!("build failed");
+    }
+    let mut exe = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let is_bench = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "bench"));
+        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == name && is_bench {
+            if let Some(path) = msg["executable"].as_str() {
+                exe = Some(PathBuf::from(path));
+            }
+        }
+    }
+    exe.with_context(|| format!("cargo reported no executable for bench {name}"))
+}
+
+fn run_criterion(scenario: &str, exe: &Path, target: &Path) -> Result<Vec<Row>> {
     // A private criterion home, emptied first, so no stale result is read back.
     let home = target.join("bench").join("criterion");
     if home.exists() {
         std::fs::remove_dir_all(&home).with_context(|| format!("removing {}", home.display()))?;
     }
-    let mut cmd = cargo();
-    cmd.args(["bench", "-p", "replimesh-benches", "--bench", scenario])
+    // As `cargo bench` runs it: from the package directory, with `--bench`.
+    let mut cmd = Command::new(exe);
+    cmd.arg("--bench")
+        .current_dir(root().join("benches"))
         .env("CRITERION_HOME", &home);
     let (ok, stdout) = run_with_timeout(cmd, SCENARIO_TIMEOUT)?;
     // Criterion's own report goes to stdout; pass it on for the curious.
     eprint!("{stdout}");
     if !ok {
-        bail!("cargo bench --bench {scenario} failed");
+        bail!("{} --bench failed", exe.display());
     }
     let mut estimates = Vec::new();
     find_estimates(&home, &mut estimates)?;
