@@ -13,15 +13,22 @@ pub trait Persistence: Send + 'static {
     /// What was persisted before (history id 0 when nothing).
     fn load(&mut self) -> Result<Recovered, PersistError>;
     /// Committed actions `first_seq, first_seq + 1, ...` of `history_id`.
+    /// Returns true when a snapshot is wanted now: the store then encodes its
+    /// state and calls [`Persistence::snapshot`].
     fn record(
         &mut self,
         history_id: u64,
         first_seq: u64,
         actions: &[Bytes],
-    ) -> Result<(), PersistError>;
+    ) -> Result<bool, PersistError>;
     /// The state after action `seq` of `history_id`; what came before it
     /// may be discarded.
     fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError>;
+    /// The store is shutting down ([`crate::Store::shutdown`]): the final
+    /// state. By default the same as [`Persistence::snapshot`].
+    fn shutdown(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
+        self.snapshot(history_id, seq, state)
+    }
 }
 
 /// A persistence failure.
@@ -60,13 +67,14 @@ impl Persistence for MemoryPersistence {
         history_id: u64,
         first_seq: u64,
         actions: &[Bytes],
-    ) -> Result<(), PersistError> {
+    ) -> Result<bool, PersistError> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.history_id = history_id;
         for (i, a) in actions.iter().enumerate() {
             g.actions.push((first_seq + i as u64, a.clone()));
         }
-        Ok(())
+        // Keep the journal short.
+        Ok(g.actions.len() >= 1024)
     }
 
     fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
@@ -75,5 +83,114 @@ impl Persistence for MemoryPersistence {
         g.snapshot = Some((seq, state.clone()));
         g.actions.retain(|(s, _)| *s > seq);
         Ok(())
+    }
+}
+
+/// [`Persistence`] in encrypted backup files (`replimesh-backup`): a
+/// snapshot file plus a journal of the actions since, as redux-cluster's
+/// `backup({path, key, count})`. Snapshots are taken when the backup's
+/// `count` policy says so and at [`crate::Store::shutdown`].
+pub struct BackupPersistence {
+    backup: backup::Backup,
+    restored: Option<backup::Restored>,
+    based: bool,
+    store: String,
+    schema: u32,
+}
+
+impl std::fmt::Debug for BackupPersistence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupPersistence")
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+impl BackupPersistence {
+    /// Opens (or creates) the backup of store `store` with schema `schema`.
+    /// A backup of another store or schema is refused.
+    pub fn open(
+        config: backup::BackupConfig,
+        store: &str,
+        schema: u32,
+    ) -> Result<Self, PersistError> {
+        let (backup, restored) =
+            backup::Backup::open(config).map_err(|e| PersistError::new(e.to_string()))?;
+        if let Some(r) = &restored {
+            if r.snapshot.store != store || r.snapshot.schema != schema {
+                return Err(PersistError::new(format!(
+                    "backup holds store {:?} schema {}, not store {:?} schema {}",
+                    r.snapshot.store, r.snapshot.schema, store, schema
+                )));
+            }
+        }
+        let based = restored.is_some();
+        Ok(BackupPersistence {
+            backup,
+            restored,
+            based,
+            store: store.to_owned(),
+            schema,
+        })
+    }
+
+    fn snap(&self, history_id: u64, seq: u64, state: &Bytes) -> backup::Snapshot {
+        backup::Snapshot {
+            store: self.store.clone(),
+            schema: self.schema,
+            history_id,
+            seq,
+            state: state.clone(),
+        }
+    }
+}
+
+impl Persistence for BackupPersistence {
+    fn load(&mut self) -> Result<Recovered, PersistError> {
+        let Some(r) = self.restored.take() else {
+            return Ok(Recovered::default());
+        };
+        let s = r.snapshot;
+        Ok(Recovered {
+            history_id: s.history_id,
+            // An empty state at seq 0 marks a history without a snapshot.
+            snapshot: (s.seq != 0 || !s.state.is_empty()).then_some((s.seq, s.state)),
+            actions: r.journal.into_iter().map(|e| (e.seq, e.action)).collect(),
+        })
+    }
+
+    fn record(
+        &mut self,
+        history_id: u64,
+        first_seq: u64,
+        actions: &[Bytes],
+    ) -> Result<bool, PersistError> {
+        if !self.based {
+            self.snapshot(history_id, first_seq - 1, &Bytes::new())?;
+        }
+        let mut due = false;
+        for (i, a) in actions.iter().enumerate() {
+            let d = self
+                .backup
+                .record(first_seq + i as u64, a)
+                .map_err(|e| PersistError::new(e.to_string()))?;
+            due |= d == backup::Due::Snapshot;
+        }
+        Ok(due)
+    }
+
+    fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
+        self.based = true;
+        let snap = self.snap(history_id, seq, state);
+        self.backup
+            .snapshot(snap)
+            .map_err(|e| PersistError::new(e.to_string()))
+    }
+
+    fn shutdown(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
+        let snap = self.snap(history_id, seq, state);
+        self.backup
+            .shutdown(Some(snap))
+            .map_err(|e| PersistError::new(e.to_string()))
     }
 }

@@ -439,8 +439,25 @@ impl<R: Reducer> Store<R> {
     }
 
     /// Stops the servers, client links and tasks started from this store.
+    /// An authority with persistence hands its final state to it.
     pub fn shutdown(&self) {
         self.inner.stop.cancel();
+        let mut g = self.inner.lock();
+        if let Core::Authority {
+            a,
+            persist: Some(p),
+            ..
+        } = &mut g.core
+        {
+            match a.take_snapshot() {
+                Ok((seq, bytes)) => {
+                    if let Err(e) = p.shutdown(a.history_id(), seq, &bytes) {
+                        tracing::error!(error = %e, "persisting the final state failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "encoding the final state failed"),
+            }
+        }
     }
 }
 
@@ -524,38 +541,34 @@ fn persist_new<R: Reducer>(
     };
     let history = a.history_id();
     let head = a.seq();
-    if head > *persisted {
-        let mut first = None;
-        let mut batch: Vec<Bytes> = Vec::new();
-        for (seq, b) in a.entries_after(*persisted) {
-            first.get_or_insert(seq);
-            batch.push(b.clone());
-        }
-        match first {
-            Some(f) if f == *persisted + 1 => {
-                if let Err(e) = p.record(history, f, &batch) {
-                    tracing::error!(error = %e, "persisting actions failed");
-                }
-            }
-            _ => {
-                // The backlog no longer holds everything since the last record:
-                // a snapshot covers it.
-                if let Ok((seq, bytes)) = a.take_snapshot() {
-                    if let Err(e) = p.snapshot(history, seq, &bytes) {
-                        tracing::error!(error = %e, "persisting a snapshot failed");
-                    }
-                    *snap_persisted = seq;
-                }
-            }
-        }
-        *persisted = head;
+    if head <= *persisted {
+        return;
     }
-    if let Some((seq, bytes)) = a.latest_snapshot() {
-        if seq != *snap_persisted && seq <= head {
-            if let Err(e) = p.snapshot(history, seq, &bytes) {
-                tracing::error!(error = %e, "persisting a snapshot failed");
+    let mut first = None;
+    let mut batch: Vec<Bytes> = Vec::new();
+    for (seq, b) in a.entries_after(*persisted) {
+        first.get_or_insert(seq);
+        batch.push(b.clone());
+    }
+    // When the backlog no longer holds everything since the last record, a
+    // snapshot covers it.
+    let mut want = true;
+    if first == Some(*persisted + 1) {
+        match p.record(history, *persisted + 1, &batch) {
+            Ok(w) => want = w,
+            Err(e) => tracing::error!(error = %e, "persisting actions failed"),
+        }
+    }
+    *persisted = head;
+    if want {
+        match a.take_snapshot() {
+            Ok((seq, bytes)) => {
+                if let Err(e) = p.snapshot(history, seq, &bytes) {
+                    tracing::error!(error = %e, "persisting a snapshot failed");
+                }
+                *snap_persisted = seq;
             }
-            *snap_persisted = seq;
+            Err(e) => tracing::error!(error = %e, "encoding a snapshot failed"),
         }
     }
 }

@@ -119,7 +119,7 @@ async fn replicate_over(url: &str, tcfg: transport::Config) {
     for i in 0..50 {
         authority.dispatch(Act::Add(i)).await.unwrap();
         let seq = reps[0].dispatch(Act::Add(100 + i)).await.unwrap();
-        assert_eq!(reps[0].state().count, seq);
+        assert!(reps[0].state().count >= seq, "resolved before applied");
         reps[1].try_dispatch(&Act::Add(-i)).unwrap();
     }
     let pending = reps[1].dispatch(Act::Add(7)).await.unwrap();
@@ -436,7 +436,7 @@ async fn relay_replicas_see_the_same_history() {
     for i in 0..30 {
         authority.dispatch(Act::Add(i)).await.unwrap();
         let seq = leaves[0].dispatch(Act::Add(1000 + i)).await.unwrap();
-        assert_eq!(leaves[0].state().count, seq);
+        assert!(leaves[0].state().count >= seq, "resolved before applied");
         relay.dispatch(Act::Add(-i)).await.unwrap();
     }
     settle(&[&relay, &leaves[0], &leaves[1]], &authority).await;
@@ -471,4 +471,43 @@ async fn persistence_restores_history() {
     assert_eq!(*b.state(), before);
     assert_eq!(b.seq(), 10);
     assert_eq!(b.history_id(), history);
+}
+
+#[tokio::test]
+async fn encrypted_backup_restores_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = backup::BackupConfig::new(dir.path().join("counter.backup"))
+        .journal(backup::FsyncPolicy::Always)
+        .kdf(backup::KdfParams::insecure_fast())
+        .count(5)
+        .key("password-for-encrypter");
+    let open = || {
+        replimesh_store::BackupPersistence::open(config.clone(), "counter", 1)
+            .map(|p| Box::new(p) as Box<dyn replimesh_store::Persistence>)
+            .unwrap()
+    };
+    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open()).unwrap();
+    let r = Store::replica(counter(), StoreConfig::default());
+    let server = a.serve("tcp://127.0.0.1:0", server_config()).await.unwrap();
+    let url = server.urls()[0].clone();
+    let _c = r.connect(&url, "test1", "12345").await.unwrap();
+    for i in 0..12 {
+        r.dispatch(Act::Add(i)).await.unwrap();
+    }
+    let before = a.state().clone();
+    let history = a.history_id();
+    // Without a clean shutdown (crash): snapshot + journal.
+    drop(server);
+    drop(a);
+    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open()).unwrap();
+    assert_eq!(*b.state(), before);
+    assert_eq!((b.seq(), b.history_id()), (12, history));
+    b.dispatch(Act::Add(100)).await.unwrap();
+    b.shutdown();
+    drop(b);
+    let c = Store::authority_with_persistence(counter(), StoreConfig::default(), open()).unwrap();
+    assert_eq!(c.seq(), 13);
+    assert_eq!(c.state().total, before.total + 100);
+    // Another store's backup is refused.
+    assert!(replimesh_store::BackupPersistence::open(config, "other", 1).is_err());
 }
