@@ -858,7 +858,12 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
             Some(d) => d,
             None => {
                 tokio::select! {
-                    _ = shared.writer_wake.notified() => continue,
+                    _ = shared.writer_wake.notified() => {
+                        // Let the tasks that are ready to send run first, so
+                        // one write carries all their frames (coalescing).
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
                     _ = tick(&mut timers.ping) => {
                         nonce += 1;
                         shared.enqueue_urgent(Frame::ping(nonce).encode_to_bytes());
@@ -1111,7 +1116,12 @@ async fn ws_writer<S>(
             Some(d) => d,
             None => {
                 tokio::select! {
-                    _ = shared.writer_wake.notified() => continue,
+                    _ = shared.writer_wake.notified() => {
+                        // Let the tasks that are ready to send run first, so
+                        // one write carries all their frames (coalescing).
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
                     _ = tick(&mut timers.ping) => {
                         nonce += 1;
                         shared.enqueue_urgent(Frame::ping(nonce).encode_to_bytes());
