@@ -136,7 +136,7 @@ impl store::Persistence for BackupPersistence {
         history_id: u64,
         first_seq: u64,
         actions: &[Bytes],
-    ) -> Result<(), store::PersistError> {
+    ) -> Result<bool, store::PersistError> {
         self.state.history_id.store(history_id, Ordering::Relaxed);
         for (i, a) in actions.iter().enumerate() {
             let seq = first_seq + i as u64;
@@ -147,7 +147,8 @@ impl store::Persistence for BackupPersistence {
             }
             self.state.last_seq.store(seq, Ordering::Relaxed);
         }
-        Ok(())
+        // Snapshots are written by the node's backup task on its own timer.
+        Ok(false)
     }
 
     fn snapshot(
