@@ -5,6 +5,7 @@
 //! (they include this file) and `store-latency`.
 //! Run it with `cargo xtask bench store-unix`; see `docs/store.md`.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -89,7 +90,6 @@ pub(crate) fn run(scenario: &str, scheme: &str) -> Result<()> {
         return runtime()?.block_on(child(&args[2..]));
     }
     watchdog(Duration::from_secs(150), "store bench");
-    // Multi-threaded: reading the children's answers blocks a thread.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -157,7 +157,7 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
             rate.to_string(),
         ];
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        children.push(ChildRole::spawn(&refs)?);
+        children.push(Arc::new(Mutex::new(ChildRole::spawn(&refs)?)));
     }
     for c in &mut children {
         let line = read_line(c).await?;
@@ -165,10 +165,9 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
             bail!("child said {line:?}");
         }
     }
-    eprintln!(
-        "{scenario}: authority RSS before the rounds: {:.1} MiB",
-        rss_mib()
-    );
+    // After the logins (Argon2id's working memory stays with the allocator).
+    let rss_before = rss_mib();
+    eprintln!("{scenario}: authority RSS before the rounds: {rss_before:.1} MiB");
     let params =
         json!({"replicas": REPLICAS, "transport": scheme, "mode": "action", "resync": 1000});
     if latency {
@@ -214,16 +213,37 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
         );
         let state_bytes = std::mem::size_of::<BenchState>();
         p["state_bytes"] = json!(state_bytes);
-        emit(scenario, "authority_rss", rss_mib(), "MiB", p);
+        let rss = rss_mib();
+        emit(scenario, "authority_rss", rss, "MiB", p.clone());
+        emit(
+            scenario,
+            "authority_rss_growth_during_rounds",
+            rss - rss_before,
+            "MiB",
+            p,
+        );
     }
     for c in children {
+        let c = Arc::try_unwrap(c)
+            .map_err(|_| anyhow::anyhow!("child still in use"))?
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
         c.finish()?;
     }
     Ok(())
 }
 
-async fn read_line(c: &mut ChildRole) -> Result<String> {
-    tokio::task::block_in_place(|| c.read_line())
+type Child = Arc<Mutex<ChildRole>>;
+
+/// Reads a child's line on the blocking pool (the runtime has one thread).
+async fn read_line(c: &mut Child) -> Result<String> {
+    let c = c.clone();
+    tokio::task::spawn_blocking(move || {
+        c.lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .read_line()
+    })
+    .await?
 }
 
 async fn child(args: &[String]) -> Result<()> {
