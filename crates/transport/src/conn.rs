@@ -803,43 +803,67 @@ fn refuse(shared: &Shared, code: CloseCode, reason: &str) {
 /// Frames at least this large are written without copying them into the batch buffer.
 const LARGE_FRAME: usize = 16 * 1024;
 
-/// Writes all segments, vectored when the stream supports it.
-async fn write_segments<W: AsyncWrite + Unpin>(
+/// The coalescing buffer is written out whenever it holds this much, so it
+/// never grows with the size of the drained queue.
+const FLUSH_AT: usize = 256 * 1024;
+
+/// Writes one drained batch: small frames are copied into `buf` (one write per
+/// `FLUSH_AT` bytes), large frames go out from their own memory together with
+/// what precedes them (vectored).
+async fn write_batch<'a, W: AsyncWrite + Unpin>(
     writer: &mut W,
-    segments: &mut [Bytes],
+    buf: &mut BytesMut,
+    codec: FrameCodec,
+    frames: impl Iterator<Item = &'a Bytes>,
+    close: Option<&'a Bytes>,
 ) -> std::io::Result<()> {
-    if segments.len() == 1 {
-        return writer.write_all(&segments[0]).await;
-    }
-    if !writer.is_write_vectored() {
-        for s in segments.iter() {
-            writer.write_all(s).await?;
-        }
-        return Ok(());
-    }
-    let mut first = 0;
-    while first < segments.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = segments[first..]
-            .iter()
-            .take(64)
-            .map(|b| std::io::IoSlice::new(b))
-            .collect();
-        let mut n = writer.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && first < segments.len() {
-            let len = segments[first].len();
-            if n >= len {
-                n -= len;
-                first += 1;
-            } else {
-                bytes::Buf::advance(&mut segments[first], n);
-                n = 0;
+    for b in frames.chain(close) {
+        if b.len() >= LARGE_FRAME {
+            buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            write_two(writer, buf, b).await?;
+            buf.clear();
+        } else {
+            // Sizes were checked when queued.
+            let _ = codec.put_encoded(b, buf);
+            if buf.len() >= FLUSH_AT {
+                writer.write_all(buf).await?;
+                buf.clear();
             }
         }
     }
+    if !buf.is_empty() {
+        writer.write_all(buf).await?;
+        buf.clear();
+    }
     Ok(())
+}
+
+/// Writes `a` then `b`, with vectored writes when the stream supports them.
+async fn write_two<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    a: &[u8],
+    b: &[u8],
+) -> std::io::Result<()> {
+    if !writer.is_write_vectored() {
+        writer.write_all(a).await?;
+        return writer.write_all(b).await;
+    }
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() {
+        let n = writer
+            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n >= a.len() {
+            b = &b[n - a.len()..];
+            a = &[];
+        } else {
+            a = &a[n..];
+        }
+    }
+    writer.write_all(b).await
 }
 
 async fn stream_writer<W: AsyncWrite + Unpin>(
@@ -848,10 +872,9 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
     codec: FrameCodec,
     config: Config,
 ) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(FLUSH_AT + 64 * 1024);
     let mut timers = Timers::new(&config);
     let mut spare = VecDeque::new();
-    let mut segments: Vec<Bytes> = Vec::new();
     let mut nonce = 0u64;
     loop {
         let drained = match drain(&shared, std::mem::take(&mut spare)) {
@@ -878,50 +901,26 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
             mut frames,
             close,
         } = drained;
-        // Small frames are copied into one buffer; large ones are written
-        // from their own memory (vectored), so nothing big is copied twice.
-        let mut vectored = false;
-        for b in urgent.iter().chain(frames.iter()) {
-            if b.len() >= LARGE_FRAME {
-                vectored = true;
-                buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
-                segments.push(buf.split().freeze());
-                segments.push(b.clone());
-            } else {
-                // Sizes were checked when queued.
-                let _ = codec.put_encoded(b, &mut buf);
-            }
-        }
-        frames.clear();
-        spare = frames;
-        if let Some((code, reason)) = &close {
-            let f = Frame::new(Body::Close(proto::Close {
+        let close_body = close.as_ref().map(|(code, reason)| {
+            Frame::new(Body::Close(proto::Close {
                 code: *code,
                 reason: reason.clone(),
-            }));
-            let _ = codec.put_encoded(&f.encode_to_bytes(), &mut buf);
-        }
-        let ok = if vectored {
-            if !buf.is_empty() {
-                segments.push(buf.split().freeze());
-            }
-            tokio::select! {
-                r = write_segments(&mut writer, &mut segments) => r.is_ok(),
-                _ = shared.done.cancelled() => false,
-            }
-        } else {
-            tokio::select! {
-                r = writer.write_all(&buf) => r.is_ok(),
-                _ = shared.done.cancelled() => false,
-            }
+            }))
+            .encode_to_bytes()
+        });
+        let ok = tokio::select! {
+            r = write_batch(
+                &mut writer,
+                &mut buf,
+                codec,
+                urgent.iter().chain(frames.iter()),
+                close_body.as_ref(),
+            ) => r.is_ok(),
+            _ = shared.done.cancelled() => false,
         };
-        segments.clear();
+        frames.clear();
+        spare = frames;
         buf.clear();
-        if buf.capacity() > 4 * 1024 * 1024 {
-            buf = BytesMut::with_capacity(64 * 1024);
-        } else if buf.capacity() < 16 * 1024 {
-            buf.reserve(64 * 1024);
-        }
         if !ok {
             if !shared.done.is_cancelled() {
                 shared.finish(RecvError::Eof);
