@@ -145,7 +145,7 @@ pub(crate) enum Core<R: Reducer> {
 
 pub(crate) struct Shared<R: Reducer> {
     pub(crate) core: Core<R>,
-    wakers: HashMap<FollowerId, Arc<Notify>>,
+    wakers: HashMap<FollowerId, FollowerIo>,
 }
 
 impl<R: Reducer> Shared<R> {
@@ -158,9 +158,19 @@ impl<R: Reducer> Shared<R> {
 
     fn wake_followers(&self) {
         for w in self.wakers.values() {
-            w.notify_one();
+            w.wake.notify_one();
         }
     }
+}
+
+/// How a follower's frames get out: its writer task is woken by `wake`;
+/// whoever sends (that task, or the connection's reader right after a
+/// dispatch) holds `send` from polling to queueing, so frames keep their order.
+#[derive(Clone)]
+pub(crate) struct FollowerIo {
+    wake: Arc<Notify>,
+    send: Arc<tokio::sync::Mutex<()>>,
+    tx: LinkTx,
 }
 
 pub(crate) struct Inner<R: Reducer> {
@@ -602,19 +612,23 @@ impl<R: Reducer> Inner<R> {
         tx: LinkTx,
         cancel: CancellationToken,
     ) -> Result<FollowerId, RemoteError> {
-        let wake = Arc::new(Notify::new());
+        let io = FollowerIo {
+            wake: Arc::new(Notify::new()),
+            send: Arc::new(tokio::sync::Mutex::new(())),
+            tx,
+        };
         let fid = {
             let mut g = self.lock();
             let fid = match &mut g.core {
                 Core::Authority { a, .. } => a.on_hello(hello)?,
                 Core::Replica { r, .. } => r.serve_hello(hello)?,
             };
-            g.wakers.insert(fid, wake.clone());
+            g.wakers.insert(fid, io.clone());
             fid
         };
         let inner = self.clone();
         tokio::spawn(async move {
-            inner.follower_task(fid, wake, tx, cancel).await;
+            inner.follower_task(fid, io, cancel).await;
         });
         Ok(fid)
     }
@@ -622,11 +636,12 @@ impl<R: Reducer> Inner<R> {
     async fn follower_task(
         self: Arc<Self>,
         fid: FollowerId,
-        wake: Arc<Notify>,
-        tx: LinkTx,
+        io: FollowerIo,
         cancel: CancellationToken,
     ) {
+        let FollowerIo { wake, send, tx } = io;
         loop {
+            let guard = send.lock().await;
             let frames = {
                 let mut g = self.lock();
                 match &mut g.core {
@@ -635,6 +650,7 @@ impl<R: Reducer> Inner<R> {
                 }
             };
             if frames.is_empty() {
+                drop(guard);
                 tokio::select! {
                     _ = wake.notified() => continue,
                     _ = cancel.cancelled() => break,
@@ -647,6 +663,7 @@ impl<R: Reducer> Inner<R> {
                     break;
                 }
             }
+            drop(guard);
             if cancel.is_cancelled() {
                 break;
             }
@@ -700,14 +717,43 @@ impl<R: Reducer> Inner<R> {
             }
         };
         if committed {
-            g.wake_followers();
+            // The dispatching follower is served by `flush`, right after.
+            for (id, w) in &g.wakers {
+                if *id != fid {
+                    w.wake.notify_one();
+                }
+            }
             let head = g.head();
             drop(g);
             self.publish(head);
-        } else if let Some(w) = g.wakers.get(&fid) {
-            w.notify_one();
         }
         backlog
+    }
+
+    /// Sends what is due to a follower from the caller's task (the
+    /// connection reader, after a dispatch), saving a task switch; if its
+    /// writer task is busy, wakes it instead.
+    pub(crate) async fn flush(&self, fid: FollowerId) {
+        let Some(io) = self.lock().wakers.get(&fid).cloned() else {
+            return;
+        };
+        let Ok(guard) = io.send.try_lock() else {
+            io.wake.notify_one();
+            return;
+        };
+        let frames = {
+            let mut g = self.lock();
+            match &mut g.core {
+                Core::Authority { a, .. } => a.poll(fid, FOLLOWER_BUDGET),
+                Core::Replica { r, .. } => r.poll_follower(fid, FOLLOWER_BUDGET),
+            }
+        };
+        for f in &frames {
+            if io.tx.send_wait(f).await.is_err() {
+                break;
+            }
+        }
+        drop(guard);
     }
 
     // ---- the upstream link of a replica ----
@@ -856,6 +902,7 @@ pub(crate) trait AnyStore: Send + Sync + 'static {
         cancel: CancellationToken,
     ) -> Result<FollowerId, RemoteError>;
     fn follower_frame(&self, fid: FollowerId, frame: Frame) -> usize;
+    fn flush(&self, fid: FollowerId) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     fn detach(&self, fid: FollowerId);
     fn link_up(self: Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool;
     fn link_down(&self);
@@ -876,6 +923,9 @@ impl<R: Reducer> AnyStore for Inner<R> {
     }
     fn follower_frame(&self, fid: FollowerId, frame: Frame) -> usize {
         Inner::follower_frame(self, fid, frame)
+    }
+    fn flush(&self, fid: FollowerId) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(Inner::flush(self, fid))
     }
     fn detach(&self, fid: FollowerId) {
         Inner::detach(self, fid)
