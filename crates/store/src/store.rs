@@ -140,6 +140,9 @@ pub(crate) enum Core<R: Reducer> {
         r: Replica<R>,
         waiters: OpSlots<Waiter>,
         up_wake: Arc<Notify>,
+        /// The current upstream link: its send lock (held from polling to
+        /// queueing, to keep frames in order) and sender.
+        up_io: Option<(Arc<tokio::sync::Mutex<()>>, LinkTx)>,
     },
 }
 
@@ -325,6 +328,7 @@ impl<R: Reducer> Store<R> {
                 r: Replica::new(reducer, rc),
                 waiters: OpSlots::default(),
                 up_wake: Arc::new(Notify::new()),
+                up_io: None,
             },
             Role::Replica,
         )
@@ -349,7 +353,9 @@ impl<R: Reducer> Store<R> {
     /// # Cancel safety
     /// Dropping the future does not withdraw the action: it is still committed.
     pub async fn dispatch(&self, action: R::Action) -> Result<u64, DispatchError> {
-        self.try_dispatch(&action)?.await
+        let pending = self.try_dispatch(&action)?;
+        self.inner.flush_upstream().await;
+        pending.await
     }
 
     /// Queues an action without waiting; the returned [`Pending`] resolves
@@ -374,6 +380,7 @@ impl<R: Reducer> Store<R> {
                 r,
                 waiters,
                 up_wake,
+                ..
             } => {
                 let op = r.dispatch(action)?;
                 let (tx, rx) = oneshot::channel();
@@ -760,12 +767,17 @@ impl<R: Reducer> Inner<R> {
 
     /// The link to upstream is up: hello, then the writer task.
     pub(crate) fn link_up(self: &Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool {
+        let send = Arc::new(tokio::sync::Mutex::new(()));
         let wake = {
             let mut g = self.lock();
-            let Core::Replica { r, up_wake, .. } = &mut g.core else {
+            let Core::Replica {
+                r, up_wake, up_io, ..
+            } = &mut g.core
+            else {
                 return false;
             };
             r.on_connected();
+            *up_io = Some((send.clone(), tx.clone()));
             up_wake.clone()
         };
         self.link_tx.send_replace(LinkState::Down);
@@ -773,6 +785,7 @@ impl<R: Reducer> Inner<R> {
         let inner = self.clone();
         tokio::spawn(async move {
             loop {
+                let guard = send.lock().await;
                 let frames = {
                     let mut g = inner.lock();
                     match &mut g.core {
@@ -781,6 +794,7 @@ impl<R: Reducer> Inner<R> {
                     }
                 };
                 if frames.is_empty() {
+                    drop(guard);
                     tokio::select! {
                         _ = wake.notified() => continue,
                         _ = cancel.cancelled() => break,
@@ -793,6 +807,7 @@ impl<R: Reducer> Inner<R> {
                         break;
                     }
                 }
+                drop(guard);
                 if cancel.is_cancelled() {
                     break;
                 }
@@ -801,12 +816,43 @@ impl<R: Reducer> Inner<R> {
         true
     }
 
+    /// Sends queued dispatches from the caller's task when the upstream
+    /// writer is idle (saves a task switch on a lone dispatch).
+    async fn flush_upstream(&self) {
+        let io = {
+            let g = self.lock();
+            match &g.core {
+                Core::Replica {
+                    up_io: Some(io), ..
+                } => io.clone(),
+                _ => return,
+            }
+        };
+        let Ok(guard) = io.0.try_lock() else {
+            return;
+        };
+        let frames = {
+            let mut g = self.lock();
+            match &mut g.core {
+                Core::Replica { r, .. } => r.poll_upstream(),
+                Core::Authority { .. } => Vec::new(),
+            }
+        };
+        for f in &frames {
+            if io.1.send_wait(f).await.is_err() {
+                break;
+            }
+        }
+        drop(guard);
+    }
+
     /// The link to upstream is down.
     pub(crate) fn link_down(&self) {
         {
             let mut g = self.lock();
-            if let Core::Replica { r, .. } = &mut g.core {
+            if let Core::Replica { r, up_io, .. } = &mut g.core {
                 r.on_disconnected();
+                *up_io = None;
             }
         }
         self.link_tx.send_if_modified(|s| {
@@ -828,6 +874,7 @@ impl<R: Reducer> Inner<R> {
                 r,
                 waiters,
                 up_wake,
+                ..
             } = &mut g.core
             else {
                 return;
