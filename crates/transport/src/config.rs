@@ -120,6 +120,10 @@ pub struct Config {
     /// as canonical proto3 JSON in text messages, what browsers use) instead of
     /// binary `replimesh.v1`. Servers always accept both. Default `false`.
     pub ws_json: bool,
+    /// WebSocket read chunk per connection, in bytes (default 4 KiB). It is
+    /// what an idle WebSocket connection costs in memory; larger values
+    /// trade memory for fewer read calls on busy connections.
+    pub ws_read_buffer: usize,
 }
 
 impl Default for Config {
@@ -135,6 +139,7 @@ impl Default for Config {
             linger: Duration::from_secs(2),
             tls: TlsConfig::default(),
             ws_json: false,
+            ws_read_buffer: 4 * 1024,
         }
     }
 }

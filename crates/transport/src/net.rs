@@ -22,6 +22,7 @@ fn ws_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(config.max_frame))
         .max_frame_size(Some(config.max_frame))
+        .read_buffer_size(config.ws_read_buffer.max(1024))
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(usize::MAX)
 }
