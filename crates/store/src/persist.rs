@@ -176,6 +176,11 @@ impl Persistence for BackupPersistence {
                 .map_err(|e| PersistError::new(e.to_string()))?;
             due |= d == backup::Due::Snapshot;
         }
+        // The `timeout` policy: a snapshot once its deadline has passed. It is
+        // checked when actions are committed, so an idle store takes its
+        // snapshot with the next action or at shutdown (the journal holds
+        // every committed action meanwhile).
+        due |= self.backup.is_due();
         Ok(due)
     }
 

@@ -511,3 +511,36 @@ async fn encrypted_backup_restores_history() {
     // Another store's backup is refused.
     assert!(replimesh_store::BackupPersistence::open(config, "other", 1).is_err());
 }
+
+#[tokio::test]
+async fn backup_timeout_policy_snapshots_after_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("counter.backup");
+    let config = backup::BackupConfig::new(&path)
+        .journal(backup::FsyncPolicy::Never)
+        .kdf(backup::KdfParams::insecure_fast())
+        .timeout(Duration::from_millis(50));
+    let p = replimesh_store::BackupPersistence::open(config, "counter", 1).unwrap();
+    let a =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), Box::new(p)).unwrap();
+    for i in 0..3 {
+        a.dispatch(Act::Add(i)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    a.dispatch(Act::Add(10)).await.unwrap();
+    // The snapshot is written in the background: wait for it (bounded).
+    let mut seq = 0;
+    for _ in 0..200 {
+        if let Ok(s) = backup::snapshot::read_snapshot(&path, None) {
+            seq = s.seq;
+            if seq >= 3 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        seq >= 3,
+        "no snapshot after the timeout (snapshot seq {seq})"
+    );
+}
