@@ -406,7 +406,6 @@ async fn handle(shared: Arc<ServerShared>, tx: LinkTx, mut rx: LinkRx, trusted: 
         match attached.get(&name) {
             Some((s, fid)) => {
                 let mut backlog = s.follower_frame(*fid, frame);
-                s.flush(*fid).await;
                 // A replica that dispatches without reading its acks waits here.
                 while backlog > ACK_BACKLOG && !cancel.is_cancelled() {
                     tokio::time::sleep(Duration::from_millis(1)).await;

@@ -140,15 +140,12 @@ pub(crate) enum Core<R: Reducer> {
         r: Replica<R>,
         waiters: OpSlots<Waiter>,
         up_wake: Arc<Notify>,
-        /// The current upstream link: its send lock (held from polling to
-        /// queueing, to keep frames in order) and sender.
-        up_io: Option<(Arc<tokio::sync::Mutex<()>>, LinkTx)>,
     },
 }
 
 pub(crate) struct Shared<R: Reducer> {
     pub(crate) core: Core<R>,
-    wakers: HashMap<FollowerId, FollowerIo>,
+    wakers: HashMap<FollowerId, Arc<Notify>>,
 }
 
 impl<R: Reducer> Shared<R> {
@@ -161,19 +158,9 @@ impl<R: Reducer> Shared<R> {
 
     fn wake_followers(&self) {
         for w in self.wakers.values() {
-            w.wake.notify_one();
+            w.notify_one();
         }
     }
-}
-
-/// How a follower's frames get out: its writer task is woken by `wake`;
-/// whoever sends (that task, or the connection's reader right after a
-/// dispatch) holds `send` from polling to queueing, so frames keep their order.
-#[derive(Clone)]
-pub(crate) struct FollowerIo {
-    wake: Arc<Notify>,
-    send: Arc<tokio::sync::Mutex<()>>,
-    tx: LinkTx,
 }
 
 pub(crate) struct Inner<R: Reducer> {
@@ -328,7 +315,6 @@ impl<R: Reducer> Store<R> {
                 r: Replica::new(reducer, rc),
                 waiters: OpSlots::default(),
                 up_wake: Arc::new(Notify::new()),
-                up_io: None,
             },
             Role::Replica,
         )
@@ -353,9 +339,7 @@ impl<R: Reducer> Store<R> {
     /// # Cancel safety
     /// Dropping the future does not withdraw the action: it is still committed.
     pub async fn dispatch(&self, action: R::Action) -> Result<u64, DispatchError> {
-        let pending = self.try_dispatch(&action)?;
-        self.inner.flush_upstream().await;
-        pending.await
+        self.try_dispatch(&action)?.await
     }
 
     /// Queues an action without waiting; the returned [`Pending`] resolves
@@ -380,7 +364,6 @@ impl<R: Reducer> Store<R> {
                 r,
                 waiters,
                 up_wake,
-                ..
             } => {
                 let op = r.dispatch(action)?;
                 let (tx, rx) = oneshot::channel();
@@ -619,23 +602,19 @@ impl<R: Reducer> Inner<R> {
         tx: LinkTx,
         cancel: CancellationToken,
     ) -> Result<FollowerId, RemoteError> {
-        let io = FollowerIo {
-            wake: Arc::new(Notify::new()),
-            send: Arc::new(tokio::sync::Mutex::new(())),
-            tx,
-        };
+        let wake = Arc::new(Notify::new());
         let fid = {
             let mut g = self.lock();
             let fid = match &mut g.core {
                 Core::Authority { a, .. } => a.on_hello(hello)?,
                 Core::Replica { r, .. } => r.serve_hello(hello)?,
             };
-            g.wakers.insert(fid, io.clone());
+            g.wakers.insert(fid, wake.clone());
             fid
         };
         let inner = self.clone();
         tokio::spawn(async move {
-            inner.follower_task(fid, io, cancel).await;
+            inner.follower_task(fid, wake, tx, cancel).await;
         });
         Ok(fid)
     }
@@ -643,12 +622,11 @@ impl<R: Reducer> Inner<R> {
     async fn follower_task(
         self: Arc<Self>,
         fid: FollowerId,
-        io: FollowerIo,
+        wake: Arc<Notify>,
+        tx: LinkTx,
         cancel: CancellationToken,
     ) {
-        let FollowerIo { wake, send, tx } = io;
         loop {
-            let guard = send.lock().await;
             let frames = {
                 let mut g = self.lock();
                 match &mut g.core {
@@ -657,7 +635,6 @@ impl<R: Reducer> Inner<R> {
                 }
             };
             if frames.is_empty() {
-                drop(guard);
                 tokio::select! {
                     _ = wake.notified() => continue,
                     _ = cancel.cancelled() => break,
@@ -670,7 +647,6 @@ impl<R: Reducer> Inner<R> {
                     break;
                 }
             }
-            drop(guard);
             if cancel.is_cancelled() {
                 break;
             }
@@ -724,60 +700,26 @@ impl<R: Reducer> Inner<R> {
             }
         };
         if committed {
-            // The dispatching follower is served by `flush`, right after.
-            for (id, w) in &g.wakers {
-                if *id != fid {
-                    w.wake.notify_one();
-                }
-            }
+            g.wake_followers();
             let head = g.head();
             drop(g);
             self.publish(head);
+        } else if let Some(w) = g.wakers.get(&fid) {
+            w.notify_one();
         }
         backlog
-    }
-
-    /// Sends what is due to a follower from the caller's task (the
-    /// connection reader, after a dispatch), saving a task switch; if its
-    /// writer task is busy, wakes it instead.
-    pub(crate) async fn flush(&self, fid: FollowerId) {
-        let Some(io) = self.lock().wakers.get(&fid).cloned() else {
-            return;
-        };
-        let Ok(guard) = io.send.try_lock() else {
-            io.wake.notify_one();
-            return;
-        };
-        let frames = {
-            let mut g = self.lock();
-            match &mut g.core {
-                Core::Authority { a, .. } => a.poll(fid, FOLLOWER_BUDGET),
-                Core::Replica { r, .. } => r.poll_follower(fid, FOLLOWER_BUDGET),
-            }
-        };
-        for f in &frames {
-            if io.tx.send_wait(f).await.is_err() {
-                break;
-            }
-        }
-        drop(guard);
     }
 
     // ---- the upstream link of a replica ----
 
     /// The link to upstream is up: hello, then the writer task.
     pub(crate) fn link_up(self: &Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool {
-        let send = Arc::new(tokio::sync::Mutex::new(()));
         let wake = {
             let mut g = self.lock();
-            let Core::Replica {
-                r, up_wake, up_io, ..
-            } = &mut g.core
-            else {
+            let Core::Replica { r, up_wake, .. } = &mut g.core else {
                 return false;
             };
             r.on_connected();
-            *up_io = Some((send.clone(), tx.clone()));
             up_wake.clone()
         };
         self.link_tx.send_replace(LinkState::Down);
@@ -785,7 +727,6 @@ impl<R: Reducer> Inner<R> {
         let inner = self.clone();
         tokio::spawn(async move {
             loop {
-                let guard = send.lock().await;
                 let frames = {
                     let mut g = inner.lock();
                     match &mut g.core {
@@ -794,7 +735,6 @@ impl<R: Reducer> Inner<R> {
                     }
                 };
                 if frames.is_empty() {
-                    drop(guard);
                     tokio::select! {
                         _ = wake.notified() => continue,
                         _ = cancel.cancelled() => break,
@@ -807,7 +747,6 @@ impl<R: Reducer> Inner<R> {
                         break;
                     }
                 }
-                drop(guard);
                 if cancel.is_cancelled() {
                     break;
                 }
@@ -816,43 +755,12 @@ impl<R: Reducer> Inner<R> {
         true
     }
 
-    /// Sends queued dispatches from the caller's task when the upstream
-    /// writer is idle (saves a task switch on a lone dispatch).
-    async fn flush_upstream(&self) {
-        let io = {
-            let g = self.lock();
-            match &g.core {
-                Core::Replica {
-                    up_io: Some(io), ..
-                } => io.clone(),
-                _ => return,
-            }
-        };
-        let Ok(guard) = io.0.try_lock() else {
-            return;
-        };
-        let frames = {
-            let mut g = self.lock();
-            match &mut g.core {
-                Core::Replica { r, .. } => r.poll_upstream(),
-                Core::Authority { .. } => Vec::new(),
-            }
-        };
-        for f in &frames {
-            if io.1.send_wait(f).await.is_err() {
-                break;
-            }
-        }
-        drop(guard);
-    }
-
     /// The link to upstream is down.
     pub(crate) fn link_down(&self) {
         {
             let mut g = self.lock();
-            if let Core::Replica { r, up_io, .. } = &mut g.core {
+            if let Core::Replica { r, .. } = &mut g.core {
                 r.on_disconnected();
-                *up_io = None;
             }
         }
         self.link_tx.send_if_modified(|s| {
@@ -874,7 +782,6 @@ impl<R: Reducer> Inner<R> {
                 r,
                 waiters,
                 up_wake,
-                ..
             } = &mut g.core
             else {
                 return;
@@ -949,7 +856,6 @@ pub(crate) trait AnyStore: Send + Sync + 'static {
         cancel: CancellationToken,
     ) -> Result<FollowerId, RemoteError>;
     fn follower_frame(&self, fid: FollowerId, frame: Frame) -> usize;
-    fn flush(&self, fid: FollowerId) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     fn detach(&self, fid: FollowerId);
     fn link_up(self: Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool;
     fn link_down(&self);
@@ -970,9 +876,6 @@ impl<R: Reducer> AnyStore for Inner<R> {
     }
     fn follower_frame(&self, fid: FollowerId, frame: Frame) -> usize {
         Inner::follower_frame(self, fid, frame)
-    }
-    fn flush(&self, fid: FollowerId) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(Inner::flush(self, fid))
     }
     fn detach(&self, fid: FollowerId) {
         Inner::detach(self, fid)
