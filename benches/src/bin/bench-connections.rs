@@ -8,7 +8,7 @@
 //! Welcome) and then staying idle. RSS is read from `/proc/<pid>/status`
 //! before and after. Results go to stdout as JSON lines; progress to stderr.
 //! Environment: `BENCH_CONNECTIONS` (default 10000), `BENCH_ROUNDS`
-//! (default 1; the median is reported).
+//! (default 3; medians are reported).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -33,7 +33,7 @@ fn main() -> Result<()> {
         return node_role();
     }
     let n = env_num("BENCH_CONNECTIONS", 10_000) as usize;
-    let rounds = env_num("BENCH_ROUNDS", 1).max(1) as usize;
+    let rounds = env_num("BENCH_ROUNDS", 3).max(1) as usize;
     let need = (n as u64) + 512;
     if let Some(soft) = nofile_soft() {
         if soft < need {
