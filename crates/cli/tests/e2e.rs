@@ -19,8 +19,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_replimesh");
 
 struct NodeProc {
     child: Child,
-    mesh: String,
-    store: String,
+    /// The node's one listener: clone links, mesh clients and store replicas.
+    url: String,
     admin: SocketAddr,
     lines: mpsc::Receiver<String>,
 }
@@ -47,15 +47,13 @@ impl NodeProc {
                 }
             }
         });
-        let (mut mesh, mut store, mut admin) = (None, None, None);
+        let (mut url, mut admin) = (None, None);
         loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .unwrap_or_else(|e| panic!("{name} did not start: {e}"));
-            if let Some(u) = line.strip_prefix("listening mesh ") {
-                mesh.get_or_insert(u.to_owned());
-            } else if let Some(u) = line.strip_prefix("listening store ") {
-                store.get_or_insert(u.to_owned());
+            if let Some(u) = line.strip_prefix("listening ") {
+                url.get_or_insert(u.to_owned());
             } else if let Some(a) = line.strip_prefix("admin http://") {
                 admin = Some(a.trim_end_matches('/').parse().unwrap());
             } else if line == "ready" {
@@ -64,8 +62,7 @@ impl NodeProc {
         }
         NodeProc {
             child,
-            mesh: mesh.unwrap(),
-            store: store.unwrap(),
+            url: url.unwrap(),
             admin: admin.unwrap(),
             lines: rx,
         }
@@ -104,9 +101,6 @@ id = "{id}"
 admin = "127.0.0.1:0"
 [[listen]]
 url = "tcp://127.0.0.1:0"
-[[listen]]
-url = "tcp://127.0.0.1:0"
-serves = "store"
 [auth]
 token_file = "token"
 [limits]
@@ -162,12 +156,12 @@ async fn three_nodes_sigterm_one_nothing_lost() {
     let mut n2 = NodeProc::start(
         dir.path(),
         "n2",
-        &config("n2", Some(("n1", &n1.mesh)), Some(&n1.store)),
+        &config("n2", Some(("n1", &n1.url)), Some(&n1.url)),
     );
     let mut n3 = NodeProc::start(
         dir.path(),
         "n3",
-        &config("n3", Some(("n2", &n2.mesh)), Some(&n1.store)),
+        &config("n3", Some(("n2", &n2.url)), Some(&n1.url)),
     );
     // Discovery: n3 was only told about n2, and learns n1.
     wait_until("n3 linked to n1 and n2", async || {
@@ -176,12 +170,12 @@ async fn three_nodes_sigterm_one_nothing_lost() {
     .await;
 
     // A subscriber on n2 (n3 as its second URL), a publisher on n3.
-    let mut sc = mesh::ClientConfig::new([n2.mesh.clone(), n3.mesh.clone()]);
+    let mut sc = mesh::ClientConfig::new([n2.url.clone(), n3.url.clone()]);
     sc.reconnect_delay = Duration::from_millis(20);
     let sub = mesh::Client::connect(sc).await.unwrap();
     let mut inbox = sub.deliveries().unwrap();
     sub.subscribe(&["e2e"]).unwrap();
-    let publ = mesh::Client::connect(mesh::ClientConfig::new([n3.mesh.clone()]))
+    let publ = mesh::Client::connect(mesh::ClientConfig::new([n3.url.clone()]))
         .await
         .unwrap();
     // Probe until the subscription has reached n3.
@@ -214,7 +208,7 @@ async fn three_nodes_sigterm_one_nothing_lost() {
 
     // Requests through n1 move its request counter; the store replica on
     // n2 dispatches through the relay.
-    let asker = mesh::Client::connect(mesh::ClientConfig::new([n1.mesh.clone()]))
+    let asker = mesh::Client::connect(mesh::ClientConfig::new([n1.url.clone()]))
         .await
         .unwrap();
     let before = metric(n1.admin, "replimesh_requests_total", None).await;
@@ -227,7 +221,7 @@ async fn three_nodes_sigterm_one_nothing_lost() {
     let replica = Store::replica(Kv { name: "kv".into() }, StoreConfig::default());
     let mut cc = ClientConfig::new("app", "app-password");
     cc.reconnect_min = Duration::from_millis(20);
-    let link2 = replica.connect_with(&n2.store, cc.clone()).await.unwrap();
+    let link2 = replica.connect_with(&n2.url, cc.clone()).await.unwrap();
     for i in 0..50 {
         replica
             .dispatch(KvAction::Set {
@@ -259,14 +253,14 @@ async fn three_nodes_sigterm_one_nothing_lost() {
     assert!(status.success(), "n2 exited with {status}");
     assert!(n2.lines.try_iter().any(|l| l == "stopped"));
     drop(link2);
-    let link3 = Client::connect(&n3.store, cc).await.unwrap();
+    let link3 = Client::connect(&n3.url, cc).await.unwrap();
     link3.attach(&replica).await.unwrap();
     for p in pending {
         p.await.unwrap();
     }
     // The subscriber is on n3 now, with its subscription restored.
     wait_until("subscriber on n3", async || {
-        sub.info().connected_to.as_deref() == Some(n3.mesh.as_str())
+        sub.info().connected_to.as_deref() == Some(n3.url.as_str())
     })
     .await;
     loop {
@@ -296,19 +290,18 @@ async fn three_nodes_sigterm_one_nothing_lost() {
     let want: Vec<String> = (100..200).map(|i| i.to_string()).collect();
     assert_eq!(got, want);
     // Every dispatch exactly once.
-    // FIXME(store relays, issue 4): a dispatch in flight through a relay that
-    // is stopped can be applied a second time when the replica's outbox is
-    // resent through another relay: seq 70 instead of 60, seen intermittently.
-    // Until relays keep the replica's (client id, op id) end to end, this
-    // asserts what is seen: 60 (right) up to 70 (each of the 10 in-flight
-    // dispatches applied twice, the known bug); fewer than 60 would be a loss.
+    // A dispatch in flight through n2 when it stopped is resent through n3;
+    // the authority recognises it by the replica's (client id, op id).
     wait_until("n1 seq 60", async || {
         metric(n1.admin, "replimesh_store_seq", Some(("store", "kv"))).await >= 60.0
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let seq = metric(n1.admin, "replimesh_store_seq", Some(("store", "kv"))).await as u64;
-    assert!((60..=70).contains(&seq), "unexpected authority seq {seq}");
+    assert_eq!(
+        seq, 60,
+        "authority seq: each of the 60 dispatches exactly once"
+    );
     replica.wait_for(seq).await;
     assert_eq!(replica.state().len(), 60);
     assert_eq!(replica.seq(), seq);

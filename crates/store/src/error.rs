@@ -91,6 +91,12 @@ impl RemoteError {
 
     /// The `StoreError` frame carrying this error (`op_id` 0: not about a dispatch).
     pub fn to_frame(&self, store: &str, op_id: u64) -> proto::Frame {
+        self.to_frame_for(store, op_id, "")
+    }
+
+    /// As [`RemoteError::to_frame`], for an op id of `client_id` (a relay's
+    /// downstream client; empty: the receiver's own).
+    pub fn to_frame_for(&self, store: &str, op_id: u64, client_id: &str) -> proto::Frame {
         proto::Frame::new(proto::frame::Body::StoreError(proto::StoreError {
             store: store.to_owned(),
             op_id,
@@ -98,6 +104,7 @@ impl RemoteError {
                 code: self.code.as_u32(),
                 message: self.message.clone(),
             }),
+            client_id: client_id.to_owned(),
         }))
     }
 }

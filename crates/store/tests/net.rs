@@ -358,6 +358,7 @@ async fn several_stores_one_connection_and_clear_errors() {
         op_id: 1,
         action: bytes::Bytes::from_static(&[0xff, 0xff, 0xff]),
         more: vec![],
+        client_id: String::new(),
     })))
     .unwrap();
     let err = loop {

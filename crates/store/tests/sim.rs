@@ -60,6 +60,8 @@ struct Link {
     connected: bool,
     fid: Option<FollowerId>,
     to: Up,
+    /// Set once the relayed replica has moved (it may be on the authority).
+    moved: bool,
 }
 
 struct Cluster {
@@ -105,6 +107,7 @@ impl Cluster {
                 connected: false,
                 fid: None,
                 to: if i == k { Up::Relay(0) } else { Up::Authority },
+                moved: false,
             });
         }
         let mut c = Cluster {
@@ -163,6 +166,28 @@ impl Cluster {
             }
         }
         self.reps[i].on_disconnected();
+    }
+
+    /// The replica behind the relay (if any) disconnects and attaches to the
+    /// next upstream: relay 0, relay 1, the authority, relay 0, ... Its
+    /// dispatches in flight are resent there (and must not apply twice).
+    fn move_relayed(&mut self) {
+        let Some(i) = self
+            .links
+            .iter()
+            .position(|l| l.to != Up::Authority || l.moved)
+        else {
+            return;
+        };
+        self.disconnect(i);
+        let l = &mut self.links[i];
+        l.moved = true;
+        l.to = match l.to {
+            Up::Relay(0) => Up::Relay(1),
+            Up::Relay(_) => Up::Authority,
+            Up::Authority => Up::Relay(0),
+        };
+        self.connect(i);
     }
 
     /// Moves frames; returns how many moved.
@@ -336,6 +361,8 @@ enum Step {
     Down(usize, usize),
     Disconnect(usize),
     Connect(usize),
+    /// The relayed replica fails over: relay 0 -> relay 1 -> authority -> ...
+    Move,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -349,6 +376,7 @@ fn step() -> impl Strategy<Value = Step> {
         4 => (i.clone(), 1usize..5).prop_map(|(i, k)| Step::Down(i, k)),
         1 => i.clone().prop_map(Step::Disconnect),
         1 => i.prop_map(Step::Connect),
+        1 => Just(Step::Move),
     ]
 }
 
@@ -393,6 +421,7 @@ fn run(steps: &[Step], mode: SyncMode, backlog: usize, resync: u64, relay: bool)
             }
             Step::Disconnect(i) => c.disconnect(i % n),
             Step::Connect(i) => c.connect(i % n),
+            Step::Move => c.move_relayed(),
         }
     }
     c.settle();

@@ -197,7 +197,13 @@ impl<R: Reducer> Authority<R> {
         let Some(f) = self.log.followers.get(&id) else {
             return 0;
         };
-        let client = f.client_id.clone();
+        // A relay forwards its clients' dispatches under their own client
+        // ids, so a dispatch resent through another relay is recognised.
+        let client = if d.client_id.is_empty() {
+            f.client_id.clone()
+        } else {
+            d.client_id.clone()
+        };
         let enc = f.encoding;
         let mut committed = 0;
         let first_op = d.op_id;
@@ -207,27 +213,27 @@ impl<R: Reducer> Authority<R> {
         for (i, bytes) in all.enumerate() {
             let op = first_op + i as u64;
             match ops.lookup(op) {
-                Lookup::Known(OpState::Committed(seq)) => self.log.ack(id, op, seq),
+                Lookup::Known(OpState::Committed(seq)) => self.log.ack_for(id, &client, op, seq),
                 Lookup::Known(_) => {
                     let e = RemoteError::new(ErrorCode::BadAction, "rejected before");
-                    self.log.error(id, op, &e);
+                    self.log.error_for(id, &client, op, &e);
                 }
                 Lookup::Forgotten => {
                     let e = RemoteError::new(
                         ErrorCode::Forgotten,
                         "op id older than the duplicate window; it was handled before",
                     );
-                    self.log.error(id, op, &e);
+                    self.log.error_for(id, &client, op, &e);
                 }
                 Lookup::New => match self.commit_bytes(&bytes, enc) {
                     Ok(seq) => {
                         committed += 1;
                         ops.record(op, OpState::Committed(seq), window);
-                        self.log.ack(id, op, seq);
+                        self.log.ack_for(id, &client, op, seq);
                     }
                     Err(e) => {
                         ops.record(op, OpState::Rejected, window);
-                        self.log.error(id, op, &e);
+                        self.log.error_for(id, &client, op, &e);
                     }
                 },
             }

@@ -11,8 +11,8 @@ pub(crate) enum OpState {
     Committed(u64),
     /// Answered with an error (not committed).
     Rejected,
-    /// A relay passed it upstream as its own op id; no answer yet.
-    Pending(u64),
+    /// A relay forwarded it upstream; no answer yet.
+    Pending,
 }
 
 /// The result of a lookup.

@@ -87,12 +87,15 @@ pub(crate) struct Follower {
     need_snapshot: bool,
     /// (op id, seq) acknowledgements to send; seq 0 = answered by an error.
     acks: Vec<(u64, u64)>,
+    /// Acknowledgements of op ids of other clients (this follower is a relay
+    /// that forwarded them): (client id, op id, seq).
+    relayed: Vec<(String, u64, u64)>,
     control: VecDeque<Frame>,
 }
 
 impl Follower {
     pub(crate) fn pending_control(&self) -> usize {
-        self.acks.len() + self.control.len()
+        self.acks.len() + self.relayed.len() + self.control.len()
     }
 }
 
@@ -285,6 +288,7 @@ impl<R: Reducer> Log<R> {
             welcome: Some(welcome),
             need_snapshot: false,
             acks: Vec::new(),
+            relayed: Vec::new(),
             control: VecDeque::new(),
         };
         self.by_client.insert(f.client_id.clone(), id);
@@ -304,10 +308,29 @@ impl<R: Reducer> Log<R> {
         self.by_client.get(client).copied()
     }
 
-    pub(crate) fn ack(&mut self, id: FollowerId, op: u64, seq: u64) {
+    /// Acknowledges op `op` of `client`, which may be the follower itself or
+    /// a client behind it (the follower is a relay).
+    pub(crate) fn ack_for(&mut self, id: FollowerId, client: &str, op: u64, seq: u64) {
         if let Some(f) = self.followers.get_mut(&id) {
-            f.acks.push((op, seq));
+            if f.client_id == client {
+                f.acks.push((op, seq));
+            } else {
+                f.relayed.push((client.to_owned(), op, seq));
+            }
         }
+    }
+
+    /// As [`Log::error`], for op `op` of `client` (see [`Log::ack_for`]).
+    pub(crate) fn error_for(&mut self, id: FollowerId, client: &str, op: u64, err: &RemoteError) {
+        let Some(f) = self.followers.get_mut(&id) else {
+            return;
+        };
+        if f.client_id == client {
+            return self.error(id, op, err);
+        }
+        f.relayed.push((client.to_owned(), op, 0));
+        f.control
+            .push_back(err.to_frame_for(&self.name, op, client));
     }
 
     pub(crate) fn error(&mut self, id: FollowerId, op: u64, err: &RemoteError) {
@@ -334,6 +357,7 @@ impl<R: Reducer> Log<R> {
                 self.history != 0
                     && (f.welcome.is_some()
                         || !f.acks.is_empty()
+                        || !f.relayed.is_empty()
                         || !f.control.is_empty()
                         || f.need_snapshot
                         || f.next <= self.head
@@ -364,6 +388,10 @@ impl<R: Reducer> Log<R> {
         if !f.acks.is_empty() {
             pack_acks(&self.name, &f.acks, &mut out);
             f.acks.clear();
+        }
+        if !f.relayed.is_empty() {
+            pack_relayed(&self.name, &f.relayed, &mut out);
+            f.relayed.clear();
         }
         let mut used = 0usize;
         while used < budget {
@@ -508,6 +536,30 @@ fn pack_acks(store: &str, acks: &[(u64, u64)], out: &mut Vec<Frame>) {
             op_id: op,
             seq,
             more_seqs: more,
+            client_id: String::new(),
+        })));
+        i = j;
+    }
+}
+
+/// Packs (client, op, seq) triples into `Committed` frames carrying the
+/// client id, one per run of consecutive op ids of one client.
+fn pack_relayed(store: &str, acks: &[(String, u64, u64)], out: &mut Vec<Frame>) {
+    let mut i = 0;
+    while i < acks.len() {
+        let (client, op, seq) = &acks[i];
+        let mut more = Vec::new();
+        let mut j = i + 1;
+        while j < acks.len() && acks[j].0 == *client && acks[j].1 == op + (j - i) as u64 {
+            more.push(acks[j].2);
+            j += 1;
+        }
+        out.push(Frame::new(Body::Committed(proto::Committed {
+            store: store.to_owned(),
+            op_id: *op,
+            seq: *seq,
+            more_seqs: more,
+            client_id: client.clone(),
         })));
         i = j;
     }

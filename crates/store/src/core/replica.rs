@@ -97,9 +97,26 @@ pub struct Replica<R: Reducer> {
     up_out: VecDeque<Frame>,
     events: VecDeque<ReplicaEvent>,
     resync_requested: bool,
-    /// Relay: own op id -> (downstream client, its op id).
-    routes: HashMap<u64, (String, u64)>,
+    /// Relay: downstream dispatches waiting to be forwarded upstream.
+    relay_outbox: VecDeque<Routed>,
+    /// Relay: forwarded, not answered yet, by (origin client, its op id).
+    relay_inflight: HashMap<(String, u64), Routed>,
     relay_dedup: Dedup,
+}
+
+/// A downstream dispatch a relay forwards upstream under its origin's client
+/// id and op id (so the authority recognises it if it comes back through
+/// another relay).
+struct Routed {
+    /// The client that made the dispatch.
+    origin: String,
+    /// Its op id.
+    op: u64,
+    /// The client id of the follower it came from (the origin itself, or a
+    /// relay below this one).
+    direct: String,
+    /// The action, in this replica's upstream encoding.
+    action: Bytes,
 }
 
 impl<R: Reducer> Replica<R> {
@@ -127,7 +144,8 @@ impl<R: Reducer> Replica<R> {
             up_out: VecDeque::new(),
             events: VecDeque::new(),
             resync_requested: false,
-            routes: HashMap::new(),
+            relay_outbox: VecDeque::new(),
+            relay_inflight: HashMap::new(),
             relay_dedup,
         }
     }
@@ -168,9 +186,14 @@ impl<R: Reducer> Replica<R> {
     }
 
     /// Dispatches waiting to be committed (outbox, in flight, and committed
-    /// but not yet applied).
+    /// but not yet applied), including those forwarded for downstream
+    /// replicas (relay).
     pub fn pending(&self) -> usize {
-        self.outbox.len() + self.inflight.len() + self.waiting.len()
+        self.outbox.len()
+            + self.inflight.len()
+            + self.waiting.len()
+            + self.relay_outbox.len()
+            + self.relay_inflight.len()
     }
 
     /// Queues an action; returns its op id. The action is sent when the link is
@@ -204,6 +227,10 @@ impl<R: Reducer> Replica<R> {
         let mut resend: VecDeque<(u64, Bytes)> = self.inflight.drain().into_iter().collect();
         resend.extend(self.outbox.drain(..));
         self.outbox = resend;
+        let mut relayed: Vec<Routed> = self.relay_inflight.drain().map(|(_, r)| r).collect();
+        relayed.sort_by(|a, b| (&a.origin, a.op).cmp(&(&b.origin, b.op)));
+        relayed.extend(self.relay_outbox.drain(..));
+        self.relay_outbox = relayed.into();
         self.up_out
             .push_back(Frame::new(Body::StoreHello(proto::StoreHello {
                 store: self.log.name.clone(),
@@ -256,6 +283,36 @@ impl<R: Reducer> Replica<R> {
                 op_id: op,
                 action,
                 more,
+                client_id: String::new(),
+            })));
+        }
+        while budget > 0 {
+            let Some(first) = self.relay_outbox.pop_front() else {
+                break;
+            };
+            budget -= 1;
+            let (origin, op_id, action) = (first.origin.clone(), first.op, first.action.clone());
+            self.relay_inflight
+                .insert((first.origin.clone(), first.op), first);
+            let mut more = Vec::new();
+            while budget > 0 {
+                match self.relay_outbox.front() {
+                    Some(r) if r.origin == origin && r.op == op_id + 1 + more.len() as u64 => {
+                        if let Some(r) = self.relay_outbox.pop_front() {
+                            more.push(r.action.clone());
+                            self.relay_inflight.insert((r.origin.clone(), r.op), r);
+                            budget -= 1;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            out.push(Frame::new(Body::Dispatch(proto::Dispatch {
+                store: self.log.name.clone(),
+                op_id,
+                action,
+                more,
+                client_id: origin,
             })));
         }
         out
@@ -266,7 +323,9 @@ impl<R: Reducer> Replica<R> {
         match self.link {
             Link::Down => false,
             Link::Hello => !self.up_out.is_empty(),
-            Link::Ready => !self.up_out.is_empty() || !self.outbox.is_empty(),
+            Link::Ready => {
+                !self.up_out.is_empty() || !self.outbox.is_empty() || !self.relay_outbox.is_empty()
+            }
         }
     }
 
@@ -297,15 +356,24 @@ impl<R: Reducer> Replica<R> {
                     } else {
                         tracing::warn!(store = %self.log.name, error = %err, "store error from upstream");
                     }
+                } else if self.is_relayed(&e.client_id) {
+                    self.relayed_answer(&e.client_id, e.op_id, Err(err));
                 } else {
                     self.rejected(e.op_id, err);
                 }
             }
             Body::Committed(c) => {
+                let relayed = self.is_relayed(&c.client_id);
                 let all = std::iter::once(c.seq).chain(c.more_seqs);
                 for (i, seq) in all.enumerate() {
-                    if seq != 0 {
-                        self.committed(c.op_id + i as u64, seq);
+                    if seq == 0 {
+                        continue;
+                    }
+                    let op = c.op_id + i as u64;
+                    if relayed {
+                        self.relayed_answer(&c.client_id, op, Ok(seq));
+                    } else {
+                        self.committed(op, seq);
                     }
                 }
             }
@@ -316,17 +384,32 @@ impl<R: Reducer> Replica<R> {
         }
     }
 
+    /// Whether an answer's client id names a downstream client (relay).
+    fn is_relayed(&self, client_id: &str) -> bool {
+        !client_id.is_empty() && client_id != self.cfg.client_id
+    }
+
+    /// Upstream answered a dispatch this relay forwarded for `origin`.
+    fn relayed_answer(&mut self, origin: &str, op: u64, answer: Result<u64, RemoteError>) {
+        let Some(r) = self.relay_inflight.remove(&(origin.to_owned(), op)) else {
+            return; // Duplicate answer, or not forwarded by this relay.
+        };
+        let state = match answer {
+            Ok(seq) => OpState::Committed(seq),
+            Err(_) => OpState::Rejected,
+        };
+        self.relay_dedup.record(origin, op, state);
+        if let Some(fid) = self.log.follower_of(&r.direct) {
+            match answer {
+                Ok(seq) => self.log.ack_for(fid, origin, op, seq),
+                Err(e) => self.log.error_for(fid, origin, op, &e),
+            }
+        }
+    }
+
     fn committed(&mut self, op: u64, seq: u64) {
         if self.inflight.remove(op).is_none() {
             return; // Duplicate answer.
-        }
-        if let Some((client, their_op)) = self.routes.remove(&op) {
-            self.relay_dedup
-                .record(&client, their_op, OpState::Committed(seq));
-            if let Some(fid) = self.log.follower_of(&client) {
-                self.log.ack(fid, their_op, seq);
-            }
-            return;
         }
         if self.waiting_history != self.welcome_history {
             self.fail_waiting();
@@ -338,14 +421,6 @@ impl<R: Reducer> Replica<R> {
 
     fn rejected(&mut self, op: u64, err: RemoteError) {
         if self.inflight.remove(op).is_none() {
-            return;
-        }
-        if let Some((client, their_op)) = self.routes.remove(&op) {
-            self.relay_dedup
-                .record(&client, their_op, OpState::Rejected);
-            if let Some(fid) = self.log.follower_of(&client) {
-                self.log.error(fid, their_op, &err);
-            }
             return;
         }
         self.events
@@ -501,55 +576,68 @@ impl<R: Reducer> Replica<R> {
             .unwrap_or(0)
     }
 
-    /// A downstream `Dispatch`: forwarded upstream (exactly once per
-    /// (client, op id) while this relay lives).
+    /// A downstream `Dispatch`: forwarded upstream under the client id and
+    /// op ids of the replica that made it (exactly once per (client, op id)
+    /// while this relay lives; the authority drops duplicates that come back
+    /// through another relay).
     pub fn serve_dispatch(&mut self, id: FollowerId, d: proto::Dispatch) {
         let Some(f) = self.log.followers.get(&id) else {
             return;
         };
-        let client = f.client_id.clone();
+        let direct = f.client_id.clone();
+        let origin = if d.client_id.is_empty() {
+            direct.clone()
+        } else {
+            d.client_id
+        };
         let enc = f.encoding;
         let first = d.op_id;
         for (i, bytes) in std::iter::once(d.action).chain(d.more).enumerate() {
             let op = first + i as u64;
-            match self.relay_dedup.lookup(&client, op) {
-                Lookup::Known(OpState::Committed(seq)) => self.log.ack(id, op, seq),
-                Lookup::Known(OpState::Pending(_)) => {}
+            match self.relay_dedup.lookup(&origin, op) {
+                Lookup::Known(OpState::Committed(seq)) => self.log.ack_for(id, &origin, op, seq),
+                Lookup::Known(OpState::Pending) => {}
                 Lookup::Known(_) => {
                     let e = RemoteError::new(ErrorCode::BadAction, "rejected before");
-                    self.log.error(id, op, &e);
+                    self.log.error_for(id, &origin, op, &e);
                 }
                 Lookup::Forgotten => {
                     let e = RemoteError::new(ErrorCode::Forgotten, "op id older than the window");
-                    self.log.error(id, op, &e);
+                    self.log.error_for(id, &origin, op, &e);
                 }
                 Lookup::New => {
-                    let binary = match to_binary::<R::Action>(&bytes, enc) {
-                        Ok((_, b)) => b,
+                    let upstream = to_binary::<R::Action>(&bytes, enc).and_then(|(_, binary)| {
+                        match self.cfg.encoding {
+                            Encoding::Binary => Ok(binary),
+                            enc => crate::reducer::transcode::<R::Action>(&binary, enc),
+                        }
+                    });
+                    let action = match upstream {
+                        Ok(b) => b,
                         Err(e) => {
-                            self.relay_dedup.record(&client, op, OpState::Rejected);
+                            self.relay_dedup.record(&origin, op, OpState::Rejected);
                             let e = RemoteError::new(ErrorCode::BadAction, e.0);
-                            self.log.error(id, op, &e);
+                            self.log.error_for(id, &origin, op, &e);
                             continue;
                         }
                     };
-                    let upstream = match self.cfg.encoding {
-                        Encoding::Binary => Ok(binary),
-                        enc => crate::reducer::transcode::<R::Action>(&binary, enc),
-                    };
-                    let queued = upstream
-                        .map_err(|e| RemoteError::new(ErrorCode::BadAction, e.0))
-                        .and_then(|b| {
-                            self.enqueue(b)
-                                .map_err(|e| RemoteError::new(ErrorCode::OutboxFull, e.to_string()))
-                        });
-                    match queued {
-                        Ok(own) => {
-                            self.routes.insert(own, (client.clone(), op));
-                            self.relay_dedup.record(&client, op, OpState::Pending(own));
-                        }
-                        Err(e) => self.log.error(id, op, &e),
+                    let pending = self.pending();
+                    if pending >= self.cfg.max_pending {
+                        let e = DispatchError::OutboxFull {
+                            pending,
+                            limit: self.cfg.max_pending,
+                        };
+                        let e = RemoteError::new(ErrorCode::OutboxFull, e.to_string());
+                        self.log.error_for(id, &origin, op, &e);
+                        continue;
                     }
+                    self.relay_dedup.record(&origin, op, OpState::Pending);
+                    self.relay_outbox.push_back(Routed {
+                        origin: origin.clone(),
+                        op,
+                        direct: direct.clone(),
+                        action,
+                    });
                 }
             }
         }
