@@ -105,4 +105,4 @@ pub use error::{DispatchError, ErrorCode, RemoteError};
 pub use persist::{BackupPersistence, MemoryPersistence, PersistError, Persistence, Recovered};
 pub use reducer::{CodecError, Encoding, Reducer};
 pub use server::{ServeError, Server, ServerConfig, WORKER_ENV};
-pub use store::{Pending, Role, StateRef, Store, StoreConfig, Subscription};
+pub use store::{Pending, Role, StateRef, Store, StoreConfig, StoreStats, Subscription};

@@ -1,5 +1,7 @@
 //! Persistence of an authority's history (backups plug in here).
 
+use std::time::Instant;
+
 use bytes::Bytes;
 
 pub use crate::core::Recovered;
@@ -24,6 +26,13 @@ pub trait Persistence: Send + 'static {
     /// The state after action `seq` of `history_id`; what came before it
     /// may be discarded.
     fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError>;
+    /// When a time-based snapshot is wanted (`None`: none pending). After
+    /// each commit the store asks; once the instant passes, even if no other
+    /// action comes, it encodes its state and calls
+    /// [`Persistence::snapshot`]. By default `None`.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
     /// The store is shutting down ([`crate::Store::shutdown`]): the final
     /// state. By default the same as [`Persistence::snapshot`].
     fn shutdown(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
@@ -89,7 +98,9 @@ impl Persistence for MemoryPersistence {
 /// [`Persistence`] in encrypted backup files (`replimesh-backup`): a
 /// snapshot file plus a journal of the actions since, as redux-cluster's
 /// `backup({path, key, count})`. Snapshots are taken when the backup's
-/// `count` policy says so and at [`crate::Store::shutdown`].
+/// `count` policy says so, `timeout` after the first change not in a
+/// snapshot (a timer thread of the store writes it even when no further
+/// action comes), and at [`crate::Store::shutdown`].
 pub struct BackupPersistence {
     backup: backup::Backup,
     restored: Option<backup::Restored>,
@@ -176,10 +187,9 @@ impl Persistence for BackupPersistence {
                 .map_err(|e| PersistError::new(e.to_string()))?;
             due |= d == backup::Due::Snapshot;
         }
-        // The `timeout` policy: a snapshot once its deadline has passed. It is
-        // checked when actions are committed, so an idle store takes its
-        // snapshot with the next action or at shutdown (the journal holds
-        // every committed action meanwhile).
+        // The `timeout` policy: a deadline already passed is honoured here;
+        // otherwise the store's timer calls `snapshot` at `deadline()`, even if
+        // no further action comes.
         due |= self.backup.is_due();
         Ok(due)
     }
@@ -190,6 +200,10 @@ impl Persistence for BackupPersistence {
         self.backup
             .snapshot(snap)
             .map_err(|e| PersistError::new(e.to_string()))
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.backup.deadline()
     }
 
     fn shutdown(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {

@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use proto::frame::Body;
@@ -135,6 +136,8 @@ pub(crate) enum Core<R: Reducer> {
         persist: Option<Box<dyn Persistence>>,
         persisted: u64,
         snap_persisted: u64,
+        /// The persistence's snapshot timer ([`Persistence::deadline`]).
+        timer: Option<SnapshotTimer>,
     },
     Replica {
         r: Replica<R>,
@@ -170,7 +173,27 @@ pub(crate) struct Inner<R: Reducer> {
     seq_tx: watch::Sender<u64>,
     link_tx: watch::Sender<LinkState>,
     roles: AtomicU8,
+    stats: Counters,
     pub(crate) stop: CancellationToken,
+}
+
+#[derive(Default)]
+struct Counters {
+    snapshots_received: AtomicU64,
+    actions_received: AtomicU64,
+}
+
+/// Counters of what a store received from its upstream (see [`Store::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// `Snapshot` frames received from the upstream (replicas and relays): the
+    /// initial sync, catch-ups beyond the backlog, resyncs and the `resync`
+    /// period's snapshots. A reconnection served from the backlog adds none.
+    pub snapshots_received: u64,
+    /// Actions received in `Actions` frames from the upstream (including ones
+    /// already applied, which are ignored).
+    pub actions_received: u64,
 }
 
 /// A replicated store: a cloneable handle over an authority or a replica.
@@ -219,6 +242,7 @@ impl<R: Reducer> Store<R> {
                 seq_tx: watch::channel(head).0,
                 link_tx: watch::channel(link).0,
                 roles: AtomicU8::new(role.bit()),
+                stats: Counters::default(),
                 stop: CancellationToken::new(),
             }),
         }
@@ -238,6 +262,7 @@ impl<R: Reducer> Store<R> {
                 persist: None,
                 persisted: 0,
                 snap_persisted: 0,
+                timer: None,
             },
             Role::Authority,
         )
@@ -271,9 +296,26 @@ impl<R: Reducer> Store<R> {
                 persist: Some(persistence),
                 persisted: head,
                 snap_persisted: if fresh { u64::MAX } else { snap_seq },
+                timer: None,
             },
             Role::Authority,
         );
+        let timer = SnapshotTimer::start(Arc::downgrade(&store.inner));
+        {
+            let mut g = store.inner.lock();
+            if let Core::Authority {
+                timer: t,
+                persist: Some(p),
+                ..
+            } = &mut g.core
+            {
+                *t = timer;
+                // A journal replayed at start-up is a change not in a snapshot.
+                if let Some(t) = t {
+                    t.arm(&**p);
+                }
+            }
+        }
         if fresh {
             // Record the new history's starting point.
             let mut g = store.inner.lock();
@@ -355,9 +397,10 @@ impl<R: Reducer> Store<R> {
                 persist,
                 persisted,
                 snap_persisted,
+                timer,
             } => {
                 let seq = a.dispatch(action)?;
-                persist_new(a, persist, persisted, snap_persisted);
+                persist_new(a, persist, persisted, snap_persisted, timer);
                 Pending(PendingInner::Ready(Some(Ok(seq))))
             }
             Core::Replica {
@@ -431,6 +474,15 @@ impl<R: Reducer> Store<R> {
             .into_iter()
             .filter(|r| bits & r.bit() != 0)
             .collect()
+    }
+
+    /// Counters of what this store received from its upstream (zero on an
+    /// authority).
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            snapshots_received: self.inner.stats.snapshots_received.load(Ordering::Relaxed),
+            actions_received: self.inner.stats.actions_received.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether this store is the authority.
@@ -534,6 +586,7 @@ fn persist_new<R: Reducer>(
     persist: &mut Option<Box<dyn Persistence>>,
     persisted: &mut u64,
     snap_persisted: &mut u64,
+    timer: &mut Option<SnapshotTimer>,
 ) {
     let Some(p) = persist else {
         *persisted = a.seq();
@@ -569,6 +622,107 @@ fn persist_new<R: Reducer>(
                 *snap_persisted = seq;
             }
             Err(e) => tracing::error!(error = %e, "encoding a snapshot failed"),
+        }
+    }
+    if let Some(t) = timer {
+        t.arm(&**p);
+    }
+}
+
+/// Writes the persistence's time-based snapshots ([`Persistence::deadline`])
+/// when no further action comes to trigger them: a thread per persistent
+/// authority that sleeps until the deadline, then takes the snapshot under the
+/// store's lock (the state is encoded there, the file is written by the
+/// persistence off the caller's path).
+pub(crate) struct SnapshotTimer {
+    tx: mpsc::Sender<Instant>,
+    /// A deadline was handed to the thread and has not been handled yet.
+    armed: bool,
+}
+
+impl SnapshotTimer {
+    fn start<R: Reducer>(store: Weak<Inner<R>>) -> Option<SnapshotTimer> {
+        let (tx, rx) = mpsc::channel::<Instant>();
+        let spawned = std::thread::Builder::new()
+            .name("store-snapshot-timer".into())
+            .spawn(move || timer_thread(store, rx));
+        match spawned {
+            Ok(_) => Some(SnapshotTimer { tx, armed: false }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the snapshot timer thread; time-based snapshots are taken with the next action");
+                None
+            }
+        }
+    }
+
+    /// After a commit: hands the persistence's deadline to the thread unless
+    /// one is pending already.
+    fn arm(&mut self, p: &dyn Persistence) {
+        if self.armed {
+            return;
+        }
+        if let Some(d) = p.deadline() {
+            self.armed = self.tx.send(d).is_ok();
+        }
+    }
+}
+
+fn timer_thread<R: Reducer>(store: Weak<Inner<R>>, rx: mpsc::Receiver<Instant>) {
+    let mut next: Option<Instant> = None;
+    loop {
+        let deadline = match next.take() {
+            Some(d) => d,
+            None => match rx.recv() {
+                Ok(d) => d,
+                Err(_) => return, // the store is gone
+            },
+        };
+        // Sleep until the deadline; the channel closing (store dropped) ends it.
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        let Some(inner) = store.upgrade() else { return };
+        if inner.stop.is_cancelled() {
+            return;
+        }
+        let mut g = inner.lock();
+        let Core::Authority {
+            a,
+            persist: Some(p),
+            snap_persisted,
+            timer: Some(t),
+            ..
+        } = &mut g.core
+        else {
+            return;
+        };
+        match p.deadline() {
+            None => t.armed = false,
+            Some(d) if d <= Instant::now() => {
+                match a.take_snapshot() {
+                    Ok((seq, bytes)) => {
+                        if let Err(e) = p.snapshot(a.history_id(), seq, &bytes) {
+                            tracing::error!(error = %e, "persisting a timed snapshot failed");
+                        }
+                        *snap_persisted = seq;
+                    }
+                    Err(e) => tracing::error!(error = %e, "encoding a snapshot failed"),
+                }
+                // A persistence that still wants one (it failed) retries at
+                // its next deadline, but not in a busy loop.
+                next = p
+                    .deadline()
+                    .map(|d| d.max(Instant::now() + std::time::Duration::from_millis(100)));
+                t.armed = next.is_some();
+            }
+            Some(d) => next = Some(d),
         }
     }
 }
@@ -674,12 +828,13 @@ impl<R: Reducer> Inner<R> {
                 persist,
                 persisted,
                 snap_persisted,
+                timer,
             } => {
                 match frame.body {
                     Some(Body::Dispatch(d)) => {
                         committed = a.on_dispatch(fid, d) > 0;
                         if committed {
-                            persist_new(a, persist, persisted, snap_persisted);
+                            persist_new(a, persist, persisted, snap_persisted, timer);
                         }
                     }
                     Some(Body::Resync(_)) => a.on_resync(fid),
@@ -775,6 +930,19 @@ impl<R: Reducer> Inner<R> {
 
     /// A frame from upstream.
     pub(crate) fn upstream_frame(&self, frame: Frame) {
+        match &frame.body {
+            Some(Body::Snapshot(_)) => {
+                self.stats
+                    .snapshots_received
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Body::Actions(a)) => {
+                self.stats
+                    .actions_received
+                    .fetch_add(a.actions.len() as u64, Ordering::Relaxed);
+            }
+            _ => {}
+        }
         let mut g = self.lock();
         let mut link_event = None;
         let head = {
