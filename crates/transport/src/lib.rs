@@ -10,6 +10,9 @@
 //! | `ws://host:port/path` | WebSocket, subprotocol `replimesh.v1` | one binary message per frame |
 //! | `wss://host:port/path` | WebSocket over TLS | same |
 //!
+//! [`from_unix_stream`] wraps an already-connected Unix stream (a socket pair
+//! shared with a child process) the same way.
+//!
 //! A [`Connection`] has a cloneable [`Sender`] and a [`Receiver`]. Each
 //! connection runs a reader task and a writer task. The writer drains
 //! everything queued into one buffer per write (write coalescing). Senders
@@ -56,5 +59,5 @@ pub use config::{Config, SlowConsumerPolicy, TlsConfig};
 pub use conn::{Connection, PeerAddr, Receiver, Sender};
 pub use endpoint::Endpoint;
 pub use error::{CloseReason, Error, RecvError, SendError};
-pub use net::{connect, listen, pair, Listener};
+pub use net::{connect, from_std_unix_stream, from_unix_stream, listen, pair, Listener};
 pub use proto;

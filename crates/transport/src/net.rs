@@ -424,6 +424,30 @@ fn ws_callback(
     }
 }
 
+/// Wraps an already-connected Unix stream (for example one end of a socket
+/// pair inherited by a child process, or received over `SCM_RIGHTS`) into a
+/// [`Connection`] with the same framing, queues and keep-alive as
+/// [`connect`]'s `unix://` connections. Both ends must speak this framing.
+/// Must be called inside a Tokio runtime.
+pub fn from_unix_stream(stream: UnixStream, config: &Config) -> Connection {
+    let path = stream
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let (r, w) = stream.into_split();
+    spawn_stream(r, w, PeerAddr::Unix(path), config)
+}
+
+/// [`from_unix_stream`] for a standard-library stream (it is switched to
+/// non-blocking mode). Must be called inside a Tokio runtime.
+pub fn from_std_unix_stream(
+    stream: std::os::unix::net::UnixStream,
+    config: &Config,
+) -> Result<Connection, Error> {
+    stream.set_nonblocking(true)?;
+    Ok(from_unix_stream(UnixStream::from_std(stream)?, config))
+}
+
 /// Two connected in-memory connections, with the same framing, queues and
 /// keep-alive as socket connections.
 ///
