@@ -102,7 +102,9 @@ pub use crate::core::SyncMode;
 pub use auth::{hash_password, HashCost, LoginError, Logins};
 pub use client::{Client, ClientConfig, ConnectError};
 pub use error::{DispatchError, ErrorCode, RemoteError};
-pub use persist::{BackupPersistence, MemoryPersistence, PersistError, Persistence, Recovered};
+pub use persist::{
+    BackupPersistence, MemoryPersistence, Origin, PersistError, Persistence, Recovered,
+};
 pub use reducer::{CodecError, Encoding, Reducer};
 pub use server::{ServeError, Server, ServerConfig, WORKER_ENV};
 pub use store::{Pending, Role, StateRef, Store, StoreConfig, StoreStats, Subscription};

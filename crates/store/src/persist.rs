@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-pub use crate::core::Recovered;
+pub use crate::core::{Origin, Recovered};
+use proto::Message;
 
 /// Where an authority keeps its history so that it survives a restart.
 ///
@@ -26,6 +27,48 @@ pub trait Persistence: Send + 'static {
     /// The state after action `seq` of `history_id`; what came before it
     /// may be discarded.
     fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError>;
+    /// As [`Persistence::record`], with the origins of those actions (in seq
+    /// order; actions dispatched on the authority itself have none). Keep
+    /// them and give them back in [`Recovered::origins`]: the restarted
+    /// authority then still drops a dispatch that a replica resends because
+    /// the answer was lost in the restart. By default the origins are
+    /// dropped and `record` is called; such a dispatch may then be applied a
+    /// second time after a restart.
+    fn record_with_origins(
+        &mut self,
+        history_id: u64,
+        first_seq: u64,
+        actions: &[Bytes],
+        origins: &[Origin],
+    ) -> Result<bool, PersistError> {
+        let _ = origins;
+        self.record(history_id, first_seq, actions)
+    }
+    /// As [`Persistence::snapshot`], with the origins (at most `seq`) still
+    /// in the authority's duplicate window, which replace those recorded
+    /// before. By default `snapshot`.
+    fn snapshot_with_origins(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+        origins: &[Origin],
+    ) -> Result<(), PersistError> {
+        let _ = origins;
+        self.snapshot(history_id, seq, state)
+    }
+    /// As [`Persistence::shutdown`], with the origins as in
+    /// [`Persistence::snapshot_with_origins`]. By default `shutdown`.
+    fn shutdown_with_origins(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+        origins: &[Origin],
+    ) -> Result<(), PersistError> {
+        let _ = origins;
+        self.shutdown(history_id, seq, state)
+    }
     /// When a time-based snapshot is wanted (`None`: none pending). After
     /// each commit the store asks; once the instant passes, even if no other
     /// action comes, it encodes its state and calls
@@ -77,8 +120,19 @@ impl Persistence for MemoryPersistence {
         first_seq: u64,
         actions: &[Bytes],
     ) -> Result<bool, PersistError> {
+        self.record_with_origins(history_id, first_seq, actions, &[])
+    }
+
+    fn record_with_origins(
+        &mut self,
+        history_id: u64,
+        first_seq: u64,
+        actions: &[Bytes],
+        origins: &[Origin],
+    ) -> Result<bool, PersistError> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.history_id = history_id;
+        g.origins.extend_from_slice(origins);
         for (i, a) in actions.iter().enumerate() {
             g.actions.push((first_seq + i as u64, a.clone()));
         }
@@ -87,10 +141,22 @@ impl Persistence for MemoryPersistence {
     }
 
     fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
+        self.snapshot_with_origins(history_id, seq, state, &[])
+    }
+
+    fn snapshot_with_origins(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+        origins: &[Origin],
+    ) -> Result<(), PersistError> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.history_id = history_id;
         g.snapshot = Some((seq, state.clone()));
         g.actions.retain(|(s, _)| *s > seq);
+        g.origins.retain(|o| o.seq > seq);
+        g.origins.extend_from_slice(origins);
         Ok(())
     }
 }
@@ -101,6 +167,11 @@ impl Persistence for MemoryPersistence {
 /// `count` policy says so, `timeout` after the first change not in a
 /// snapshot (a timer thread of the store writes it even when no further
 /// action comes), and at [`crate::Store::shutdown`].
+///
+/// The files hold the store's envelopes (`proto::PersistedState`,
+/// `proto::PersistedAction`): with the state and each action, the origins
+/// (client id, op id) of recent dispatches, so that a restarted authority
+/// still applies a resent dispatch only once.
 pub struct BackupPersistence {
     backup: backup::Backup,
     restored: Option<backup::Restored>,
@@ -145,13 +216,23 @@ impl BackupPersistence {
         })
     }
 
-    fn snap(&self, history_id: u64, seq: u64, state: &Bytes) -> backup::Snapshot {
+    fn snap(
+        &self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+        origins: &[Origin],
+    ) -> backup::Snapshot {
+        let envelope = proto::PersistedState {
+            state: state.clone(),
+            origins: origins.iter().map(Origin::to_proto).collect(),
+        };
         backup::Snapshot {
             store: self.store.clone(),
             schema: self.schema,
             history_id,
             seq,
-            state: state.clone(),
+            state: envelope.encode_to_vec().into(),
         }
     }
 }
@@ -162,11 +243,36 @@ impl Persistence for BackupPersistence {
             return Ok(Recovered::default());
         };
         let s = r.snapshot;
+        let mut origins = Vec::new();
+        // An empty payload marks a history without a snapshot (its base).
+        let snapshot = if s.state.is_empty() {
+            None
+        } else {
+            let p = proto::PersistedState::decode(s.state.clone()).map_err(|e| {
+                PersistError::new(format!(
+                    "snapshot at seq {} is not a store snapshot: {e}",
+                    s.seq
+                ))
+            })?;
+            origins.extend(p.origins.into_iter().map(Origin::from_proto));
+            Some((s.seq, p.state))
+        };
+        let mut actions = Vec::with_capacity(r.journal.len());
+        for e in r.journal {
+            let p = proto::PersistedAction::decode(e.action).map_err(|err| {
+                PersistError::new(format!(
+                    "journal entry at seq {} is not a store action: {err}",
+                    e.seq
+                ))
+            })?;
+            origins.extend(p.origin.map(Origin::from_proto));
+            actions.push((e.seq, p.action));
+        }
         Ok(Recovered {
             history_id: s.history_id,
-            // An empty state at seq 0 marks a history without a snapshot.
-            snapshot: (s.seq != 0 || !s.state.is_empty()).then_some((s.seq, s.state)),
-            actions: r.journal.into_iter().map(|e| (e.seq, e.action)).collect(),
+            snapshot,
+            actions,
+            origins,
         })
     }
 
@@ -176,14 +282,47 @@ impl Persistence for BackupPersistence {
         first_seq: u64,
         actions: &[Bytes],
     ) -> Result<bool, PersistError> {
+        self.record_with_origins(history_id, first_seq, actions, &[])
+    }
+
+    fn record_with_origins(
+        &mut self,
+        history_id: u64,
+        first_seq: u64,
+        actions: &[Bytes],
+        origins: &[Origin],
+    ) -> Result<bool, PersistError> {
         if !self.based {
-            self.snapshot(history_id, first_seq - 1, &Bytes::new())?;
+            // The history's base: an empty payload (no snapshot yet).
+            self.based = true;
+            let base = backup::Snapshot {
+                store: self.store.clone(),
+                schema: self.schema,
+                history_id,
+                seq: first_seq - 1,
+                state: Bytes::new(),
+            };
+            self.backup
+                .snapshot(base)
+                .map_err(|e| PersistError::new(e.to_string()))?;
         }
         let mut due = false;
+        let mut origins = origins.iter().peekable();
+        let mut entry = Vec::new();
         for (i, a) in actions.iter().enumerate() {
+            let seq = first_seq + i as u64;
+            while origins.next_if(|o| o.seq < seq).is_some() {}
+            let origin = origins.next_if(|o| o.seq == seq).map(Origin::to_proto);
+            entry.clear();
+            proto::PersistedAction {
+                action: a.clone(),
+                origin,
+            }
+            .encode(&mut entry)
+            .map_err(|e| PersistError::new(e.to_string()))?;
             let d = self
                 .backup
-                .record(first_seq + i as u64, a)
+                .record(seq, &entry)
                 .map_err(|e| PersistError::new(e.to_string()))?;
             due |= d == backup::Due::Snapshot;
         }
@@ -195,8 +334,18 @@ impl Persistence for BackupPersistence {
     }
 
     fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
+        self.snapshot_with_origins(history_id, seq, state, &[])
+    }
+
+    fn snapshot_with_origins(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+        origins: &[Origin],
+    ) -> Result<(), PersistError> {
         self.based = true;
-        let snap = self.snap(history_id, seq, state);
+        let snap = self.snap(history_id, seq, state, origins);
         self.backup
             .snapshot(snap)
             .map_err(|e| PersistError::new(e.to_string()))
@@ -207,7 +356,17 @@ impl Persistence for BackupPersistence {
     }
 
     fn shutdown(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
-        let snap = self.snap(history_id, seq, state);
+        self.shutdown_with_origins(history_id, seq, state, &[])
+    }
+
+    fn shutdown_with_origins(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+        origins: &[Origin],
+    ) -> Result<(), PersistError> {
+        let snap = self.snap(history_id, seq, state, origins);
         self.backup
             .shutdown(Some(snap))
             .map_err(|e| PersistError::new(e.to_string()))

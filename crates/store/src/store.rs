@@ -286,6 +286,8 @@ impl<R: Reducer> Store<R> {
             random_nonzero(),
         )
         .map_err(|e| PersistError::new(e.to_string()))?;
+        let mut a = a;
+        a.track_origins(true);
         let head = a.seq();
         let snap_seq = a.latest_snapshot().map(|s| s.0).unwrap_or(0);
         let store = Self::from_core(
@@ -329,7 +331,7 @@ impl<R: Reducer> Store<R> {
                 let (seq, bytes) = a
                     .take_snapshot()
                     .map_err(|e| PersistError::new(e.to_string()))?;
-                p.snapshot(a.history_id(), seq, &bytes)?;
+                p.snapshot_with_origins(a.history_id(), seq, &bytes, &a.known_origins(seq))?;
                 *snap_persisted = seq;
             }
         }
@@ -503,7 +505,8 @@ impl<R: Reducer> Store<R> {
         {
             match a.take_snapshot() {
                 Ok((seq, bytes)) => {
-                    if let Err(e) = p.shutdown(a.history_id(), seq, &bytes) {
+                    let origins = a.known_origins(seq);
+                    if let Err(e) = p.shutdown_with_origins(a.history_id(), seq, &bytes, &origins) {
                         tracing::error!(error = %e, "persisting the final state failed");
                     }
                 }
@@ -607,7 +610,8 @@ fn persist_new<R: Reducer>(
     // snapshot covers it.
     let mut want = true;
     if first == Some(*persisted + 1) {
-        match p.record(history, *persisted + 1, &batch) {
+        let origins = a.take_origins();
+        match p.record_with_origins(history, *persisted + 1, &batch, &origins) {
             Ok(w) => want = w,
             Err(e) => tracing::error!(error = %e, "persisting actions failed"),
         }
@@ -616,7 +620,8 @@ fn persist_new<R: Reducer>(
     if want {
         match a.take_snapshot() {
             Ok((seq, bytes)) => {
-                if let Err(e) = p.snapshot(history, seq, &bytes) {
+                let origins = a.known_origins(seq);
+                if let Err(e) = p.snapshot_with_origins(history, seq, &bytes, &origins) {
                     tracing::error!(error = %e, "persisting a snapshot failed");
                 }
                 *snap_persisted = seq;
@@ -708,7 +713,10 @@ fn timer_thread<R: Reducer>(store: Weak<Inner<R>>, rx: mpsc::Receiver<Instant>) 
             Some(d) if d <= Instant::now() => {
                 match a.take_snapshot() {
                     Ok((seq, bytes)) => {
-                        if let Err(e) = p.snapshot(a.history_id(), seq, &bytes) {
+                        let origins = a.known_origins(seq);
+                        if let Err(e) =
+                            p.snapshot_with_origins(a.history_id(), seq, &bytes, &origins)
+                        {
                             tracing::error!(error = %e, "persisting a timed snapshot failed");
                         }
                         *snap_persisted = seq;

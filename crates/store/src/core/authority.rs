@@ -42,6 +42,43 @@ pub struct Recovered {
     pub snapshot: Option<(u64, Bytes)>,
     /// Committed actions after the snapshot, in order: (seq, binary action).
     pub actions: Vec<(u64, Bytes)>,
+    /// Where recent committed actions came from (any order): the restarted
+    /// authority drops dispatches resent to it that are among them.
+    pub origins: Vec<Origin>,
+}
+
+/// Where a committed action came from: op `op_id` of client `client_id` got
+/// sequence number `seq`. Persisted with the history (see
+/// [`crate::Persistence::record_with_origins`]) so that a restarted authority
+/// still applies a dispatch resent to it only once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The action's sequence number.
+    pub seq: u64,
+    /// The client that dispatched it.
+    pub client_id: String,
+    /// Its op id.
+    pub op_id: u64,
+}
+
+impl Origin {
+    /// As the persistence envelope message.
+    pub fn to_proto(&self) -> proto::Origin {
+        proto::Origin {
+            seq: self.seq,
+            client_id: self.client_id.clone(),
+            op_id: self.op_id,
+        }
+    }
+
+    /// From the persistence envelope message.
+    pub fn from_proto(o: proto::Origin) -> Self {
+        Origin {
+            seq: o.seq,
+            client_id: o.client_id,
+            op_id: o.op_id,
+        }
+    }
 }
 
 /// The sans-IO authority of one store.
@@ -53,6 +90,9 @@ pub struct Authority<R: Reducer> {
     reducer: R,
     log: Log<R>,
     dedup: Dedup,
+    /// Origins of commits not yet taken by [`Authority::take_origins`]
+    /// (`None`: not tracked).
+    origins: Option<Vec<Origin>>,
 }
 
 impl<R: Reducer> Authority<R> {
@@ -71,7 +111,40 @@ impl<R: Reducer> Authority<R> {
             reducer,
             log,
             dedup: Dedup::new(config.dedup_window, config.dedup_clients),
+            origins: None,
         }
+    }
+
+    /// Starts (or stops) keeping the origins of committed dispatches for
+    /// [`Authority::take_origins`] (a store with persistence does).
+    pub fn track_origins(&mut self, on: bool) {
+        self.origins = on.then(Vec::new);
+    }
+
+    /// The origins of dispatches committed since the last call (in seq
+    /// order; actions dispatched on the authority itself have none).
+    pub fn take_origins(&mut self) -> Vec<Origin> {
+        self.origins
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Every committed origin still in the duplicate window, at most `seq`
+    /// (what a snapshot at `seq` must keep).
+    pub fn known_origins(&self, seq: u64) -> Vec<Origin> {
+        let mut v: Vec<Origin> = self
+            .dedup
+            .committed()
+            .filter(|(_, _, s)| *s <= seq)
+            .map(|(c, op, s)| Origin {
+                seq: s,
+                client_id: c.to_owned(),
+                op_id: op,
+            })
+            .collect();
+        v.sort_by_key(|o| o.seq);
+        v
     }
 
     /// An authority that continues a persisted history. Actions that do not
@@ -110,6 +183,13 @@ impl<R: Reducer> Authority<R> {
             }
             a.log.append(bytes);
             a.log.trim(true);
+        }
+        let mut origins = recovered.origins;
+        origins.retain(|o| o.seq >= 1 && o.seq <= a.log.head && !o.client_id.is_empty());
+        origins.sort_by(|x, y| (&x.client_id, x.op_id).cmp(&(&y.client_id, y.op_id)));
+        for o in origins {
+            a.dedup
+                .record(&o.client_id, o.op_id, OpState::Committed(o.seq));
         }
         Ok(a)
     }
@@ -229,6 +309,13 @@ impl<R: Reducer> Authority<R> {
                     Ok(seq) => {
                         committed += 1;
                         ops.record(op, OpState::Committed(seq), window);
+                        if let Some(o) = &mut self.origins {
+                            o.push(Origin {
+                                seq,
+                                client_id: client.clone(),
+                                op_id: op,
+                            });
+                        }
                         self.log.ack_for(id, &client, op, seq);
                     }
                     Err(e) => {

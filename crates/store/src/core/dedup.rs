@@ -140,6 +140,19 @@ impl Dedup {
         self.clients.insert(client.to_owned(), c);
     }
 
+    /// Every committed (client, op id, seq) in the windows.
+    pub(crate) fn committed(&self) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.clients.iter().flat_map(|(client, c)| {
+            c.entries
+                .iter()
+                .enumerate()
+                .filter_map(move |(i, s)| match s {
+                    OpState::Committed(seq) => Some((client.as_str(), c.first + i as u64, *seq)),
+                    _ => None,
+                })
+        })
+    }
+
     pub(crate) fn window(&self) -> usize {
         self.window
     }

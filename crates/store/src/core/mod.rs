@@ -10,7 +10,7 @@ mod dedup;
 mod log;
 mod replica;
 
-pub use authority::{store_of, Authority, AuthorityConfig, Recovered};
+pub use authority::{store_of, Authority, AuthorityConfig, Origin, Recovered};
 pub use log::{FollowerId, LogConfig, SyncMode};
 pub use replica::{Replica, ReplicaConfig, ReplicaEvent};
 
