@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -13,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::core::store_of;
-use crate::error::RemoteError;
+use crate::error::{ErrorCode, RemoteError};
 use crate::link::{self, LinkEnd, LinkRx, LinkTx};
 use crate::server::WORKER_ENV;
 use crate::store::{random_nonzero, AnyStore, Role, Store};
-use crate::Reducer;
+use crate::{worker, Reducer};
 
 /// Settings of a [`Client`].
 #[derive(Debug, Clone)]
@@ -82,11 +83,20 @@ pub enum ConnectError {
     /// The client was shut down.
     #[error("client shut down")]
     Shutdown,
+    /// A worker's parent process is gone (it exited, or stopped the server
+    /// that spawned this worker): no link can be had any more. Exit, so that
+    /// whatever supervises the worker can start it again.
+    #[error("worker link lost for good: {0}")]
+    ParentGone(String),
 }
+
+/// What a worker link's end says when the parent closed the control socket.
+const PARENT_GONE: &str = "the parent process closed the worker's control socket (it exited or stopped serving workers); dispatches not yet acknowledged may or may not have been committed";
 
 enum Target {
     Url(String, Box<ClientConfig>),
-    Worker,
+    /// The control socket inherited from the parent.
+    Worker(tokio::net::UnixStream),
 }
 
 struct ClientCore {
@@ -95,7 +105,41 @@ struct ClientCore {
     /// The current link and its cancel token.
     current: Mutex<Option<(LinkTx, CancellationToken)>>,
     up: watch::Sender<bool>,
+    /// Set when the client cannot link any more (worker whose parent is gone).
+    ended: watch::Sender<Option<String>>,
+    /// Links established so far.
+    links: AtomicU64,
     stop: CancellationToken,
+}
+
+impl ClientCore {
+    fn new(target: Target) -> Arc<ClientCore> {
+        Arc::new(ClientCore {
+            target,
+            stores: Mutex::new(HashMap::new()),
+            current: Mutex::new(None),
+            up: watch::channel(false).0,
+            ended: watch::channel(None).0,
+            links: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// No link can be had any more: every attached store fails its waiting
+    /// and future dispatches with `reason`.
+    fn give_up(&self, reason: &str) {
+        tracing::error!(reason, "store link lost for good");
+        let e = RemoteError::new(ErrorCode::Internal, format!("worker link lost: {reason}"));
+        self.ended.send_replace(Some(reason.to_owned()));
+        for s in self
+            .stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            s.link_failed(e.clone());
+        }
+    }
 }
 
 struct Guard {
@@ -128,24 +172,33 @@ impl std::fmt::Debug for Client {
 
 static WORKER: OnceLock<Client> = OnceLock::new();
 
+/// Backoff between a worker's requests for a new link.
+const WORKER_RECONNECT_MIN: Duration = Duration::from_millis(10);
+const WORKER_RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// How long a worker waits for the parent to answer a request for a link.
+const WORKER_GRANT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Client {
     /// Connects and logs in to `url`. Fails if the first attempt fails
     /// (wrong login, ban, unreachable); later disconnections are retried.
     pub async fn connect(url: &str, config: ClientConfig) -> Result<Client, ConnectError> {
         let (tx, rx) = dial(url, &config).await?;
-        let core = Arc::new(ClientCore {
-            target: Target::Url(url.to_owned(), Box::new(config)),
-            stores: Mutex::new(HashMap::new()),
-            current: Mutex::new(None),
-            up: watch::channel(false).0,
-            stop: CancellationToken::new(),
-        });
+        let core = ClientCore::new(Target::Url(url.to_owned(), Box::new(config)));
         Ok(Client::start(core, tx, rx))
     }
 
     /// In a worker process spawned by [`crate::Server::spawn_worker`]: the
-    /// link to the parent, over the inherited socket. Every call returns the
-    /// same client; a worker link is not re-established if it breaks.
+    /// link to the parent, asked for over the inherited control socket.
+    /// Every call returns the same client.
+    ///
+    /// If the link breaks while the parent lives (for example the parent
+    /// dropped it after its idle timeout because this process was blocked),
+    /// the client asks for a new one, with backoff, and the stores catch up
+    /// and resend their unacknowledged dispatches, as after any reconnection.
+    /// If the parent is gone (the control socket is closed), the client gives
+    /// up: waiting and later dispatches fail with
+    /// [`crate::DispatchError::Rejected`], and [`Client::closed`] resolves to
+    /// [`ConnectError::ParentGone`]; the worker should then exit.
     pub async fn worker() -> Result<Client, ConnectError> {
         if let Some(c) = WORKER.get() {
             return Ok(c.clone());
@@ -157,17 +210,15 @@ impl Client {
         }
         let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
         let std_stream = std::os::unix::net::UnixStream::from(fd);
+        if let Err(e) = std_stream.local_addr() {
+            return Err(ConnectError::NoWorkerSocket(format!(
+                "standard input is not a Unix socket ({e})"
+            )));
+        }
         std_stream.set_nonblocking(true)?;
-        let stream = tokio::net::UnixStream::from_std(std_stream)?;
-        let (tx, mut rx) = link::from_unix(stream, proto::DEFAULT_MAX_FRAME);
-        handshake(&tx, &mut rx, "", "", Duration::from_secs(10)).await?;
-        let core = Arc::new(ClientCore {
-            target: Target::Worker,
-            stores: Mutex::new(HashMap::new()),
-            current: Mutex::new(None),
-            up: watch::channel(false).0,
-            stop: CancellationToken::new(),
-        });
+        let ctrl = tokio::net::UnixStream::from_std(std_stream)?;
+        let (tx, rx) = dial_worker(&ctrl).await?;
+        let core = ClientCore::new(Target::Worker(ctrl));
         let client = Client::start(core, tx, rx);
         Ok(WORKER.get_or_init(|| client).clone())
     }
@@ -192,8 +243,11 @@ impl Client {
         let core = &self.guard.core;
         any.add_role(match core.target {
             Target::Url(..) => Role::Client,
-            Target::Worker => Role::Worker,
+            Target::Worker(_) => Role::Worker,
         });
+        if let Some(reason) = core.ended.borrow().clone() {
+            return Err(ConnectError::ParentGone(reason));
+        }
         {
             let cur = core.current.lock().unwrap_or_else(|e| e.into_inner());
             core.stores
@@ -213,6 +267,35 @@ impl Client {
     /// Whether the link is up now.
     pub fn connected(&self) -> bool {
         *self.guard.core.up.borrow()
+    }
+
+    /// How many times the link was re-established after the first one.
+    pub fn reconnects(&self) -> u64 {
+        self.guard
+            .core
+            .links
+            .load(Ordering::Relaxed)
+            .saturating_sub(1)
+    }
+
+    /// Resolves when this client stops for good: [`ConnectError::Shutdown`]
+    /// after [`Client::shutdown`], or [`ConnectError::ParentGone`] for a
+    /// worker whose parent is gone. A worker typically awaits it and exits,
+    /// so that its supervisor (the parent, through the `Child` of
+    /// [`crate::Server::spawn_worker`]) can start it again.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn closed(&self) -> ConnectError {
+        let core = &self.guard.core;
+        let mut ended = core.ended.subscribe();
+        tokio::select! {
+            r = ended.wait_for(Option::is_some) => match r {
+                Ok(reason) => ConnectError::ParentGone(reason.clone().unwrap_or_default()),
+                Err(_) => ConnectError::Shutdown,
+            },
+            _ = core.stop.cancelled() => ConnectError::Shutdown,
+        }
     }
 
     /// Closes the link and stops reconnecting.
@@ -266,6 +349,23 @@ async fn dial(url: &str, config: &ClientConfig) -> Result<(LinkTx, LinkRx), Conn
         config.handshake_timeout,
     )
     .await?;
+    Ok((tx, rx))
+}
+
+/// A worker's link: asked for over the control socket, then the
+/// (password-less) handshake.
+async fn dial_worker(ctrl: &tokio::net::UnixStream) -> Result<(LinkTx, LinkRx), ConnectError> {
+    let fd = tokio::time::timeout(WORKER_GRANT_TIMEOUT, worker::request(ctrl))
+        .await
+        .map_err(|_| {
+            ConnectError::Closed("the parent did not answer the request for a link".into())
+        })?
+        .map_err(|e| ConnectError::ParentGone(format!("worker control socket failed: {e}")))?
+        .ok_or_else(|| ConnectError::ParentGone(PARENT_GONE.to_owned()))?;
+    let config = crate::server::queue_limited(transport::Config::default());
+    let conn = transport::from_std_unix_stream(std::os::unix::net::UnixStream::from(fd), &config)?;
+    let (tx, mut rx) = link::from_transport(conn);
+    handshake(&tx, &mut rx, "", "", Duration::from_secs(10)).await?;
     Ok((tx, rx))
 }
 
@@ -326,6 +426,7 @@ async fn run(core: Arc<ClientCore>, mut tx: LinkTx, mut rx: LinkRx) {
             }
         }
         core.up.send_replace(true);
+        core.links.fetch_add(1, Ordering::Relaxed);
         let mut routes: HashMap<String, Arc<dyn AnyStore>> = HashMap::new();
         loop {
             let frame = tokio::select! {
@@ -378,9 +479,9 @@ async fn run(core: Arc<ClientCore>, mut tx: LinkTx, mut rx: LinkRx) {
             }
         }
         core.up.send_replace(false);
-        let Target::Url(url, config) = &core.target else {
-            tracing::warn!("worker link to the parent is gone");
-            return;
+        let (min, max) = match &core.target {
+            Target::Url(_, config) => (config.reconnect_min, config.reconnect_max),
+            Target::Worker(_) => (WORKER_RECONNECT_MIN, WORKER_RECONNECT_MAX),
         };
         // Reconnect with exponential backoff.
         loop {
@@ -388,20 +489,33 @@ async fn run(core: Arc<ClientCore>, mut tx: LinkTx, mut rx: LinkRx) {
                 return;
             }
             backoff = if backoff.is_zero() {
-                config.reconnect_min
+                min
             } else {
-                (backoff * 2).min(config.reconnect_max)
+                (backoff * 2).min(max)
             };
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = core.stop.cancelled() => return,
             }
-            match dial(url, config).await {
+            let dialed = tokio::select! {
+                d = async {
+                    match &core.target {
+                        Target::Url(url, config) => dial(url, config).await,
+                        Target::Worker(ctrl) => dial_worker(ctrl).await,
+                    }
+                } => d,
+                _ = core.stop.cancelled() => return,
+            };
+            match dialed {
                 Ok((t, r)) => {
                     tx = t;
                     rx = r;
                     backoff = Duration::ZERO;
                     break;
+                }
+                Err(ConnectError::ParentGone(reason)) => {
+                    core.give_up(&reason);
+                    return;
                 }
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
             }

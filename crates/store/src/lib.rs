@@ -97,6 +97,7 @@ mod persist;
 mod reducer;
 mod server;
 mod store;
+mod worker;
 
 pub use crate::core::SyncMode;
 pub use auth::{hash_password, HashCost, LoginError, Logins};

@@ -16,7 +16,7 @@ use crate::core::{store_of, FollowerId};
 use crate::error::{ErrorCode, RemoteError};
 use crate::link::{self, LinkRx, LinkTx};
 use crate::store::{random_nonzero, AnyStore, Role, Store};
-use crate::Reducer;
+use crate::{worker, Reducer};
 
 /// The environment variable that tells a worker process its store socket is
 /// its standard input.
@@ -238,9 +238,15 @@ impl Server {
 
     /// Spawns a worker process that shares this server's stores over an
     /// inherited socket: the child's standard input is one end of a Unix
-    /// socket pair, and [`WORKER_ENV`] is set so that
+    /// socket pair (the *control socket*), and [`WORKER_ENV`] is set so that
     /// [`crate::Client::worker`] finds it. No address or password is
-    /// involved. Must be called inside a Tokio runtime.
+    /// involved. Over the control socket the worker asks for store links and
+    /// this server answers each request with a fresh socket (passed as a file
+    /// descriptor) that it serves as a trusted connection, so a worker whose
+    /// link broke gets a new one while both processes live. When this server
+    /// stops (or the parent exits) the control socket closes and the worker's
+    /// [`crate::Client::closed`] says the parent is gone. Must be called
+    /// inside a Tokio runtime.
     pub fn spawn_worker(&self, cmd: &mut Command) -> std::io::Result<Child> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         cmd.stdin(Stdio::from(OwnedFd::from(theirs)));
@@ -250,8 +256,7 @@ impl Server {
         cmd.stdin(Stdio::null());
         let child = child?;
         ours.set_nonblocking(true)?;
-        let stream = tokio::net::UnixStream::from_std(ours)?;
-        let (tx, rx) = link::from_unix(stream, self.shared.config.transport.max_frame);
+        let ctrl = tokio::net::UnixStream::from_std(ours)?;
         for s in self
             .shared
             .stores
@@ -262,8 +267,8 @@ impl Server {
             s.add_role(Role::Master);
         }
         let shared = self.shared.clone();
-        let span = tracing::debug_span!("store-worker-conn");
-        tokio::spawn(handle(shared, tx, rx, true).instrument(span));
+        let span = tracing::debug_span!("store-worker", pid = child.id());
+        tokio::spawn(serve_worker(shared, ctrl).instrument(span));
         Ok(child)
     }
 
@@ -291,6 +296,51 @@ impl<R: Reducer> Store<R> {
         server.add(self);
         server.listen(url).await?;
         Ok(server)
+    }
+}
+
+/// A worker's control socket: each request gets a new link, served as a
+/// trusted connection. Ends when the worker closes it or the server stops
+/// (dropping the socket tells the worker).
+async fn serve_worker(shared: Arc<ServerShared>, ctrl: tokio::net::UnixStream) {
+    loop {
+        let request = tokio::select! {
+            r = worker::next_request(&ctrl) => r,
+            _ = shared.stop.cancelled() => return,
+        };
+        match request {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!("worker closed its control socket");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "worker control socket failed; closing it");
+                return;
+            }
+        }
+        let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a worker link; closing the worker's control socket");
+                return;
+            }
+        };
+        let conn = match transport::from_std_unix_stream(ours, &shared.config.transport) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up a worker link; closing the worker's control socket");
+                return;
+            }
+        };
+        if let Err(e) = worker::grant(&ctrl, &OwnedFd::from(theirs)).await {
+            tracing::warn!(error = %e, "cannot hand a link to the worker; closing its control socket");
+            return;
+        }
+        tracing::debug!("new worker link");
+        let (tx, rx) = link::from_transport(conn);
+        let span = tracing::debug_span!("store-worker-conn");
+        tokio::spawn(handle(shared.clone(), tx, rx, true).instrument(span));
     }
 }
 

@@ -389,10 +389,12 @@ impl<R: Reducer> Store<R> {
     /// Queues an action without waiting; the returned [`Pending`] resolves
     /// to its sequence number. Fails at once when the outbox is full.
     pub fn try_dispatch(&self, action: &R::Action) -> Result<Pending, DispatchError> {
+        let mut g = self.inner.lock();
+        // Checked under the lock: `link_failed` sets the state, then fails the
+        // waiters under the lock, so no waiter is left behind.
         if let LinkState::Refused(e) = &*self.inner.link_tx.borrow() {
             return Err(DispatchError::Rejected(e.clone()));
         }
-        let mut g = self.inner.lock();
         let pending = match &mut g.core {
             Core::Authority {
                 a,
@@ -936,6 +938,18 @@ impl<R: Reducer> Inner<R> {
         });
     }
 
+    /// The upstream link is gone for good (a worker whose parent is gone):
+    /// waiting dispatches fail with `error`, and so do later ones.
+    pub(crate) fn link_failed(&self, error: RemoteError) {
+        self.link_tx.send_replace(LinkState::Refused(error.clone()));
+        let mut g = self.lock();
+        if let Core::Replica { waiters, .. } = &mut g.core {
+            for (_, w) in waiters.drain() {
+                let _ = w.send(Err(DispatchError::Rejected(error.clone())));
+            }
+        }
+    }
+
     /// A frame from upstream.
     pub(crate) fn upstream_frame(&self, frame: Frame) {
         match &frame.body {
@@ -1035,6 +1049,7 @@ pub(crate) trait AnyStore: Send + Sync + 'static {
     fn detach(&self, fid: FollowerId);
     fn link_up(self: Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool;
     fn link_down(&self);
+    fn link_failed(&self, error: RemoteError);
     fn upstream_frame(&self, frame: Frame);
     fn add_role(&self, role: Role);
     fn is_replica(&self) -> bool;
@@ -1061,6 +1076,9 @@ impl<R: Reducer> AnyStore for Inner<R> {
     }
     fn link_down(&self) {
         Inner::link_down(self)
+    }
+    fn link_failed(&self, error: RemoteError) {
+        Inner::link_failed(self, error)
     }
     fn upstream_frame(&self, frame: Frame) {
         Inner::upstream_frame(self, frame)
