@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -29,8 +29,9 @@ pub struct ClientConfig {
     pub login: String,
     /// Password (sent inside the connection: use TLS across machines).
     pub password: String,
-    /// First delay before reconnecting; doubles up to `reconnect_max`.
-    /// Default 50 ms.
+    /// First delay before reconnecting; doubles up to `reconnect_max` with
+    /// each failed attempt, and each delay is jittered (50 to 100 % of it) so
+    /// that many replicas do not reconnect in step. Default 50 ms.
     pub reconnect_min: Duration,
     /// Longest delay between reconnection attempts. Default 5 s.
     pub reconnect_max: Duration,
@@ -83,6 +84,9 @@ pub enum ConnectError {
     /// The client was shut down.
     #[error("client shut down")]
     Shutdown,
+    /// [`Client::connect_any`] was given no URL.
+    #[error("no server URL given")]
+    NoUrl,
     /// A worker's parent process is gone (it exited, or stopped the server
     /// that spawned this worker): no link can be had any more. Exit, so that
     /// whatever supervises the worker can start it again.
@@ -94,7 +98,8 @@ pub enum ConnectError {
 const PARENT_GONE: &str = "the parent process closed the worker's control socket (it exited or stopped serving workers); dispatches not yet acknowledged may or may not have been committed";
 
 enum Target {
-    Url(String, Box<ClientConfig>),
+    /// Servers of the same history, tried round-robin.
+    Urls(Vec<String>, Box<ClientConfig>),
     /// The control socket inherited from the parent.
     Worker(tokio::net::UnixStream),
 }
@@ -109,6 +114,8 @@ struct ClientCore {
     ended: watch::Sender<Option<String>>,
     /// Links established so far.
     links: AtomicU64,
+    /// Index in `Target::Urls` of the current (or last) server.
+    url_index: AtomicUsize,
     stop: CancellationToken,
 }
 
@@ -121,6 +128,7 @@ impl ClientCore {
             up: watch::channel(false).0,
             ended: watch::channel(None).0,
             links: AtomicU64::new(0),
+            url_index: AtomicUsize::new(0),
             stop: CancellationToken::new(),
         })
     }
@@ -182,9 +190,44 @@ impl Client {
     /// Connects and logs in to `url`. Fails if the first attempt fails
     /// (wrong login, ban, unreachable); later disconnections are retried.
     pub async fn connect(url: &str, config: ClientConfig) -> Result<Client, ConnectError> {
-        let (tx, rx) = dial(url, &config).await?;
-        let core = ClientCore::new(Target::Url(url.to_owned(), Box::new(config)));
-        Ok(Client::start(core, tx, rx))
+        Client::connect_any(&[url], config).await
+    }
+
+    /// Connects and logs in to the first of `urls` that accepts: servers of
+    /// the same history (an authority's listeners, its relays). After a
+    /// disconnection the client tries the next URL, round-robin, with the
+    /// jittered exponential backoff of [`ClientConfig`]; the stores catch up
+    /// and resend their unacknowledged dispatches wherever they land, and
+    /// the authority applies each once.
+    ///
+    /// Fails if every URL fails on the first pass, with the most telling
+    /// error (a refused login or a ban rather than an unreachable server).
+    pub async fn connect_any<S: AsRef<str>>(
+        urls: &[S],
+        config: ClientConfig,
+    ) -> Result<Client, ConnectError> {
+        let urls: Vec<String> = urls.iter().map(|u| u.as_ref().to_owned()).collect();
+        let mut best: Option<ConnectError> = None;
+        for (i, url) in urls.iter().enumerate() {
+            match dial(url, &config).await {
+                Ok((tx, rx)) => {
+                    let core = ClientCore::new(Target::Urls(urls.clone(), Box::new(config)));
+                    core.url_index.store(i, Ordering::Relaxed);
+                    return Ok(Client::start(core, tx, rx));
+                }
+                Err(e) => {
+                    tracing::debug!(url, error = %e, "connect failed");
+                    let telling = !matches!(
+                        e,
+                        ConnectError::Transport(_) | ConnectError::Io(_) | ConnectError::Closed(_)
+                    );
+                    if best.is_none() || telling {
+                        best = Some(e);
+                    }
+                }
+            }
+        }
+        Err(best.unwrap_or(ConnectError::NoUrl))
     }
 
     /// In a worker process spawned by [`crate::Server::spawn_worker`]: the
@@ -242,7 +285,7 @@ impl Client {
         }
         let core = &self.guard.core;
         any.add_role(match core.target {
-            Target::Url(..) => Role::Client,
+            Target::Urls(..) => Role::Client,
             Target::Worker(_) => Role::Worker,
         });
         if let Some(reason) = core.ended.borrow().clone() {
@@ -267,6 +310,18 @@ impl Client {
     /// Whether the link is up now.
     pub fn connected(&self) -> bool {
         *self.guard.core.up.borrow()
+    }
+
+    /// The URL of the server this client is connected to now (`None` while
+    /// disconnected, and for a worker's link).
+    pub fn connected_url(&self) -> Option<String> {
+        let core = &self.guard.core;
+        match &core.target {
+            Target::Urls(urls, _) if self.connected() => {
+                urls.get(core.url_index.load(Ordering::Relaxed)).cloned()
+            }
+            _ => None,
+        }
     }
 
     /// How many times the link was re-established after the first one.
@@ -325,6 +380,30 @@ impl<R: Reducer> Store<R> {
         config: ClientConfig,
     ) -> Result<Client, ConnectError> {
         let client = Client::connect(url, config).await?;
+        client.attach(self).await?;
+        Ok(client)
+    }
+
+    /// Connects this replica to the first of several servers of the same
+    /// history that accepts, failing over round-robin when the link breaks
+    /// (see [`Client::connect_any`]). Keep the returned client.
+    pub async fn connect_any<S: AsRef<str>>(
+        &self,
+        urls: &[S],
+        login: &str,
+        password: &str,
+    ) -> Result<Client, ConnectError> {
+        self.connect_any_with(urls, ClientConfig::new(login, password))
+            .await
+    }
+
+    /// [`Store::connect_any`] with full client settings.
+    pub async fn connect_any_with<S: AsRef<str>>(
+        &self,
+        urls: &[S],
+        config: ClientConfig,
+    ) -> Result<Client, ConnectError> {
+        let client = Client::connect_any(urls, config).await?;
         client.attach(self).await?;
         Ok(client)
     }
@@ -480,10 +559,10 @@ async fn run(core: Arc<ClientCore>, mut tx: LinkTx, mut rx: LinkRx) {
         }
         core.up.send_replace(false);
         let (min, max) = match &core.target {
-            Target::Url(_, config) => (config.reconnect_min, config.reconnect_max),
+            Target::Urls(_, config) => (config.reconnect_min, config.reconnect_max),
             Target::Worker(_) => (WORKER_RECONNECT_MIN, WORKER_RECONNECT_MAX),
         };
-        // Reconnect with exponential backoff.
+        // Reconnect with jittered exponential backoff, to the next URL each time.
         loop {
             if core.stop.is_cancelled() {
                 return;
@@ -493,14 +572,19 @@ async fn run(core: Arc<ClientCore>, mut tx: LinkTx, mut rx: LinkRx) {
             } else {
                 (backoff * 2).min(max)
             };
+            let delay = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = core.stop.cancelled() => return,
             }
             let dialed = tokio::select! {
                 d = async {
                     match &core.target {
-                        Target::Url(url, config) => dial(url, config).await,
+                        Target::Urls(urls, config) => {
+                            let i = (core.url_index.load(Ordering::Relaxed) + 1) % urls.len();
+                            core.url_index.store(i, Ordering::Relaxed);
+                            dial(&urls[i], config).await
+                        }
                         Target::Worker(ctrl) => dial_worker(ctrl).await,
                     }
                 } => d,

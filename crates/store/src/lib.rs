@@ -19,7 +19,9 @@
 //!   bans after repeated failures; several stores per server, picked by name.
 //!   A replica can serve too: it relays the history to its own replicas and
 //!   forwards their dispatches.
-//! - [`Store::connect`] / [`Client`]: a replica's link, reconnecting by itself.
+//! - [`Store::connect`] / [`Store::connect_any`] / [`Client`]: a replica's
+//!   link to one or several servers, reconnecting by itself (round-robin,
+//!   jittered backoff).
 //! - [`Server::spawn_worker`] / [`Store::connect_worker`]: the seed's
 //!   master/worker scheme over an inherited socket.
 //! - [`core`]: the sans-IO state machines under all of it.
