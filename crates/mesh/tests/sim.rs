@@ -12,7 +12,11 @@
 //!   window) reaches every subscriber on the path's component;
 //! * after healing and a quiet period every live clone is linked to every other
 //!   live clone, dead clones are forgotten (or, where the user added them,
-//!   kept as down), and nobody but those users redials dead addresses.
+//!   kept as down), and nobody but those users redials dead addresses;
+//! * a group delete reaches every clone, also those that were unreachable
+//!   (partitioned, cut off) when it happened: after the quiet period no live
+//!   clone that can reach the deleting clone still has a member that joined
+//!   the group before the delete.
 //!
 //! `REPLIMESH_SIM_SEEDS=n` runs n seeds (default 1000);
 //! `REPLIMESH_SIM_SEED=s` runs one seed.
@@ -22,7 +26,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use replimesh_mesh::core::{Action, CloneFrame, ConnKey, Core, CoreConfig, LinkId, PeerInfo};
+use replimesh_mesh::core::{
+    Action, CloneFrame, ConnKey, Core, CoreConfig, CoreEvent, LinkId, PeerInfo,
+};
 
 const SETTLE: Duration = Duration::from_millis(60);
 const WINDOW: Duration = Duration::from_millis(250);
@@ -101,7 +107,16 @@ struct MsgRec {
     excluded: Option<SubId>,
 }
 
+/// A group delete: when, where (clone and incarnation), which group.
+struct DeleteRec {
+    t: Duration,
+    origin: usize,
+    inc: u64,
+    group: String,
+}
+
 struct Sim {
+    deletes: Vec<DeleteRec>,
     rng: Rng,
     now: Duration,
     seq: u64,
@@ -135,6 +150,7 @@ fn name(i: usize) -> String {
 impl Sim {
     fn new(seed: u64, n: usize) -> Sim {
         let mut sim = Sim {
+            deletes: Vec::new(),
             rng: Rng(seed),
             now: Duration::ZERO,
             seq: 0,
@@ -173,6 +189,7 @@ impl Sim {
         c.dial_backoff_min = Duration::from_millis(10);
         c.dial_backoff_max = Duration::from_millis(400);
         c.dedup_window = 1024;
+        c.group_tombstone_ttl = Duration::from_secs(20);
         c.seed = self.seed ^ (i as u64) << 32 ^ inc;
         c
     }
@@ -334,6 +351,19 @@ impl Sim {
                         "seed {}: {sub:?} got {key:?} twice",
                         self.seed
                     );
+                }
+            }
+            Action::Event(CoreEvent::GroupDeleted { group, .. }) => {
+                // the core dropped every local member of the group
+                let (now, inc) = (self.now, self.nodes[i].inc);
+                for (sub, groups) in self.subs.iter_mut() {
+                    if sub.node == i && sub.inc == inc {
+                        if let Some(last) = groups.get_mut(&group).and_then(|v| v.last_mut()) {
+                            if last.1.is_none() {
+                                last.1 = Some(now);
+                            }
+                        }
+                    }
                 }
             }
             Action::Event(_) => {}
@@ -566,6 +596,16 @@ impl Sim {
                     self.with_core(i, |c, now| c.add_clone(&name(j), &url(j), now).unwrap());
                 }
             }
+            92..=93 if !calm => {
+                let group = format!("g{}", self.rng.below(GROUPS as u64));
+                self.deletes.push(DeleteRec {
+                    t: self.now,
+                    origin: i,
+                    inc: self.nodes[i].inc,
+                    group: group.clone(),
+                });
+                self.with_core(i, |c, now| c.delete_group(&group, now));
+            }
             _ => {}
         }
     }
@@ -749,6 +789,52 @@ impl Sim {
         );
     }
 
+    /// Every delete whose clone is still alive (same incarnation) reached
+    /// every live clone that is connected to it through the users' links:
+    /// none of them has a member that joined the group before the delete.
+    fn check_deletes(&self) {
+        let mut comp: Vec<usize> = (0..self.nodes.len()).collect();
+        fn root(c: &mut [usize], x: usize) -> usize {
+            let mut r = x;
+            while c[r] != r {
+                r = c[r];
+            }
+            c[x] = r;
+            r
+        }
+        for i in self.live() {
+            for &j in &self.nodes[i].configured {
+                if self.alive(j) {
+                    let (a, b) = (root(&mut comp, i), root(&mut comp, j));
+                    comp[a] = b;
+                }
+            }
+        }
+        for d in &self.deletes {
+            if !self.alive(d.origin) || self.nodes[d.origin].inc != d.inc {
+                continue;
+            }
+            for (sub, groups) in &self.subs {
+                if !self.alive(sub.node)
+                    || self.nodes[sub.node].inc != sub.inc
+                    || root(&mut comp, sub.node) != root(&mut comp, d.origin)
+                {
+                    continue;
+                }
+                let kept = groups
+                    .get(&d.group)
+                    .into_iter()
+                    .flatten()
+                    .any(|(from, to)| *from <= d.t && to.is_none());
+                assert!(
+                    !kept,
+                    "seed {}: delete of {} by {} at {:?} did not reach {sub:?}",
+                    self.seed, d.group, d.origin, d.t
+                );
+            }
+        }
+    }
+
     fn check_liveness(&self, end: Duration) {
         for (key, m) in &self.msgs {
             let (lo, hi) = (m.t.saturating_sub(SETTLE), m.t + WINDOW);
@@ -831,6 +917,7 @@ fn run_seed(seed: u64) {
     let quiet_end = CHAOS + Duration::from_millis(3500);
     sim.step_until(quiet_end, false, true);
     sim.check_membership();
+    sim.check_deletes();
     sim.check_liveness(quiet_end);
     assert!(!sim.msgs.is_empty());
 }

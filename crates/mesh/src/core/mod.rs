@@ -66,13 +66,21 @@ pub struct CoreConfig {
     pub dial_backoff_max: Duration,
     /// Size of the duplicate window per origin (message ids).
     pub dedup_window: u64,
+    /// How long a group delete is re-sent (to every new link and in every
+    /// anti-entropy round) after this clone learned it, so that clones that
+    /// were unreachable when it happened still apply it.
+    pub group_tombstone_ttl: Duration,
+    /// How many group deletes a clone remembers (applied once each; the
+    /// oldest are dropped first).
+    pub max_group_tombstones: usize,
     /// Seed of the jitter generator.
     pub seed: u64,
 }
 
 impl CoreConfig {
     /// A configuration with the defaults: gossip every 2 s, forget after 30 s,
-    /// redial between 50 ms and 5 s, a window of 65,536 message ids.
+    /// redial between 50 ms and 5 s, a window of 65,536 message ids, group
+    /// deletes re-sent for 5 minutes and 4,096 of them remembered.
     pub fn new(id: impl Into<String>, url: impl Into<String>, incarnation: u64) -> Self {
         CoreConfig {
             id: id.into(),
@@ -83,6 +91,8 @@ impl CoreConfig {
             dial_backoff_min: Duration::from_millis(50),
             dial_backoff_max: Duration::from_secs(5),
             dedup_window: 1 << 16,
+            group_tombstone_ttl: Duration::from_secs(300),
+            max_group_tombstones: 4096,
             seed: incarnation ^ 0x9e37_79b9_7f4a_7c15,
         }
     }
@@ -358,6 +368,13 @@ struct Tomb {
     until: Option<Duration>,
 }
 
+/// A group delete this clone knows: applied once, re-sent until `resend_until`.
+struct GroupTomb {
+    key: (String, u64, u64),
+    group: String,
+    resend_until: Duration,
+}
+
 struct Group {
     data: Bytes,
     explicit: bool,
@@ -379,6 +396,10 @@ pub struct Core {
     cfg: CoreConfig,
     clones: BTreeMap<String, CloneRec>,
     tombs: HashMap<String, Tomb>,
+    /// Group deletes, oldest first (bounded by `max_group_tombstones`).
+    group_tombs: VecDeque<GroupTomb>,
+    /// Keys (origin, incarnation, id) of `group_tombs`.
+    group_tomb_keys: HashSet<(String, u64, u64)>,
     links: HashMap<LinkId, LinkRec>,
     next_link: LinkId,
     groups: HashMap<String, Group>,
@@ -414,6 +435,8 @@ impl Core {
             cfg,
             clones: BTreeMap::new(),
             tombs: HashMap::new(),
+            group_tombs: VecDeque::new(),
+            group_tomb_keys: HashSet::new(),
             links: HashMap::new(),
             next_link: 1,
             groups: HashMap::new(),
@@ -665,16 +688,18 @@ impl Core {
                 group,
                 seen,
             } => {
-                if origin == self.cfg.id || !self.fresh(&origin, origin_incarnation, msg_id) {
+                let key = (origin, origin_incarnation, msg_id);
+                if key.0 == self.cfg.id || self.group_tomb_keys.contains(&key) {
                     return;
                 }
-                self.remove_group(&group, &origin);
+                self.remove_group(&group, &key.0);
                 let msg = GroupDeleteMsg {
-                    origin,
+                    origin: key.0,
                     origin_incarnation,
                     msg_id,
                     group,
                 };
+                self.remember_delete(&msg, now);
                 self.flood_delete(msg, seen);
             }
         }
@@ -690,12 +715,13 @@ impl Core {
             if !links.is_empty() && !self.left {
                 let entries = self.full_table();
                 self.actions.push_back(Action::Send {
-                    links,
+                    links: links.clone(),
                     frame: CloneFrame::Gossip {
                         entries,
                         full: true,
                     },
                 });
+                self.resend_deletes(links, now);
             }
         }
         self.drive(now);
@@ -805,7 +831,10 @@ impl Core {
             .unwrap_or_default()
     }
 
-    /// Deletes a group here and on every clone reachable now (once).
+    /// Deletes a group here and on every clone (once each): the delete is
+    /// flooded now and re-sent to new links and in anti-entropy rounds for
+    /// `group_tombstone_ttl`, so clones unreachable now apply it when they
+    /// are reachable again.
     pub fn delete_group(&mut self, name: &str, now: Duration) {
         let me = self.cfg.id.clone();
         self.remove_group(name, &me);
@@ -816,6 +845,7 @@ impl Core {
             msg_id: self.next_msg,
             group: name.to_string(),
         };
+        self.remember_delete(&msg, now);
         self.flood_delete(msg, Vec::new());
         self.drive(now);
     }
@@ -908,6 +938,11 @@ impl Core {
     /// Number of links (established and dialing).
     pub fn link_count(&self) -> usize {
         self.links.len()
+    }
+
+    /// Number of group deletes remembered (bounded by `max_group_tombstones`).
+    pub fn group_tombstone_count(&self) -> usize {
+        self.group_tombs.len()
     }
 
     /// Number of origins with a duplicate window (bounded by known clones).
@@ -1088,6 +1123,8 @@ impl Core {
                 full: true,
             },
         });
+        // group deletes it may have missed while unreachable
+        self.resend_deletes(vec![link], now);
         self.pushed.insert(peer.id.clone());
         self.refresh(&peer.id, now);
     }
@@ -1385,6 +1422,45 @@ impl Core {
             links: targets,
             frame,
         });
+    }
+
+    /// Records a group delete (applied here) for re-sending and to apply it once.
+    fn remember_delete(&mut self, msg: &GroupDeleteMsg, now: Duration) {
+        let key = (msg.origin.clone(), msg.origin_incarnation, msg.msg_id);
+        if !self.group_tomb_keys.insert(key.clone()) {
+            return;
+        }
+        self.group_tombs.push_back(GroupTomb {
+            key,
+            group: msg.group.clone(),
+            resend_until: now + self.cfg.group_tombstone_ttl,
+        });
+        while self.group_tombs.len() > self.cfg.max_group_tombstones.max(1) {
+            if let Some(old) = self.group_tombs.pop_front() {
+                self.group_tomb_keys.remove(&old.key);
+            }
+        }
+    }
+
+    /// Sends the group deletes still within their re-send time on `links`
+    /// (receivers that know them drop them; the others apply and flood them).
+    fn resend_deletes(&mut self, links: Vec<LinkId>, now: Duration) {
+        if links.is_empty() {
+            return;
+        }
+        let me = self.cfg.id.clone();
+        for t in self.group_tombs.iter().filter(|t| t.resend_until > now) {
+            self.actions.push_back(Action::Send {
+                links: links.clone(),
+                frame: CloneFrame::GroupDelete {
+                    origin: t.key.0.clone(),
+                    origin_incarnation: t.key.1,
+                    msg_id: t.key.2,
+                    group: t.group.clone(),
+                    seen: vec![me.clone()],
+                },
+            });
+        }
     }
 
     fn flood_delete(&mut self, msg: GroupDeleteMsg, seen: Vec<String>) {
@@ -1690,6 +1766,90 @@ mod tests {
         assert_eq!(a.link_count(), 1);
         assert_eq!(b.link_count(), 1);
         assert_eq!(a.add_clone("a", "x://a", t), Err(CoreError::AddSelf));
+    }
+
+    /// Links `dialer` to `acceptor`; returns (dialer's link, acceptor's link).
+    fn link(dialer: &mut Core, acceptor: &mut Core, t: Duration) -> (LinkId, LinkId) {
+        dialer
+            .add_clone(acceptor.id(), acceptor.url(), t)
+            .expect("add");
+        let d = dial_of(dialer);
+        let a = acceptor.new_link_id();
+        acceptor.accept(a, info(dialer), t).expect("accept");
+        dialer.dial_ok(d, info(acceptor), t).expect("dial_ok");
+        (d, a)
+    }
+
+    /// The frames `c` queued for `link` (other actions are dropped).
+    fn sent_on(c: &mut Core, link: LinkId) -> Vec<CloneFrame> {
+        let mut v = Vec::new();
+        while let Some(a) = c.poll_action() {
+            if let Action::Send { links, frame } = a {
+                if links.contains(&link) {
+                    v.push(frame);
+                }
+            }
+        }
+        v
+    }
+
+    /// Feeds what `from` sent on `out` into `to` on `inn`.
+    fn pump(from: &mut Core, out: LinkId, to: &mut Core, inn: LinkId, t: Duration) {
+        for f in sent_on(from, out) {
+            to.on_frame(inn, f, t);
+        }
+    }
+
+    fn group_names(c: &Core) -> Vec<String> {
+        c.groups().into_iter().map(|g| g.name).collect()
+    }
+
+    #[test]
+    fn group_delete_reaches_a_clone_that_was_unreachable_and_applies_once() {
+        let t = Duration::ZERO;
+        let mut a = Core::new(CoreConfig::new("a", "x://a", 1), t);
+        let mut b = Core::new(CoreConfig::new("b", "x://b", 1), t);
+        let mut c = Core::new(CoreConfig::new("c", "x://c", 1), t);
+        for x in [&mut b, &mut c] {
+            x.client_connected(1, "client");
+            x.subscribe(1, &["g".to_string()]);
+        }
+        let (ba, ab) = link(&mut b, &mut a, t);
+        let _ = sent_on(&mut b, ba);
+        let _ = sent_on(&mut a, ab);
+        a.delete_group("g", t);
+        pump(&mut a, ab, &mut b, ba, t);
+        assert!(group_names(&b).is_empty(), "b was linked: deleted at once");
+        assert_eq!(group_names(&c), ["g"], "c was unreachable");
+        // c becomes reachable (through b): b re-sends the delete it learned
+        let t1 = Duration::from_secs(10);
+        let (cb, bc) = link(&mut c, &mut b, t1);
+        pump(&mut b, bc, &mut c, cb, t1);
+        assert!(group_names(&c).is_empty(), "the delete reached c later");
+        // applied once: a group created again is not deleted by re-sends
+        c.subscribe(1, &["g".to_string()]);
+        let _ = sent_on(&mut c, cb);
+        b.tick(t1 + Duration::from_secs(3)); // anti-entropy round re-sends it
+        pump(&mut b, bc, &mut c, cb, t1 + Duration::from_secs(3));
+        assert_eq!(group_names(&c), ["g"]);
+        // re-sending stops after the ttl
+        let late = Duration::from_secs(400);
+        b.tick(late);
+        assert!(sent_on(&mut b, bc)
+            .iter()
+            .all(|f| !matches!(f, CloneFrame::GroupDelete { .. })));
+    }
+
+    #[test]
+    fn group_tombstones_are_bounded() {
+        let t = Duration::ZERO;
+        let mut cfg = CoreConfig::new("a", "x://a", 1);
+        cfg.max_group_tombstones = 3;
+        let mut a = Core::new(cfg, t);
+        for i in 0..10 {
+            a.delete_group(&format!("g{i}"), t);
+        }
+        assert_eq!(a.group_tombstone_count(), 3);
     }
 
     #[test]
