@@ -1,6 +1,7 @@
 //! Scenario `mesh-request`: request/response round trips per second between
 //! a client (this process) and a clone (a child process), with 1 and with
 //! 100 requests in flight on one connection. Median of rounds.
+//! `BENCH_INFLIGHT=1` runs only the given in-flight counts (for profiling).
 
 #[path = "bench-mesh-common/mod.rs"]
 mod common;
@@ -37,7 +38,13 @@ async fn run() -> Result<()> {
     for _ in 0..1000 {
         client.request("echo", "x", payload.clone()).await?;
     }
-    for inflight in [1usize, 100] {
+    // BENCH_INFLIGHT=1 (or 100, or "1,100") runs only these (for profiling)
+    let inflights: Vec<usize> = std::env::var("BENCH_INFLIGHT")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 100]);
+    for inflight in inflights {
         let mut rates = Vec::new();
         for _ in 0..rounds(5) {
             let done = Arc::new(AtomicU64::new(0));

@@ -1,14 +1,15 @@
 //! The client: several server URLs, round-robin reconnect with jittered
 //! backoff, subscriptions restored after reconnect, routing both ways.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use proto::{frame::Body, CloseCode, Frame, PeerKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::error::{MeshError, RouteError};
 use crate::router::{handle_routed, lock, Ctx, Flow, Peer, Router};
@@ -33,6 +34,13 @@ pub struct ClientConfig {
     pub attempts: u32,
     /// Response timeout of requests (default 10 s).
     pub response_timeout: Duration,
+    /// How many `send`s, `publish`es and `request`s may wait while the
+    /// client is disconnected and reconnecting (default 1,024); they go out,
+    /// in order, right after the next connection is made. More is an
+    /// [`MeshError::OutboxFull`]. 0 (or `reconnect == false`) turns queueing
+    /// off: calls made while disconnected fail with
+    /// [`MeshError::Disconnected`].
+    pub outbox: usize,
     /// Transport settings.
     pub transport: transport::Config,
 }
@@ -48,6 +56,7 @@ impl Default for ClientConfig {
             max_reconnect_delay: Duration::from_secs(5),
             attempts: 0,
             response_timeout: Duration::from_secs(10),
+            outbox: 1024,
             transport: transport::Config::default(),
         }
     }
@@ -124,6 +133,81 @@ struct State {
     groups: BTreeSet<String>,
     peer: Option<Peer>,
     connected_to: Option<String>,
+    /// What waits for the next connection (see [`ClientConfig::outbox`]).
+    outbox: VecDeque<Outgoing>,
+    /// The client stopped for good: nothing is queued any more.
+    over: bool,
+}
+
+/// Something queued while disconnected.
+enum Outgoing {
+    /// A `Send` or `Publish` frame.
+    Frame(Frame),
+    /// A request whose caller waits on `reply` until `deadline`.
+    Request {
+        route: String,
+        act: String,
+        data: Bytes,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<Bytes, MeshError>>,
+    },
+}
+
+impl Outgoing {
+    /// The caller no longer waits for it.
+    fn abandoned(&self) -> bool {
+        match self {
+            Outgoing::Frame(_) => false,
+            Outgoing::Request { reply, .. } => reply.is_closed(),
+        }
+    }
+}
+
+/// Sends what was queued while disconnected on a fresh connection.
+fn flush_outbox(peer: &Peer, outbox: &mut VecDeque<Outgoing>) {
+    for o in outbox.drain(..) {
+        match o {
+            Outgoing::Frame(f) => {
+                let _ = peer.sender().send(&f);
+            }
+            Outgoing::Request {
+                route,
+                act,
+                data,
+                deadline,
+                reply,
+            } => {
+                if reply.is_closed() {
+                    continue;
+                }
+                let started = peer.start_request(&route, &act, data);
+                let peer = peer.clone();
+                tokio::spawn(async move {
+                    let (id, rx) = match started {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return;
+                        }
+                    };
+                    let mut reply = reply;
+                    let r = tokio::select! {
+                        r = tokio::time::timeout_at(deadline, rx) => match r {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(_)) => Err(MeshError::Disconnected),
+                            Err(_) => Err(MeshError::Timeout),
+                        },
+                        _ = reply.closed() => {
+                            peer.forget_request(id);
+                            return;
+                        }
+                    };
+                    peer.forget_request(id);
+                    let _ = reply.send(r);
+                });
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -185,6 +269,8 @@ impl Client {
                 groups: BTreeSet::new(),
                 peer: None,
                 connected_to: None,
+                outbox: VecDeque::new(),
+                over: false,
             }),
             config,
             router: Router::default(),
@@ -233,26 +319,83 @@ impl Client {
         self.inner.router.route(route, act, f)
     }
 
-    fn peer(&self) -> Result<Peer, MeshError> {
-        lock(&self.inner.state)
-            .peer
-            .clone()
-            .ok_or(MeshError::Disconnected)
+    /// Sends `f` now, or queues it while disconnected (see [`ClientConfig::outbox`]).
+    fn send_or_queue(&self, f: Frame) -> Result<(), MeshError> {
+        let mut st = lock(&self.inner.state);
+        if let Some(p) = &st.peer {
+            match p.sender().send(&f) {
+                Err(transport::SendError::Closed) => {} // broken just now: queue it
+                r => return r.map_err(|e| MeshError::Send(e.to_string())),
+            }
+        }
+        self.queue(&mut st, Outgoing::Frame(f))
     }
 
-    /// Sends a routed message (no reply).
+    fn queue(&self, st: &mut State, o: Outgoing) -> Result<(), MeshError> {
+        let cfg = &self.inner.config;
+        if st.over || !cfg.reconnect || cfg.outbox == 0 {
+            return Err(MeshError::Disconnected);
+        }
+        if st.outbox.len() >= cfg.outbox {
+            st.outbox.retain(|o| !o.abandoned());
+            if st.outbox.len() >= cfg.outbox {
+                return Err(MeshError::OutboxFull(cfg.outbox));
+            }
+        }
+        st.outbox.push_back(o);
+        Ok(())
+    }
+
+    /// Sends a routed message (no reply). While the client is disconnected
+    /// and reconnecting, the message waits in the outbox.
     pub fn send(&self, route: &str, act: &str, data: impl Into<Bytes>) -> Result<(), MeshError> {
-        self.peer()?.send(route, act, data)
+        self.send_or_queue(Frame::new(Body::Send(proto::Send {
+            route: route.to_string(),
+            act: act.to_string(),
+            data: data.into(),
+        })))
     }
 
-    /// Sends a routed request and waits for the response (errors on timeout).
+    /// Sends a routed request and waits for the response (errors after the
+    /// response timeout, counted from this call). While the client is
+    /// disconnected and reconnecting, the request waits in the outbox.
     pub async fn request(
         &self,
         route: &str,
         act: &str,
         data: impl Into<Bytes>,
     ) -> Result<Bytes, MeshError> {
-        self.peer()?.request(route, act, data).await
+        let data = data.into();
+        let timeout = self.inner.config.response_timeout;
+        let queued = {
+            let mut st = lock(&self.inner.state);
+            match &st.peer {
+                Some(p) if !p.is_closed() => Err((p.clone(), data)),
+                _ => {
+                    let (reply, rx) = oneshot::channel();
+                    self.queue(
+                        &mut st,
+                        Outgoing::Request {
+                            route: route.to_string(),
+                            act: act.to_string(),
+                            data,
+                            deadline: Instant::now() + timeout,
+                            reply,
+                        },
+                    )?;
+                    Ok(rx)
+                }
+            }
+        };
+        let rx = match queued {
+            Ok(rx) => rx,
+            Err((peer, data)) => return peer.request(route, act, data).await,
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(MeshError::Disconnected),
+            Err(_) => Err(MeshError::Timeout),
+        }
     }
 
     /// Joins groups (remembered and restored after reconnect).
@@ -301,7 +444,8 @@ impl Client {
     }
 
     /// Publishes to groups (or all groups) on every clone; `not_to_me`
-    /// excludes this client.
+    /// excludes this client. While the client is disconnected and
+    /// reconnecting, the message waits in the outbox.
     pub fn publish(
         &self,
         groups: Groups,
@@ -318,13 +462,11 @@ impl Client {
             not_to_me,
             data: data.into(),
         }));
-        self.peer()?
-            .sender()
-            .send(&f)
-            .map_err(|e| MeshError::Send(e.to_string()))
+        self.send_or_queue(f)
     }
 
-    /// Publishes, waiting for room in the connection's queue (backpressure).
+    /// Publishes, waiting for room in the connection's queue (backpressure);
+    /// queued in the outbox while disconnected.
     pub async fn publish_wait(
         &self,
         groups: Groups,
@@ -341,11 +483,14 @@ impl Client {
             not_to_me,
             data: data.into(),
         }));
-        self.peer()?
-            .sender()
-            .send_wait(&f)
-            .await
-            .map_err(|e| MeshError::Send(e.to_string()))
+        let peer = lock(&self.inner.state).peer.clone();
+        match peer {
+            Some(p) => match p.sender().send_wait(&f).await {
+                Err(transport::SendError::Closed) => self.send_or_queue(f),
+                r => r.map_err(|e| MeshError::Send(e.to_string())),
+            },
+            None => self.send_or_queue(f),
+        }
     }
 
     /// Adds a server URL to the rotation.
@@ -407,10 +552,14 @@ impl Client {
         *self.inner.connected.borrow()
     }
 
-    /// Closes the connection and stops reconnecting.
+    /// Closes the connection and stops reconnecting; what waits in the
+    /// outbox is dropped (waiting requests fail with `Disconnected`).
     pub fn close(&self) {
         let _ = self.inner.shutdown.send(true);
-        if let Some(p) = lock(&self.inner.state).peer.take() {
+        let mut st = lock(&self.inner.state);
+        st.over = true;
+        st.outbox.clear();
+        if let Some(p) = st.peer.take() {
             p.sender().close(CloseCode::Normal, "client closed");
         }
     }
@@ -493,6 +642,9 @@ async fn run(c: Client) {
                             .sender()
                             .send(&Frame::new(Body::Subscribe(proto::Subscribe { groups })));
                     }
+                    // what was sent while disconnected, in order, after the
+                    // subscriptions and before anything sent from now on
+                    flush_outbox(&peer, &mut st.outbox);
                 }
                 c.inner.connected.send_modify(|n| *n += 1);
                 tokio::select! {
@@ -524,6 +676,11 @@ async fn run(c: Client) {
         }
     }
     let _ = c.inner.shutdown.send(true);
+    // no more connections: what waits in the outbox fails (requests get
+    // `Disconnected`)
+    let mut st = lock(&c.inner.state);
+    st.over = true;
+    st.outbox.clear();
 }
 
 async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver) {

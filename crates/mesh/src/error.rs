@@ -33,6 +33,10 @@ pub enum MeshError {
     /// The handshake failed.
     #[error("handshake: {0}")]
     Handshake(String),
+    /// The client is disconnected and its outbox (of this many entries) is
+    /// full.
+    #[error("disconnected and the outbox ({0} entries) is full")]
+    OutboxFull(usize),
     /// A configuration value is unusable.
     #[error("config: {0}")]
     Config(String),

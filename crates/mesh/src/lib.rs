@@ -5,10 +5,12 @@
 //!
 //! * [`Server`] — a clone: listeners, [`Server::add_clone`] /
 //!   [`Server::delete_clone`], authenticated clone links (`auth_in` /
-//!   `auth_out`), groups, routes and middlewares, an event stream.
+//!   `auth_out`), groups, routes and middlewares, an event stream
+//!   ([`Events`], a `futures::Stream`). It stops when [`Server::stop`] is
+//!   called or the last handle is dropped.
 //! * [`Client`] — one or several server URLs with round-robin reconnect,
-//!   subscriptions restored after reconnect, `send` / `request`, routes on
-//!   the client too.
+//!   subscriptions restored after reconnect, `send` / `request` (queued in a
+//!   bounded outbox while reconnecting), routes on the client too.
 //! * [`core`] — the sans-IO state machine of a clone (clone table, gossip,
 //!   link dedup, interest routing, duplicate windows) that the server drives
 //!   and the simulation tests.
@@ -81,5 +83,5 @@ pub use error::{MeshError, RouteError};
 pub use router::{Ctx, Flow, Peer, Router, CODE_HANDLER, CODE_NO_ROUTE};
 pub use server::{
     auth_out_async, auth_out_sync, AuthIn, AuthOut, ClientInfo, CloneTarget, Events, Groups,
-    Server, ServerConfig, ServerEvent,
+    Server, ServerConfig, ServerEvent, ServerStats, WeakServer,
 };

@@ -127,20 +127,8 @@ impl Peer {
         data: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Bytes, MeshError> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        lock(&self.inner.pending).insert(id, tx);
-        let f = Frame::new(Body::Request(proto::Request {
-            id,
-            route: route.to_string(),
-            act: act.to_string(),
-            data: data.into(),
-        }));
+        let (id, rx) = self.start_request(route, act, data.into())?;
         let guard = PendingGuard { peer: self, id };
-        self.inner
-            .sender
-            .send(&f)
-            .map_err(|e| MeshError::Send(e.to_string()))?;
         let r = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(MeshError::Disconnected),
@@ -148,6 +136,35 @@ impl Peer {
         };
         drop(guard);
         r
+    }
+
+    /// Registers a request and sends it; the caller awaits the receiver and
+    /// must [`Peer::forget_request`] the id when it stops waiting.
+    pub(crate) fn start_request(
+        &self,
+        route: &str,
+        act: &str,
+        data: Bytes,
+    ) -> Result<(u64, oneshot::Receiver<Result<Bytes, MeshError>>), MeshError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(id, tx);
+        let f = Frame::new(Body::Request(proto::Request {
+            id,
+            route: route.to_string(),
+            act: act.to_string(),
+            data,
+        }));
+        if let Err(e) = self.inner.sender.send(&f) {
+            self.forget_request(id);
+            return Err(MeshError::Send(e.to_string()));
+        }
+        Ok((id, rx))
+    }
+
+    /// Forgets a pending request (its response, if it comes, is ignored).
+    pub(crate) fn forget_request(&self, id: u64) {
+        lock(&self.inner.pending).remove(&id);
     }
 
     /// Closes the connection (orderly).

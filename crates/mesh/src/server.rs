@@ -283,12 +283,82 @@ struct Shared {
     transport: transport::Config,
     listen_urls: Vec<String>,
     acceptors: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    stats: Counters,
 }
 
-/// A running clone. Cheap to clone; [`Server::stop`] stops it.
+/// A running clone. Cheap to clone; [`Server::stop`] stops it gracefully,
+/// and it also stops by itself (gracefully, in the background) when the last
+/// `Server` handle is dropped.
+///
+/// Handlers reach the server through [`Ctx::server`](crate::Ctx::server);
+/// a closure given to [`Server::route`] that owns a `Server` keeps it running
+/// until [`Server::stop`] — hold a [`WeakServer`] there instead.
 #[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,
+    /// One per running server, shared by the user's handles; internal tasks
+    /// hold it weakly ([`Srv`]), so dropping the last handle stops the server.
+    handle: Arc<Handle>,
+}
+
+/// Stops the server when the last user handle goes.
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let (tx, _) = oneshot::channel();
+        let _ = self.shared.cmd.send(Cmd::Stop(tx));
+        let _ = self.shared.shutdown.send(true);
+    }
+}
+
+/// A handle that does not keep a server running (see [`Server::downgrade`]).
+#[derive(Clone)]
+pub struct WeakServer {
+    shared: std::sync::Weak<Shared>,
+    handle: std::sync::Weak<Handle>,
+}
+
+impl std::fmt::Debug for WeakServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakServer").finish_non_exhaustive()
+    }
+}
+
+impl WeakServer {
+    /// The server, unless every `Server` handle has been dropped.
+    pub fn upgrade(&self) -> Option<Server> {
+        Some(Server {
+            handle: self.handle.upgrade()?,
+            shared: self.shared.upgrade()?,
+        })
+    }
+}
+
+/// What the server's own tasks hold: everything but the user's handle.
+#[derive(Clone)]
+struct Srv {
+    shared: Arc<Shared>,
+    handle: std::sync::Weak<Handle>,
+}
+
+impl Srv {
+    fn upgrade(&self) -> Option<Server> {
+        self.handle.upgrade().map(|handle| Server {
+            shared: self.shared.clone(),
+            handle,
+        })
+    }
+
+    fn cmd(&self, c: Cmd) -> Result<(), MeshError> {
+        self.shared.cmd.send(c).map_err(|_| MeshError::Stopped)
+    }
+
+    fn event(&self, e: ServerEvent) {
+        let _ = self.shared.events.send(e);
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -305,26 +375,85 @@ pub(crate) fn random_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
-/// Events of a server, in order. Slow readers miss events (they get
-/// `Lagged` counts in the log, not an error).
-#[derive(Debug)]
+type EventFuture = std::pin::Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    Result<ServerEvent, broadcast::error::RecvError>,
+                    broadcast::Receiver<ServerEvent>,
+                ),
+            > + Send,
+    >,
+>;
+
+async fn next_event(
+    mut rx: broadcast::Receiver<ServerEvent>,
+) -> (
+    Result<ServerEvent, broadcast::error::RecvError>,
+    broadcast::Receiver<ServerEvent>,
+) {
+    let r = rx.recv().await;
+    (r, rx)
+}
+
+/// Events of a server, in order: a [`futures_util::Stream`] of
+/// [`ServerEvent`]s that ends after [`ServerEvent::Stop`]. A reader more than 4,096 events behind misses the oldest
+/// ones (they are skipped, not an error).
 pub struct Events {
-    rx: broadcast::Receiver<ServerEvent>,
+    next: EventFuture,
+    /// `Stop` was returned: the stream is over.
+    done: bool,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").finish_non_exhaustive()
+    }
+}
+
+impl futures_util::Stream for Events {
+    type Item = ServerEvent;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ServerEvent>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            let (r, rx) = match self.next.as_mut().poll(cx) {
+                Poll::Ready(x) => x,
+                Poll::Pending => return Poll::Pending,
+            };
+            self.next = Box::pin(next_event(rx));
+            match r {
+                Ok(e) => {
+                    self.done = e == ServerEvent::Stop;
+                    return Poll::Ready(Some(e));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return Poll::Ready(None),
+            }
+        }
+    }
 }
 
 impl Events {
-    /// The next event; `None` once the server is gone.
+    fn new(rx: broadcast::Receiver<ServerEvent>) -> Self {
+        Events {
+            next: Box::pin(next_event(rx)),
+            done: false,
+        }
+    }
+
+    /// The next event; `None` after [`ServerEvent::Stop`].
     ///
     /// # Cancel safety
     /// Cancel safe.
     pub async fn recv(&mut self) -> Option<ServerEvent> {
-        loop {
-            match self.rx.recv().await {
-                Ok(e) => return Some(e),
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
+        futures_util::StreamExt::next(self).await
     }
 
     /// Waits for the first event matching `f` (at most `timeout`).
@@ -391,14 +520,22 @@ impl Server {
             transport: config.transport.clone(),
             listen_urls,
             acceptors: std::sync::Mutex::new(Vec::new()),
+            stats: Counters::default(),
         });
-        let server = Server { shared };
+        let handle = Arc::new(Handle {
+            shared: shared.clone(),
+        });
+        let srv = Srv {
+            shared: shared.clone(),
+            handle: Arc::downgrade(&handle),
+        };
+        let server = Server { shared, handle };
         let epoch = Instant::now();
         let core = Core::new(ccfg, Duration::ZERO);
         let task = CoreTask {
             core,
             epoch,
-            server: server.clone(),
+            server: srv.clone(),
             links: HashMap::new(),
             link_peers: HashMap::new(),
             clients: HashMap::new(),
@@ -408,8 +545,7 @@ impl Server {
         };
         tokio::spawn(task.run(cmd_rx));
         for l in listeners {
-            let s = server.clone();
-            let h = tokio::spawn(accept_loop(s, l));
+            let h = tokio::spawn(accept_loop(srv.clone(), l));
             crate::router::lock(&server.shared.acceptors).push(h);
         }
         let _ = server.shared.events.send(ServerEvent::Start);
@@ -436,10 +572,18 @@ impl Server {
         self.shared.incarnation
     }
 
-    /// A stream of events from now on.
+    /// The events from now on: an [`Events`], which is a
+    /// [`futures_util::Stream`] of [`ServerEvent`]s and has [`Events::recv`].
     pub fn events(&self) -> Events {
-        Events {
-            rx: self.shared.events.subscribe(),
+        Events::new(self.shared.events.subscribe())
+    }
+
+    /// A handle that does not keep the server running (for closures the
+    /// server owns, such as route handlers).
+    pub fn downgrade(&self) -> WeakServer {
+        WeakServer {
+            shared: Arc::downgrade(&self.shared),
+            handle: Arc::downgrade(&self.handle),
         }
     }
 
@@ -586,13 +730,9 @@ impl Server {
             let _ = h.await;
         }
     }
-
-    fn event(&self, e: ServerEvent) {
-        let _ = self.shared.events.send(e);
-    }
 }
 
-async fn accept_loop(server: Server, listener: Arc<transport::Listener>) {
+async fn accept_loop(server: Srv, listener: Arc<transport::Listener>) {
     let mut stop = server.shared.shutdown.subscribe();
     loop {
         let conn = tokio::select! {
@@ -611,7 +751,7 @@ async fn accept_loop(server: Server, listener: Arc<transport::Listener>) {
     }
 }
 
-fn protocol_error(server: &Server, sender: &transport::Sender, why: String) {
+fn protocol_error(server: &Srv, sender: &transport::Sender, why: String) {
     sender.close(CloseCode::ProtocolError, &why);
     server.event(ServerEvent::Error(why));
 }
@@ -627,7 +767,7 @@ fn welcome(shared: &Shared) -> Frame {
 }
 
 /// One accepted connection: handshake, then a clone link or a client.
-async fn serve_conn(server: Server, conn: transport::Connection) {
+async fn serve_conn(server: Srv, conn: transport::Connection) {
     let (sender, mut rx) = conn.split();
     let addr = format!("{:?}", sender.peer_addr());
     let first = tokio::time::timeout(server.shared.hello_timeout, rx.recv()).await;
@@ -663,12 +803,12 @@ async fn serve_conn(server: Server, conn: transport::Connection) {
     if hello.kind == PeerKind::Clone as i32 {
         serve_clone(server, sender, rx, hello, addr).await
     } else {
-        serve_client(server, sender, rx, hello).await
+        serve_client(server, sender, ClientRx::Conn(rx), hello).await
     }
 }
 
 async fn serve_clone(
-    server: Server,
+    server: Srv,
     sender: transport::Sender,
     rx: transport::Receiver,
     hello: proto::Hello,
@@ -715,7 +855,7 @@ async fn serve_clone(
 }
 
 /// Reads an established clone link and feeds the core task in batches.
-async fn link_reader(server: Server, link: LinkId, mut rx: transport::Receiver) {
+async fn link_reader(server: Srv, link: LinkId, mut rx: transport::Receiver) {
     loop {
         let first = match rx.recv().await {
             Ok(f) => f,
@@ -762,9 +902,9 @@ async fn link_reader(server: Server, link: LinkId, mut rx: transport::Receiver) 
 }
 
 async fn serve_client(
-    server: Server,
+    server: Srv,
     sender: transport::Sender,
-    mut rx: transport::Receiver,
+    mut rx: ClientRx,
     hello: proto::Hello,
 ) {
     let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
@@ -845,7 +985,7 @@ async fn serve_client(
                 // from this very client, which this loop must read
                 let (srv, p) = (server.clone(), peer.clone());
                 let fut = Box::pin(async move {
-                    if handle_routed(&srv.shared.router, &p, Some(srv.clone()), b).await {
+                    if handle_routed(&srv.shared.router, &p, srv.upgrade(), b).await {
                         srv.event(ServerEvent::NoRoute { route, act });
                     }
                 });
@@ -878,7 +1018,7 @@ pub(crate) fn run_or_spawn(mut fut: std::pin::Pin<Box<dyn Future<Output = ()> + 
 
 /// Dials a clone: connect, hello with the auth value, wait for welcome.
 async fn dial(
-    server: Server,
+    server: Srv,
     link: LinkId,
     peer: String,
     url: String,
@@ -938,7 +1078,7 @@ async fn dial(
 struct CoreTask {
     core: Core,
     epoch: Instant,
-    server: Server,
+    server: Srv,
     links: HashMap<LinkId, transport::Sender>,
     link_peers: HashMap<LinkId, String>,
     clients: HashMap<ConnKey, Peer>,
@@ -1025,6 +1165,7 @@ impl CoreTask {
                 }
             },
             Cmd::LinkFrames(link, frames) => {
+                count(&self.server.shared.stats.clone_frames_in, frames.len());
                 for f in frames {
                     self.core.on_frame(link, f, now);
                     self.drain();
@@ -1059,6 +1200,7 @@ impl CoreTask {
                     Groups::All => (Vec::new(), true),
                     Groups::Some(g) => (g, false),
                 };
+                count(&self.server.shared.stats.published, 1);
                 self.core.publish(from, groups, all, not_to_me, data);
             }
             Cmd::CreateGroup(name, data) => self.core.create_group(&name, data),
@@ -1141,11 +1283,13 @@ impl CoreTask {
                 }
                 Action::Send { links, frame } => {
                     let bytes = wire::encode_clone(&frame);
+                    let mut sent = 0;
                     for l in links {
                         if let Some(s) = self.links.get(&l) {
-                            let _ = s.send_encoded(bytes.clone());
+                            sent += s.send_encoded(bytes.clone()).is_ok() as usize;
                         }
                     }
+                    count(&self.server.shared.stats.clone_frames_out, sent);
                 }
                 Action::Close { link, reason } => {
                     if let Some(s) = self.links.remove(&link) {
@@ -1162,6 +1306,7 @@ impl CoreTask {
                 } => {
                     let names: &[String] = if msg.all { &group_of } else { &msg.groups };
                     let mut cache: Vec<Option<Bytes>> = vec![None; names.len()];
+                    let (mut delivered, mut dropped, mut slow) = (0, 0, 0);
                     for t in targets {
                         let Some(p) = self.clients.get(&t.conn) else {
                             continue;
@@ -1172,11 +1317,150 @@ impl CoreTask {
                         let bytes = cache[t.group]
                             .get_or_insert_with(|| wire::encode_deliver(name, &msg.from, &msg.data))
                             .clone();
-                        let _ = p.sender().send_encoded(bytes);
+                        match p.sender().send_encoded(bytes) {
+                            Ok(()) => delivered += 1,
+                            Err(transport::SendError::SlowConsumer) => {
+                                dropped += 1;
+                                slow += 1;
+                            }
+                            Err(_) => dropped += 1,
+                        }
                     }
+                    let st = &self.server.shared.stats;
+                    count(&st.delivered, delivered);
+                    count(&st.dropped, dropped);
+                    count(&st.slow_consumers, slow);
                 }
                 Action::Event(e) => self.server.event(ServerEvent::Mesh(e)),
             }
+        }
+    }
+}
+
+// ---- connections accepted by someone else (a node sharing its listeners) ----
+
+/// Where a client connection's frames come from.
+enum ClientRx {
+    /// The connection itself.
+    Conn(transport::Receiver),
+    /// Frames passed on by whoever reads the connection ([`Server::adopt_client`]).
+    Frames(mpsc::Receiver<Frame>),
+}
+
+impl ClientRx {
+    async fn recv(&mut self) -> Result<Frame, transport::RecvError> {
+        match self {
+            ClientRx::Conn(rx) => rx.recv().await,
+            ClientRx::Frames(rx) => rx.recv().await.ok_or(transport::RecvError::Eof),
+        }
+    }
+}
+
+impl Server {
+    fn srv(&self) -> Srv {
+        Srv {
+            shared: self.shared.clone(),
+            handle: Arc::downgrade(&self.handle),
+        }
+    }
+
+    /// Serves a connection that the caller accepted and whose first frame,
+    /// `hello`, it has read: a clone link or a client, as if this server
+    /// had accepted it on one of its listeners (auth, welcome, everything
+    /// after). For programs whose listeners serve more than the mesh, such
+    /// as the `replimesh` node. Must be called inside a Tokio runtime.
+    pub fn adopt(
+        &self,
+        sender: transport::Sender,
+        receiver: transport::Receiver,
+        hello: proto::Hello,
+    ) {
+        let server = self.srv();
+        tokio::spawn(async move {
+            if hello.version != proto::PROTOCOL_VERSION {
+                sender.close(CloseCode::UnsupportedVersion, "unsupported version");
+                return;
+            }
+            if hello.kind == PeerKind::Clone as i32 {
+                let addr = format!("{:?}", sender.peer_addr());
+                serve_clone(server, sender, receiver, hello, addr).await
+            } else {
+                serve_client(server, sender, ClientRx::Conn(receiver), hello).await
+            }
+        });
+    }
+
+    /// Serves a client whose connection the caller reads: `hello` is its
+    /// first frame, `frames` the mesh frames that follow (the caller passes
+    /// on the others, such as store frames, elsewhere). The client is
+    /// welcomed and answered on `sender`, which the caller may share. It is
+    /// gone when `frames` closes or the connection ends. Must be called
+    /// inside a Tokio runtime.
+    pub fn adopt_client(
+        &self,
+        sender: transport::Sender,
+        hello: proto::Hello,
+        frames: mpsc::Receiver<Frame>,
+    ) {
+        let server = self.srv();
+        tokio::spawn(serve_client(
+            server,
+            sender,
+            ClientRx::Frames(frames),
+            hello,
+        ));
+    }
+}
+
+// ---- statistics ----
+
+/// Counters of a running clone, since it started (see [`Server::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// Group messages published on this clone (by its clients or the server).
+    pub published: u64,
+    /// Group messages queued to this clone's subscribers.
+    pub delivered: u64,
+    /// Group messages for this clone's subscribers that could not be queued
+    /// (the connection was full or closing).
+    pub dropped: u64,
+    /// Client connections cut as slow consumers while delivering.
+    pub slow_consumer_disconnects: u64,
+    /// Frames received on clone links.
+    pub clone_frames_in: u64,
+    /// Frames queued on clone links.
+    pub clone_frames_out: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+    slow_consumers: AtomicU64,
+    clone_frames_in: AtomicU64,
+    clone_frames_out: AtomicU64,
+}
+
+fn count(c: &AtomicU64, n: usize) {
+    if n > 0 {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+impl Server {
+    /// The clone's counters (cheap: atomic loads; for metrics).
+    pub fn stats(&self) -> ServerStats {
+        let c = &self.shared.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServerStats {
+            published: get(&c.published),
+            delivered: get(&c.delivered),
+            dropped: get(&c.dropped),
+            slow_consumer_disconnects: get(&c.slow_consumers),
+            clone_frames_in: get(&c.clone_frames_in),
+            clone_frames_out: get(&c.clone_frames_out),
         }
     }
 }

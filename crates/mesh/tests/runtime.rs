@@ -1,0 +1,240 @@
+//! Server lifecycle (stopping when the last handle goes), the event stream,
+//! and the client's outbox while disconnected.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use replimesh_mesh::{Client, ClientConfig, Groups, MeshError, Server, ServerConfig, ServerEvent};
+use tokio::sync::mpsc;
+
+const T: Duration = Duration::from_secs(10);
+
+fn client_config(url: &str) -> ClientConfig {
+    let mut c = ClientConfig::new([url]);
+    c.reconnect_delay = Duration::from_millis(10);
+    c.max_reconnect_delay = Duration::from_millis(50);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stops_when_the_last_handle_is_dropped() {
+    let s = Server::start(ServerConfig::new("a", "tcp://127.0.0.1:0"))
+        .await
+        .unwrap();
+    // a handler owning only a weak handle does not keep the server running
+    let weak = s.downgrade();
+    s.route("who", "", move |_| {
+        let w = weak.clone();
+        async move {
+            let id = w.upgrade().map(|s| s.id().to_string()).unwrap_or_default();
+            Ok(Bytes::from(id))
+        }
+    });
+    s.route("ctx", "", |ctx| async move {
+        Ok(Bytes::from(
+            ctx.server().map(|s| s.id().to_string()).unwrap_or_default(),
+        ))
+    });
+    let url = s.url().to_string();
+    let mut events = s.events();
+    let mut cc = client_config(&url);
+    cc.reconnect = false;
+    let c = Client::connect(cc).await.unwrap();
+    assert_eq!(c.request("who", "x", Bytes::new()).await.unwrap(), "a");
+    assert_eq!(c.request("ctx", "x", Bytes::new()).await.unwrap(), "a");
+    let weak = s.downgrade();
+    let s2 = s.clone();
+    drop(s);
+    // one handle left: still serving
+    assert_eq!(c.request("who", "x", Bytes::new()).await.unwrap(), "a");
+    assert!(weak.upgrade().is_some());
+    drop(s2);
+    // the last handle is gone: the server stops by itself, gracefully
+    let stopped = tokio::time::timeout(T, async {
+        while let Some(e) = events.next().await {
+            if e == ServerEvent::Stop {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(stopped, "Stop event");
+    assert_eq!(
+        tokio::time::timeout(T, events.next()).await.unwrap(),
+        None,
+        "the stream ends after Stop"
+    );
+    assert!(weak.upgrade().is_none());
+    let end = tokio::time::Instant::now() + T;
+    while c.is_connected() && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!c.is_connected(), "the client was disconnected");
+    // the listener is closed
+    let mut cc = client_config(&url);
+    cc.reconnect = false;
+    cc.attempts = 1;
+    assert!(Client::connect(cc).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_a_stream_and_recv_still_works() {
+    let s = Server::start(ServerConfig::new("a", "tcp://127.0.0.1:0"))
+        .await
+        .unwrap();
+    let mut stream = s.events();
+    let mut recv = s.events();
+    let c = Client::connect(client_config(s.url())).await.unwrap();
+    let is_conn = |e: &ServerEvent| matches!(e, ServerEvent::Connection { .. });
+    let first = tokio::time::timeout(T, stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(is_conn(&first), "{first:?}");
+    assert!(recv.wait_for(T, is_conn).await.is_some());
+    // combinators work on it
+    let mut closed = s
+        .events()
+        .filter(|e| futures_util::future::ready(matches!(e, ServerEvent::ClientClosed { .. })));
+    c.close();
+    let e = tokio::time::timeout(T, closed.next()).await.unwrap();
+    assert!(matches!(e, Some(ServerEvent::ClientClosed { .. })));
+    s.stop().await;
+    let rest: Vec<ServerEvent> = tokio::time::timeout(T, stream.collect()).await.unwrap();
+    assert_eq!(rest.last(), Some(&ServerEvent::Stop));
+    assert_eq!(recv.recv().await.map(|_| ()), Some(()));
+}
+
+/// A server with routes `log` (into the receiver) and `echo`, listening on
+/// `url` only once its routes are set (it binds elsewhere, then the socket
+/// is moved to the url's path).
+async fn serve_at(dir: &std::path::Path, url: &str) -> (Server, mpsc::UnboundedReceiver<Bytes>) {
+    let tmp = dir.join("binding.sock");
+    let mut cfg = ServerConfig::new("a", format!("unix://{}", tmp.display()));
+    cfg.url = Some(url.to_string());
+    let s = Server::start(cfg).await.unwrap();
+    let (tx, logged) = mpsc::unbounded_channel();
+    s.route("log", "", move |ctx| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(ctx.data);
+            Ok(Bytes::new())
+        }
+    });
+    s.route("echo", "", |ctx| async move { Ok(ctx.data) });
+    std::fs::rename(&tmp, url.trim_start_matches("unix://")).unwrap();
+    (s, logged)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_queues_while_disconnected_and_sends_after_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("unix://{}/mesh.sock", dir.path().display());
+    // the server is not there yet: everything waits in the outbox, in order
+    let c = Client::start(client_config(&url)).unwrap();
+    let mut inbox = c.deliveries().unwrap();
+    c.subscribe(&["g"]).unwrap();
+    c.send("log", "x", &b"one"[..]).unwrap();
+    c.publish(Groups::one("g"), &b"published"[..], false)
+        .unwrap();
+    let c2 = c.clone();
+    let answer = tokio::spawn(async move { c2.request("echo", "x", &b"asked"[..]).await });
+    c.send("log", "x", &b"two"[..]).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!answer.is_finished());
+    // the server comes up
+    let (s, mut logged) = serve_at(dir.path(), &url).await;
+    let got = tokio::time::timeout(T, answer).await.unwrap().unwrap();
+    assert_eq!(got.unwrap(), "asked");
+    assert_eq!(
+        tokio::time::timeout(T, logged.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        "one"
+    );
+    assert_eq!(
+        tokio::time::timeout(T, logged.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        "two"
+    );
+    let d = tokio::time::timeout(T, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((d.group.as_str(), &d.data[..]), ("g", &b"published"[..]));
+    // the server goes away and comes back: queued again meanwhile
+    s.stop().await;
+    let end = tokio::time::Instant::now() + T;
+    while c.is_connected() && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!c.is_connected());
+    c.send("log", "x", &b"three"[..]).unwrap();
+    let (s, mut logged) = serve_at(dir.path(), &url).await;
+    assert_eq!(
+        tokio::time::timeout(T, logged.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        "three"
+    );
+    c.close();
+    // a closed client queues nothing
+    assert_eq!(
+        c.send("log", "x", &b"late"[..]),
+        Err(MeshError::Disconnected)
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_is_bounded_and_queued_requests_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("unix://{}/nobody.sock", dir.path().display());
+    let mut cc = client_config(&url);
+    cc.outbox = 2;
+    cc.response_timeout = Duration::from_millis(100);
+    let c = Client::start(cc).unwrap();
+    c.send("r", "a", &b"1"[..]).unwrap();
+    c.publish(Groups::All, &b"2"[..], false).unwrap();
+    assert_eq!(c.send("r", "a", &b"3"[..]), Err(MeshError::OutboxFull(2)));
+    assert!(matches!(
+        c.request("r", "a", Bytes::new()).await,
+        Err(MeshError::OutboxFull(2))
+    ));
+    c.close();
+
+    let mut cc = client_config(&url);
+    cc.outbox = 1;
+    cc.response_timeout = Duration::from_millis(100);
+    let c = Client::start(cc).unwrap();
+    assert_eq!(
+        c.request("r", "a", Bytes::new()).await,
+        Err(MeshError::Timeout)
+    );
+    // a timed-out request does not hold its place in the outbox
+    c.send("r", "a", &b"x"[..]).unwrap();
+    c.close();
+
+    // without reconnect nothing is queued
+    let mut cc = client_config(&url);
+    cc.reconnect = false;
+    let c = Client::start(cc).unwrap();
+    assert_eq!(c.send("r", "a", &b"x"[..]), Err(MeshError::Disconnected));
+    assert_eq!(
+        c.request("r", "a", Bytes::new()).await,
+        Err(MeshError::Disconnected)
+    );
+    // and with an outbox of 0 neither
+    let mut cc = client_config(&url);
+    cc.outbox = 0;
+    let c = Client::start(cc).unwrap();
+    assert_eq!(c.send("r", "a", &b"x"[..]), Err(MeshError::Disconnected));
+    c.close();
+}
