@@ -5,17 +5,23 @@
 // bytes fields are base64 strings, uint64 fields are decimal strings, enums
 // are their names. Served by every `replimesh node` at `/replimesh.js`.
 //
+// One connection carries both the mesh and the stores (a node's listeners
+// serve both); the login, if any, is the connection's and is checked per store.
+//
 //   import { Client, StoreReplica, reducers } from '/replimesh.js';
-//   const mesh = new Client(['ws://host:7001/', 'ws://host:7002/']);
+//   const mesh = new Client(['ws://host:7001/', 'ws://host:7002/'],
+//                           { login: 'web', password: 'secret' });
 //   mesh.subscribe('news');
 //   mesh.on('message', m => console.log(m.group, m.text));
 //   mesh.publish('news', {hello: 'world'});
 //   const reply = await mesh.request('users', 'get', {id: 1});
 //
-//   const kv = new StoreReplica(['ws://host:7101/'], {
-//     store: 'kv', login: 'web', password: 'secret', reducer: reducers.kv });
+//   const kv = mesh.store({ store: 'kv', reducer: reducers.kv });  // same connection
 //   kv.subscribe((state, seq) => render(state));
 //   await kv.dispatch({Set: {key: 'a', value: '1'}});
+//
+// `new StoreReplica(urls, {store, login, password, ...})` opens a connection
+// of its own instead.
 
 export const PROTOCOL = 'replimesh.v1.json';
 export const VERSION = 1;
@@ -289,6 +295,9 @@ export class Client extends Emitter {
     });
   }
 
+  /** A replica of a store over this client's connection (see `StoreReplica`). */
+  store(opts) { return new StoreReplica(this, opts); }
+
   /** Handles requests and sends from the server: `handler(data, {route, act})` may return (a promise of) a reply. */
   route(route, act, handler) {
     this.routes.set(route + '\u0000' + (act || ''), handler);
@@ -361,12 +370,16 @@ export const reducers = {
  * while disconnected wait in an outbox and are sent once after reconnect; the
  * authority applies each exactly once (by client id and op id).
  *
+ * `source` is the server URL(s) for a connection of its own, or a `Client`
+ * (or `Connection`) whose connection it shares: then the login is that
+ * connection's, and `close()` detaches the replica only.
+ *
  * Options: store (name), login, password, reducer ({initial, reduce}),
  * schema (default 1), clientId, plus the Connection options.
  * Events: 'state' (state, seq), 'connect', 'disconnect', 'error' ({code, message}).
  */
 export class StoreReplica extends Emitter {
-  constructor(urls, opts = {}) {
+  constructor(source, opts = {}) {
     super();
     if (!opts.store) throw new Error('replimesh: StoreReplica needs opts.store');
     this.store = opts.store;
@@ -380,10 +393,17 @@ export class StoreReplica extends Emitter {
     this.outbox = new Map(); // opId -> {action, resolve, reject}
     this.waiters = [];
     this.attached = false;
-    this.conn = new Connection(urls, Object.assign({}, opts, { id: this.clientId }));
-    this.conn.on('open', () => this._hello());
-    this.conn.on('close', c => { this.attached = false; this.emit('disconnect', c); });
-    this.conn.on('frame', f => this._frame(f));
+    this.closed = false;
+    const shared = source instanceof Client ? source.conn : (source instanceof Connection ? source : null);
+    this.shared = !!shared;
+    this.conn = shared || new Connection(source, Object.assign({}, opts, { id: this.clientId }));
+    this._off = [
+      this.conn.on('open', () => this._hello()),
+      this.conn.on('close', c => { this.attached = false; this.emit('disconnect', c); }),
+      this.conn.on('frame', f => this._frame(f)),
+    ];
+    // A shared connection may be up already.
+    if (this.shared && this.conn.ready) setTimeout(() => this._hello(), 0);
   }
 
   get connected() { return this.attached; }
@@ -409,9 +429,16 @@ export class StoreReplica extends Emitter {
     });
   }
 
-  close() { this.conn.close(); }
+  /** Stops the replica; closes its connection unless it shares a client's. */
+  close() {
+    this.closed = true;
+    this.attached = false;
+    this._off.forEach(off => off());
+    if (!this.shared) this.conn.close();
+  }
 
   _hello() {
+    if (this.closed) return;
     this.conn.send({ storeHello: {
       store: this.store, schema: this.schema, clientId: this.clientId,
       historyId: this.historyId, lastSeq: String(this.seq), encoding: 'ENCODING_JSON' } });

@@ -29,22 +29,12 @@ impl ConfigError {
     }
 }
 
-/// What a listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Serves {
-    /// Mesh clients and clone links (groups, requests, routes).
-    Mesh,
-    /// Store replicas (with logins).
-    Store,
-}
-
-/// One listener.
+/// One listener. Every listener serves clone links, mesh clients and store
+/// replicas alike (one client connection can do both).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     /// `tcp://`, `tls://`, `unix://`, `ws://` or `wss://` URL.
     pub url: String,
-    /// What this listener serves.
-    pub serves: Serves,
     /// Certificate chain (PEM) for `tls://` and `wss://`.
     pub cert: Option<PathBuf>,
     /// Private key (PEM) for `tls://` and `wss://`.
@@ -199,6 +189,9 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Hosted stores.
     pub stores: Vec<StoreSettings>,
+    /// PEM file of the roots trusted when this node dials `tls://` and
+    /// `wss://` URLs (clone peers, store upstreams).
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -234,6 +227,12 @@ impl NodeConfig {
         c.handshake_timeout = self.limits.handshake_timeout;
         c.ping_interval = self.limits.ping_interval;
         c.idle_timeout = self.limits.idle_timeout;
+        if let Some(ca) = &self.tls_ca {
+            // Read and checked when the file was parsed.
+            let roots = std::fs::read(ca).ok();
+            c.tls.client =
+                roots.and_then(|pem| replimesh::transport::TlsConfig::client_from_pem(&pem).ok());
+        }
         c
     }
 }
@@ -298,6 +297,7 @@ struct RawConfig {
     auth: Option<RawAuth>,
     #[serde(default)]
     limits: RawLimits,
+    tls: Option<RawTls>,
     #[serde(default)]
     store: Vec<RawStore>,
 }
@@ -306,7 +306,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawListen {
     url: String,
-    serves: Option<String>,
+    /// Removed: every listener serves everything. Kept to explain the error.
+    serves: Option<toml::Value>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
 }
@@ -316,6 +317,12 @@ struct RawListen {
 struct RawPeer {
     id: String,
     url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -440,16 +447,12 @@ impl RawConfig {
         for (i, l) in self.listen.into_iter().enumerate() {
             let key = |k: &str| format!("listen[{i}].{k}");
             check_url(&key("url"), &l.url)?;
-            let serves = match l.serves.as_deref() {
-                None | Some("mesh") => Serves::Mesh,
-                Some("store") => Serves::Store,
-                Some(other) => {
-                    return Err(ConfigError::new(
-                        key("serves"),
-                        format!("`{other}` is not \"mesh\" or \"store\""),
-                    ))
-                }
-            };
+            if l.serves.is_some() {
+                return Err(ConfigError::new(
+                    key("serves"),
+                    "no longer exists: every listener serves the mesh and the stores; remove it",
+                ));
+            }
             let tls = l.url.starts_with("tls://") || l.url.starts_with("wss://");
             let (cert, keyp) = match (tls, l.cert, l.key) {
                 (true, Some(c), Some(k)) => {
@@ -492,7 +495,6 @@ impl RawConfig {
             };
             listen.push(Listen {
                 url: l.url,
-                serves,
                 cert,
                 key: keyp,
             });
@@ -552,6 +554,21 @@ impl RawConfig {
             }
         };
         let limits = self.limits.validate()?;
+        let tls_ca = match self.tls {
+            None => None,
+            Some(t) => {
+                let path = resolve(base, &t.ca_file);
+                let pem = std::fs::read(&path).map_err(|e| {
+                    ConfigError::new(
+                        "tls.ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                replimesh::transport::TlsConfig::client_from_pem(&pem)
+                    .map_err(|e| ConfigError::new("tls.ca_file", e.to_string()))?;
+                Some(path)
+            }
+        };
         let mut stores = Vec::new();
         for (i, s) in self.store.into_iter().enumerate() {
             let key = |k: &str| format!("store[{i}].{k}");
@@ -697,10 +714,6 @@ impl RawConfig {
                 upstream,
             });
         }
-        if !stores.is_empty() && !listen.iter().any(|l| l.serves == Serves::Store) {
-            // Allowed (a store can be used in-process), but usually a mistake.
-            tracing::warn!("stores are configured but no listener has serves = \"store\"");
-        }
         Ok(NodeConfig {
             id,
             url: self.url,
@@ -711,6 +724,7 @@ impl RawConfig {
             token,
             limits,
             stores,
+            tls_ca,
         })
     }
 }
@@ -821,7 +835,6 @@ mod tests {
             url = "tcp://127.0.0.1:0"
             [[listen]]
             url = "ws://127.0.0.1:0/"
-            serves = "store"
             [[peer]]
             id = "n2"
             url = "tcp://127.0.0.1:7002"
@@ -847,7 +860,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.id, "n1");
         assert_eq!(c.token.as_deref(), Some("s3cret"));
-        assert_eq!(c.listen[1].serves, Serves::Store);
+        assert_eq!(c.listen[1].url, "ws://127.0.0.1:0/");
         assert_eq!(c.limits.max_frame, 65536);
         assert_eq!(c.limits.idle_timeout, None);
         let s = &c.stores[0];
@@ -867,7 +880,7 @@ mod tests {
             ("[[listen]]\nurl = \"tcp://x\"", "listen[0].url"),
             ("[[listen]]\nurl = \"wss://x:1/\"", "listen[0].cert"),
             (
-                "[[listen]]\nurl = \"tcp://x:1\"\nserves = \"both\"",
+                "[[listen]]\nurl = \"tcp://x:1\"\nserves = \"store\"",
                 "listen[0].serves",
             ),
             ("admin = \"nope\"", "admin"),
@@ -877,6 +890,7 @@ mod tests {
             ),
             ("[auth]", "auth"),
             ("[auth]\ntoken_file = \"missing\"", "auth.token_file"),
+            ("[tls]\nca_file = \"missing.pem\"", "tls.ca_file"),
             ("[limits]\nmax_frame = 1", "limits.max_frame"),
             ("[limits]\nslow_consumer = \"drop\"", "limits.slow_consumer"),
             ("[[store]]\nname = \"s\"\nmode = \"fast\"", "store[0].mode"),
@@ -899,6 +913,15 @@ mod tests {
             assert_eq!(&e.key, key, "{text}: {e}");
             assert!(!e.problem.is_empty());
         }
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let c = NodeConfig::load(&dir.join("node.toml")).unwrap();
+        assert_eq!(c.id, "node-1");
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.stores[0].logins["web"], "secret");
     }
 
     #[test]

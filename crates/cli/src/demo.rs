@@ -24,8 +24,8 @@ use serde_json::json;
 
 use crate::admin::{AdminServer, AdminSource};
 use crate::config::{
-    BackupSettings, Journal, Limits, Listen, Mode, NodeConfig, Peer, ReducerKind, Serves,
-    StoreSettings, Upstream,
+    BackupSettings, Journal, Limits, Listen, Mode, NodeConfig, Peer, ReducerKind, StoreSettings,
+    Upstream,
 };
 use crate::metrics::Registry;
 use crate::node::{HostedStore, Node};
@@ -184,9 +184,8 @@ fn node_config(
             password: "demo-password".into(),
         }),
     };
-    let listen = |url: &str, serves| Listen {
+    let listen = |url: &str| Listen {
         url: url.into(),
-        serves,
         cert: None,
         key: None,
     };
@@ -195,16 +194,12 @@ fn node_config(
         url: None,
         data: String::new(),
         admin: None,
-        listen: vec![
-            listen("tcp://127.0.0.1:0", Serves::Mesh),
-            listen("ws://127.0.0.1:0/", Serves::Mesh),
-            listen("tcp://127.0.0.1:0", Serves::Store),
-            listen("ws://127.0.0.1:0/store", Serves::Store),
-        ],
+        listen: vec![listen("tcp://127.0.0.1:0"), listen("ws://127.0.0.1:0/")],
         peers: prev.into_iter().map(|(id, url)| Peer { id, url }).collect(),
         token: Some("demo-clone-token".into()),
         limits: Limits::default(),
         stores: vec![store],
+        tls_ca: None,
     }
 }
 
@@ -241,8 +236,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     for i in 0..clones {
         let prev = nodes
             .last()
-            .map(|n| (n.id().to_owned(), n.mesh_urls()[0].clone()));
-        let upstream = nodes.first().map(|n| n.store_urls()[0].clone());
+            .map(|n| (n.id().to_owned(), n.urls()[0].clone()));
+        let upstream = nodes.first().map(|n| n.urls()[0].clone());
         let cfg = node_config(i, dir.path(), &key_file, &login_hash, prev, upstream);
         nodes.push(
             Node::start(cfg)
@@ -264,12 +259,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         dir.path().display()
     ));
     for n in &nodes {
-        out(format!(
-            "  {}  mesh {}  store {}",
-            n.id(),
-            n.mesh_urls().join(" "),
-            n.store_urls().join(" ")
-        ));
+        out(format!("  {}  {}", n.id(), n.urls().join(" ")));
     }
     out(format!("dashboard: {}  (browser client example: {}example.html?login=demo&password=demo-password&group=demo)", admin.dashboard_url(), admin.dashboard_url()));
 
@@ -278,7 +268,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     for (ni, n) in nodes.iter().enumerate() {
         for k in 0..2 {
             let idx = subs.len();
-            let mut cc = mesh::ClientConfig::new([n.mesh_urls()[0].clone()]);
+            let mut cc = mesh::ClientConfig::new([n.urls()[0].clone()]);
             cc.id = Some(format!("sub-{}-{}", ni + 1, k + 1));
             let c = mesh::Client::connect(cc).await?;
             let mut inbox = c.deliveries().context("deliveries")?;
@@ -324,7 +314,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     // Publishers: one per clone.
     let mut pubs = Vec::new();
     for (ni, n) in nodes.iter().enumerate() {
-        let mut cc = mesh::ClientConfig::new([n.mesh_urls()[0].clone()]);
+        let mut cc = mesh::ClientConfig::new([n.urls()[0].clone()]);
         cc.id = Some(format!("pub-{}", ni + 1));
         pubs.push((format!("pub-{}", ni + 1), mesh::Client::connect(cc).await?));
     }
@@ -355,7 +345,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             },
             StoreConfig::default(),
         );
-        let url = n.store_urls()[0].clone();
+        let url = n.urls()[0].clone();
         let mut tries = 0;
         let client = loop {
             match r.connect(&url, "demo", "demo-password").await {

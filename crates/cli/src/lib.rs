@@ -30,6 +30,7 @@ pub mod assets;
 pub mod backup_cmd;
 pub mod config;
 pub mod demo;
+pub mod front;
 pub mod metrics;
 pub mod node;
 pub mod reducers;

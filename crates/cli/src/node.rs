@@ -1,9 +1,10 @@
 //! A node: one mesh clone plus the stores it hosts, an admin HTTP server
 //! with metrics and the dashboard, and a graceful shutdown.
 //!
-//! The mesh and the stores use **separate listeners** (`serves = "mesh"` or
-//! `"store"` in the config): the mesh and store crates each accept their own
-//! connections today, so one connection cannot carry both yet.
+//! The mesh and the stores **share the node's listeners and connections**:
+//! the node accepts every connection and passes its frames to the mesh or to
+//! the store server by type (see [`crate::front`]), so one client connection
+//! can subscribe to groups and replicate stores.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +20,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminServer, AdminSource};
-use crate::config::{Journal, Mode, NodeConfig, ReducerKind, Serves, StoreSettings};
+use crate::config::{Journal, Mode, NodeConfig, ReducerKind, StoreSettings};
+use crate::front::Front;
 use crate::metrics::{Counter, Registry};
 use crate::reducers::{Counter as CounterReducer, Kv};
 
@@ -72,10 +74,9 @@ impl HostedStore {
     async fn connect(
         &self,
         url: &str,
-        login: &str,
-        password: &str,
+        config: store::ClientConfig,
     ) -> Result<store::Client, store::ConnectError> {
-        with_store!(self, s => s.connect(url, login, password).await)
+        with_store!(self, s => s.connect_with(url, config).await)
     }
 }
 
@@ -242,15 +243,14 @@ impl Hosted {
 struct Shared {
     config: NodeConfig,
     mesh: mesh::Server,
-    store_server: Option<store::Server>,
+    front: Arc<Front>,
     stores: Vec<Hosted>,
     registry: Registry,
     healthy: AtomicBool,
     started: Instant,
     status: Mutex<serde_json::Value>,
     stop: CancellationToken,
-    mesh_urls: Vec<String>,
-    store_urls: Vec<String>,
+    urls: Vec<String>,
     requests: Counter,
 }
 
@@ -281,7 +281,7 @@ impl Shared {
                     "role": if h.store.is_authority() { "authority" } else { "relay" },
                     "seq": h.store.seq(),
                     "connected": h.store.connected(),
-                    "replicas": serde_json::Value::Null,
+                    "replicas": self.front.stats.attached.get(&h.settings.name).map(|g| g.get()),
                     "backup": h.backup.as_ref().map(|b| json!({
                         "path": h.settings.backup.as_ref().map(|s| s.path.display().to_string()),
                         "age_s": b.age(),
@@ -319,12 +319,6 @@ impl Shared {
             .set(clones.iter().filter(|c| c.linked).count() as i64);
         r.gauge("replimesh_groups", "Local groups", &[])
             .set(groups.len() as i64);
-        r.gauge(
-            "replimesh_connections",
-            "Open client connections",
-            &[("subsystem", "mesh")],
-        )
-        .set(clients.len() as i64);
         // Subscriber gauges for up to 200 groups; stale ones are removed.
         let mut seen = BTreeMap::new();
         for g in groups.iter().take(200) {
@@ -343,6 +337,7 @@ impl Shared {
         }
         *gauges = seen;
         let me = self.mesh.id().to_owned();
+        let mesh_stats = self.mesh.stats();
         let mut clone_rows = vec![
             json!({"id": me, "url": self.mesh.url(), "up": true, "linked": true, "self": true}),
         ];
@@ -363,14 +358,17 @@ impl Shared {
             "groups": groups.iter().map(|g| json!({"name": g.name, "subscribers": g.subscribers})).collect::<Vec<_>>(),
             "counters": {
                 "requests": self.requests.get(),
-                "connections": clients.len(),
+                "connections": self.front.stats.connections.get(),
+                "mesh_clients": clients.len(),
                 "actions": self.stores.iter().map(|h| h.store.seq()).sum::<u64>(),
+                "messages_in": mesh_stats.published,
+                "messages_out": mesh_stats.delivered,
+                "dropped": mesh_stats.dropped,
+                "slow_consumers": self.front.stats.slow_consumers.get(),
             },
             "endpoints": {
-                "mesh": self.mesh_urls,
-                "store": self.store_urls,
-                "mesh_ws": self.mesh_urls.iter().filter(|u| u.starts_with("ws")).collect::<Vec<_>>(),
-                "store_ws": self.store_urls.iter().filter(|u| u.starts_with("ws")).collect::<Vec<_>>(),
+                "urls": self.urls,
+                "ws": self.urls.iter().filter(|u| u.starts_with("ws")).collect::<Vec<_>>(),
             },
         });
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
@@ -392,28 +390,22 @@ impl std::fmt::Debug for Node {
     }
 }
 
-fn tls_for(
-    config: &NodeConfig,
-    serves: Serves,
-    transport: &mut replimesh::transport::Config,
-) -> anyhow::Result<()> {
-    let mut tls = config
-        .listen
-        .iter()
-        .filter(|l| l.serves == serves)
-        .filter_map(|l| Some((l.cert.as_ref()?, l.key.as_ref()?)));
-    if let Some((cert, key)) = tls.next() {
+/// The transport settings of one listener: the node's limits plus the
+/// listener's own certificate for `tls://` and `wss://`.
+fn listener_transport(
+    l: &crate::config::Listen,
+    base: &replimesh::transport::Config,
+) -> anyhow::Result<replimesh::transport::Config> {
+    let mut t = base.clone();
+    if let (Some(cert), Some(key)) = (&l.cert, &l.key) {
         let c = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
         let k = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
-        transport.tls.server = Some(
+        t.tls.server = Some(
             replimesh::transport::TlsConfig::server_from_pem(&c, &k)
                 .with_context(|| format!("certificate {}", cert.display()))?,
         );
-        if tls.next().is_some() {
-            tracing::warn!("several TLS listeners: all of one subsystem use the first certificate");
-        }
     }
-    Ok(())
+    Ok(t)
 }
 
 fn make_store(s: &StoreSettings) -> StoreConfig {
@@ -531,58 +523,36 @@ impl Node {
         for s in &config.stores {
             stores.push(host_store(s, &registry)?);
         }
-        let store_listen: Vec<_> = config
-            .listen
-            .iter()
-            .filter(|l| l.serves == Serves::Store)
-            .collect();
-        let (store_server, store_urls) = if store_listen.is_empty() {
-            (None, Vec::new())
-        } else {
-            let mut logins = store::Logins::new();
-            for s in &config.stores {
-                for (user, pw) in &s.logins {
-                    logins
-                        .add_config(user, pw)
-                        .map_err(|e| anyhow::anyhow!("store {} login {user}: {e}", s.name))?;
-                }
-            }
-            let mut sc = store::ServerConfig::with_logins(logins);
-            sc.transport = transport.clone();
-            sc.max_failures = config.limits.max_login_failures;
-            sc.ban_duration = config.limits.ban;
-            tls_for(&config, Serves::Store, &mut sc.transport)?;
-            let server = store::Server::new(sc);
-            for h in &stores {
-                h.store.add_to(&server);
-            }
-            let mut urls = Vec::new();
-            for l in store_listen {
-                urls.push(
-                    server
-                        .listen(&l.url)
-                        .await
-                        .with_context(|| format!("store listener {}", l.url))?,
-                );
-            }
-            (Some(server), urls)
-        };
+        // The node's listeners: the mesh and the stores share them.
+        let mut listeners = Vec::new();
+        for (i, l) in config.listen.iter().enumerate() {
+            let t = listener_transport(l, &transport)
+                .with_context(|| format!("listen[{i}] ({})", l.url))?;
+            listeners.push(
+                replimesh::transport::listen(&l.url, &t)
+                    .await
+                    .with_context(|| format!("listen[{i}]: {}", l.url))?,
+            );
+        }
+        let urls: Vec<String> = listeners.iter().map(|l| l.local_url()).collect();
 
-        // The mesh clone.
+        // The store server gets its connections from the node's listeners;
+        // logins are checked per store by the node (see `front`).
+        let store_server = store::Server::new(store::ServerConfig::default());
+        for h in &stores {
+            h.store.add_to(&store_server);
+        }
+
+        // The mesh clone: no listeners of its own either.
         let mut mc = mesh::ServerConfig {
             id: Some(config.id.clone()),
-            listen: config
-                .listen
-                .iter()
-                .filter(|l| l.serves == Serves::Mesh)
-                .map(|l| l.url.clone())
-                .collect(),
-            url: config.url.clone(),
+            listen: Vec::new(),
+            url: config.url.clone().or_else(|| urls.first().cloned()),
             data: Bytes::from(config.data.clone().into_bytes()),
             transport: transport.clone(),
+            hello_timeout: config.limits.handshake_timeout,
             ..Default::default()
         };
-        tls_for(&config, Serves::Mesh, &mut mc.transport)?;
         if let Some(token) = &config.token {
             let t_in = token.clone().into_bytes();
             let t_out = Bytes::from(token.clone().into_bytes());
@@ -593,7 +563,15 @@ impl Node {
         let mesh = mesh::Server::start(mc)
             .await
             .map_err(|e| anyhow::anyhow!("starting the mesh clone: {e}"))?;
-        let mesh_urls = mesh.listen_urls().to_vec();
+        let stop = CancellationToken::new();
+        let front = Front::new(
+            mesh.clone(),
+            store_server,
+            &config.stores,
+            &config.limits,
+            &registry,
+            stop.clone(),
+        )?;
         let requests = registry.counter(
             "replimesh_requests_total",
             "Routed requests and sends handled by this node",
@@ -612,15 +590,14 @@ impl Node {
         let shared = Arc::new(Shared {
             config: config.clone(),
             mesh: mesh.clone(),
-            store_server,
+            front: front.clone(),
             stores,
             registry: registry.clone(),
             healthy: AtomicBool::new(true),
             started: Instant::now(),
             status: Mutex::new(json!({"id": config.id})),
-            stop: CancellationToken::new(),
-            mesh_urls,
-            store_urls,
+            stop,
+            urls,
             requests,
         });
         {
@@ -634,6 +611,9 @@ impl Node {
             });
         }
         register_metrics(&shared);
+        for l in listeners {
+            front.serve(l);
+        }
 
         // Upstreams of relaying stores (retried in the background until they answer).
         for (i, h) in shared.stores.iter().enumerate() {
@@ -644,7 +624,9 @@ impl Node {
                     let mut delay = Duration::from_millis(100);
                     loop {
                         let h = &s.stores[i];
-                        match h.store.connect(&u.url, &u.login, &u.password).await {
+                        let mut cc = store::ClientConfig::new(&u.login, &u.password);
+                        cc.transport.tls.client = s.config.transport().tls.client;
+                        match h.store.connect(&u.url, cc).await {
                             Ok(c) => {
                                 *h.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
                                 break;
@@ -702,11 +684,6 @@ impl Node {
                 "Protocol errors and failed connections",
                 &[],
             );
-            let opened = r.counter(
-                "replimesh_connections_opened_total",
-                "Client connections accepted",
-                &[("subsystem", "mesh")],
-            );
             let noroute = r.counter(
                 "replimesh_no_route_total",
                 "Messages for a route without handler",
@@ -722,7 +699,6 @@ impl Node {
                         None => break,
                         Some(mesh::ServerEvent::AuthError { .. }) => auth_err.inc(),
                         Some(mesh::ServerEvent::Error(_)) => errors.inc(),
-                        Some(mesh::ServerEvent::Connection { .. }) => opened.inc(),
                         Some(mesh::ServerEvent::NoRoute { .. }) => noroute.inc(),
                         Some(_) => {}
                     }
@@ -755,14 +731,20 @@ impl Node {
         &self.shared.mesh
     }
 
-    /// Bound URLs of the mesh listeners.
-    pub fn mesh_urls(&self) -> &[String] {
-        &self.shared.mesh_urls
+    /// Bound URLs of the node's listeners (in config order). Each serves
+    /// clone links, mesh clients and store replicas alike.
+    pub fn urls(&self) -> &[String] {
+        &self.shared.urls
     }
 
-    /// Bound URLs of the store listeners.
+    /// The same as [`Node::urls`] (every listener serves the mesh).
+    pub fn mesh_urls(&self) -> &[String] {
+        &self.shared.urls
+    }
+
+    /// The same as [`Node::urls`] (every listener serves the stores).
     pub fn store_urls(&self) -> &[String] {
-        &self.shared.store_urls
+        &self.shared.urls
     }
 
     /// The admin server's address, if any.
@@ -799,9 +781,8 @@ impl Node {
     pub async fn shutdown(&self) -> anyhow::Result<()> {
         let s = &self.shared;
         s.healthy.store(false, Ordering::Relaxed);
-        if let Some(server) = &s.store_server {
-            server.shutdown();
-        }
+        s.front.stop_accepting();
+        s.front.stores().shutdown();
         s.mesh.stop().await;
         s.stop.cancel();
         let mut result = Ok(());
@@ -840,6 +821,52 @@ fn register_metrics(shared: &Arc<Shared>) {
             move || w.upgrade().map_or(0.0, |s| s.healthy() as u8 as f64)
         },
     );
+    // The mesh's own counters, read at each scrape.
+    type Stat = fn(&mesh::ServerStats) -> u64;
+    type MeshCounter = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        Stat,
+    );
+    let mesh_counters: [MeshCounter; 5] = [
+        (
+            "replimesh_messages_published_total",
+            "Group messages published on this clone",
+            &[],
+            |s| s.published,
+        ),
+        (
+            "replimesh_messages_delivered_total",
+            "Group messages queued to this clone's subscribers",
+            &[],
+            |s| s.delivered,
+        ),
+        (
+            "replimesh_messages_dropped_total",
+            "Group messages for this clone's subscribers that could not be queued (slow or closing connections)",
+            &[],
+            |s| s.dropped,
+        ),
+        (
+            "replimesh_clone_frames_total",
+            "Frames on clone links",
+            &[("dir", "in")],
+            |s| s.clone_frames_in,
+        ),
+        (
+            "replimesh_clone_frames_total",
+            "Frames on clone links",
+            &[("dir", "out")],
+            |s| s.clone_frames_out,
+        ),
+    ];
+    for (name, help, labels, f) in mesh_counters {
+        let w = Arc::downgrade(shared);
+        r.counter_fn(name, help, labels, move || {
+            w.upgrade().map_or(0.0, |s| f(&s.mesh.stats()) as f64)
+        });
+    }
     for (i, h) in shared.stores.iter().enumerate() {
         let labels = [("store", h.settings.name.as_str())];
         let w = Arc::downgrade(shared);
@@ -883,11 +910,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let node = Node::start(config).await?;
     println!("node {}", node.id());
-    for u in node.mesh_urls() {
-        println!("listening mesh {u}");
-    }
-    for u in node.store_urls() {
-        println!("listening store {u}");
+    for u in node.urls() {
+        println!("listening {u}");
     }
     if let Some(a) = node.admin_addr() {
         println!("admin http://{a}/");

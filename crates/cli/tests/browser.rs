@@ -1,10 +1,10 @@
 //! Headless Chromium test of the browser client and the dashboard.
 //!
 //! Drives Debian's `chromium` over the DevTools protocol (a WebSocket; no
-//! driver download). Two nodes run in-process, linked; the example page
-//! subscribes to a group and receives a message a Rust client publishes,
-//! makes a request, dispatches to a store and sees the new state; the
-//! dashboard renders both clones. Screenshots are kept under
+//! driver download). Two nodes run in-process, linked; the example page,
+//! over one WebSocket connection, subscribes to a group and receives a
+//! message a Rust client publishes, makes a request, dispatches to a store
+//! and sees the new state; the dashboard renders both clones. Screenshots are kept under
 //! `target/tmp/browser-test/`.
 //!
 //! Without Chromium the test fails when `CI` is set, and otherwise prints a
@@ -180,9 +180,6 @@ fn node_config(id: &str, peer: Option<(&str, &str)>) -> NodeConfig {
         url = "tcp://127.0.0.1:0"
         [[listen]]
         url = "ws://127.0.0.1:0/"
-        [[listen]]
-        url = "ws://127.0.0.1:0/store"
-        serves = "store"
         [auth]
         token = "browser-test-token"
         [[store]]
@@ -353,6 +350,28 @@ async fn run(chromium: PathBuf) {
         "document.getElementById('state').textContent.includes('\"size\":\"large\"')",
     )
     .await;
+    // All of it over one connection.
+    assert_eq!(
+        cdp.eval(
+            &page,
+            "window.store.conn === window.mesh.conn && window.store.shared"
+        )
+        .await,
+        json!(true)
+    );
+    let (_, metrics) = replimesh_cli::admin::http_get(admin, "/metrics")
+        .await
+        .unwrap();
+    let samples = replimesh_cli::metrics::parse_text(&metrics).unwrap();
+    let open = samples
+        .iter()
+        .find(|s| s.0 == "replimesh_connections")
+        .map(|s| s.2);
+    assert_eq!(
+        open,
+        Some(1.0),
+        "the page should use one connection to web-1"
+    );
     cdp.screenshot(&page, &out_dir.join("example.png")).await;
 
     // The dashboard renders both clones.

@@ -235,6 +235,42 @@ async fn three_nodes_sigterm_one_nothing_lost() {
         metric(n1.admin, "replimesh_store_seq", Some(("store", "kv"))).await == 50.0
     })
     .await;
+    // The backup (every 50 actions) was written; its age is known.
+    wait_until("a backup snapshot", async || {
+        metric(
+            n1.admin,
+            "replimesh_backup_writes_total",
+            Some(("store", "kv")),
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    assert!(
+        metric(
+            n1.admin,
+            "replimesh_backup_age_seconds",
+            Some(("store", "kv"))
+        )
+        .await
+            >= 0.0
+    );
+    assert_eq!(
+        metric(
+            n1.admin,
+            "replimesh_backup_failures_total",
+            Some(("store", "kv"))
+        )
+        .await,
+        0.0
+    );
+    // n2 relays kv for one replica; messages went through the mesh.
+    assert_eq!(
+        metric(n2.admin, "replimesh_store_replicas", Some(("store", "kv"))).await,
+        1.0
+    );
+    assert!(metric(n3.admin, "replimesh_messages_published_total", None).await >= 100.0);
+    assert!(metric(n2.admin, "replimesh_messages_delivered_total", None).await >= 100.0);
 
     // SIGTERM n2: it exits 0; the subscriber moves to n3; the replica's
     // dispatches made meanwhile wait in its outbox and are committed once

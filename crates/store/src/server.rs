@@ -272,6 +272,27 @@ impl Server {
         Ok(child)
     }
 
+    /// Serves the store frames of a connection that the caller accepted and
+    /// authenticated itself: no hello, login or welcome happens here. This
+    /// is how one listener serves both a mesh clone and stores (the
+    /// `replimesh` node reads each connection, answers its hello, and passes
+    /// the store frames on).
+    ///
+    /// `frames` carries the connection's store frames (`StoreHello`,
+    /// `Dispatch`, `Resync`) in order; answers are queued on `sender`, which
+    /// may be shared with other services (store followers wait for room in
+    /// its queue). Serving ends when `frames` is closed, when the connection
+    /// ends, or at [`Server::shutdown`] (which closes the connection with
+    /// "going away"). Must be called inside a Tokio runtime.
+    pub fn adopt(&self, sender: transport::Sender, frames: tokio::sync::mpsc::Receiver<Frame>) {
+        let shared = self.shared.clone();
+        let span = tracing::debug_span!("store-conn", peer = %sender.peer_addr());
+        tokio::spawn(
+            serve_frames(shared, LinkTx::Transport(sender), Inbound::Frames(frames))
+                .instrument(span),
+        );
+    }
+
     /// The URLs this server listens on (with the ports actually bound).
     pub fn urls(&self) -> Vec<String> {
         self.shared
@@ -409,6 +430,29 @@ async fn handle(shared: Arc<ServerShared>, tx: LinkTx, mut rx: LinkRx, trusted: 
     if tx.send(&welcome).is_err() {
         return;
     }
+    serve_frames(shared, tx, Inbound::Link(rx)).await;
+}
+
+/// Where a served connection's frames come from.
+enum Inbound {
+    /// The connection itself.
+    Link(LinkRx),
+    /// Frames passed on by whoever reads the connection ([`Server::adopt`]).
+    Frames(tokio::sync::mpsc::Receiver<Frame>),
+}
+
+impl Inbound {
+    /// The next frame; `None` once the connection (or the feeder) is over.
+    async fn recv(&mut self) -> Option<Frame> {
+        match self {
+            Inbound::Link(rx) => rx.recv().await.ok(),
+            Inbound::Frames(rx) => rx.recv().await,
+        }
+    }
+}
+
+/// A logged-in connection: store frames until it ends.
+async fn serve_frames(shared: Arc<ServerShared>, tx: LinkTx, mut rx: Inbound) {
     let cancel = shared.stop.child_token();
     let mut attached: HashMap<String, (Arc<dyn AnyStore>, FollowerId)> = HashMap::new();
     loop {
@@ -419,7 +463,7 @@ async fn handle(shared: Arc<ServerShared>, tx: LinkTx, mut rx: LinkRx, trusted: 
                 break;
             }
         };
-        let Ok(frame) = frame else { break };
+        let Some(frame) = frame else { break };
         let Some(name) = store_of(&frame).map(str::to_owned) else {
             continue;
         };

@@ -1,0 +1,460 @@
+//! The node's listeners: one set of listeners, and one connection per
+//! client, for the mesh clone and the hosted stores.
+//!
+//! The node accepts every connection itself and reads its `Hello`:
+//!
+//! - a **clone link** (`kind = CLONE`) is handed to the mesh as it is;
+//! - a **client** is checked (store login, bans) and welcomed by the mesh;
+//!   then the node reads its frames and passes each on by type: store frames
+//!   (`StoreHello`, `Dispatch`, `Resync`, ...) to the store server, the rest
+//!   (subscribe, publish, requests, ...) to the mesh. Both answer on the
+//!   connection's one [`Sender`], so the connection has one outbound queue
+//!   and one slow-consumer limit (`limits.max_queue_bytes`): the mesh's
+//!   messages cut a consumer that lets it overflow, the store's followers wait
+//!   for room instead. The store side of a connection is only set up when it
+//!   sends its first store frame.
+//!
+//! Store logins are per store: the `Hello`'s login and password are checked
+//! against every store that lists the login; the connection may attach to
+//! those stores only. A login that no store accepts is refused ("auth
+//! failed") and counts towards a ban of the address; a client without a
+//! login uses the mesh only.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use replimesh::mesh;
+use replimesh::proto::{self, frame::Body, CloseCode, Frame, PeerKind};
+use replimesh::store;
+use replimesh::transport::{self, CloseReason, RecvError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::StoreSettings;
+use crate::metrics::{Counter, Gauge, Registry};
+
+/// Frames waiting for the mesh or a store on one connection before the node
+/// stops reading it (backpressure to the peer).
+const FEED_QUEUE: usize = 64;
+
+/// The check for one configured login value, and the stores that have it.
+type LoginCheck = (Arc<store::Logins>, Vec<String>);
+
+/// Per-store logins: who may attach to which store.
+struct Access {
+    /// login -> (the check for one configured value, the stores with that value)
+    users: HashMap<String, Vec<LoginCheck>>,
+    /// One Argon2id verification at a time (they are slow and memory-hard on
+    /// purpose): a flood of logins cannot take every core.
+    verifying: tokio::sync::Semaphore,
+}
+
+impl Access {
+    fn new(stores: &[StoreSettings]) -> anyhow::Result<Access> {
+        let mut by_value: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for s in stores {
+            for (user, value) in &s.logins {
+                by_value
+                    .entry((user.clone(), value.clone()))
+                    .or_default()
+                    .push(s.name.clone());
+            }
+        }
+        let mut users: HashMap<String, Vec<_>> = HashMap::new();
+        for ((user, value), names) in by_value {
+            let mut l = store::Logins::new();
+            l.add_config(&user, &value)
+                .map_err(|e| anyhow::anyhow!("store {} login {user}: {e}", names[0]))?;
+            users.entry(user).or_default().push((Arc::new(l), names));
+        }
+        Ok(Access {
+            users,
+            verifying: tokio::sync::Semaphore::new(1),
+        })
+    }
+
+    /// The stores this login and password may use (empty: none).
+    async fn allowed(&self, user: &str, password: &str) -> HashSet<String> {
+        let mut out = HashSet::new();
+        let Some(entries) = self.users.get(user) else {
+            return out;
+        };
+        let Ok(_permit) = self.verifying.acquire().await else {
+            return out;
+        };
+        for (logins, names) in entries {
+            let (l, u, p) = (logins.clone(), user.to_owned(), password.to_owned());
+            let ok = tokio::task::spawn_blocking(move || l.verify(&u, &p))
+                .await
+                .unwrap_or(false);
+            if ok {
+                out.extend(names.iter().cloned());
+            }
+        }
+        out
+    }
+}
+
+/// Failed logins per address and bans.
+struct Bans {
+    max_failures: u32,
+    duration: Duration,
+    entries: HashMap<String, (u32, Option<Instant>)>,
+}
+
+impl Bans {
+    fn is_banned(&mut self, key: &str) -> bool {
+        match self.entries.get(key) {
+            Some((_, Some(until))) if *until > Instant::now() => true,
+            Some((_, Some(_))) => {
+                self.entries.remove(key);
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Counts a failure; true when the address is banned now.
+    fn fail(&mut self, key: &str) -> bool {
+        if self.entries.len() > 100_000 {
+            // Bounded memory: forget plain failure counts, keep bans.
+            let now = Instant::now();
+            self.entries
+                .retain(|_, (_, until)| until.is_some_and(|u| u > now));
+        }
+        let e = self.entries.entry(key.to_owned()).or_insert((0, None));
+        e.0 += 1;
+        if e.0 >= self.max_failures.max(1) {
+            e.1 = Some(Instant::now() + self.duration);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn success(&mut self, key: &str) {
+        self.entries.remove(key);
+    }
+}
+
+/// What the listeners count (registered in the node's metrics registry).
+pub(crate) struct FrontStats {
+    /// Open client connections.
+    pub connections: Gauge,
+    /// Client connections accepted.
+    pub opened: Counter,
+    /// Clone links accepted on the node's listeners.
+    pub clone_links_accepted: Counter,
+    /// Frames received from clients, by destination.
+    pub frames_mesh: Counter,
+    /// Frames received from clients for the stores.
+    pub frames_store: Counter,
+    /// Group messages published by this node's clients.
+    pub published: Counter,
+    /// Connections cut because they did not read fast enough.
+    pub slow_consumers: Counter,
+    /// Refused logins.
+    pub login_failures: Counter,
+    /// Connections attached (or attaching) to each store.
+    pub attached: HashMap<String, Gauge>,
+}
+
+impl FrontStats {
+    fn new(r: &Registry, stores: &[StoreSettings]) -> FrontStats {
+        FrontStats {
+            connections: r.gauge("replimesh_connections", "Open client connections", &[]),
+            opened: r.counter(
+                "replimesh_connections_opened_total",
+                "Client connections accepted",
+                &[],
+            ),
+            clone_links_accepted: r.counter(
+                "replimesh_clone_links_accepted_total",
+                "Clone links accepted on this node's listeners",
+                &[],
+            ),
+            frames_mesh: r.counter(
+                "replimesh_client_frames_total",
+                "Frames received from clients, by destination",
+                &[("to", "mesh")],
+            ),
+            frames_store: r.counter(
+                "replimesh_client_frames_total",
+                "Frames received from clients, by destination",
+                &[("to", "store")],
+            ),
+            published: r.counter(
+                "replimesh_client_publishes_total",
+                "Group messages published by this node's clients",
+                &[],
+            ),
+            slow_consumers: r.counter(
+                "replimesh_slow_consumer_disconnects_total",
+                "Client connections cut because they did not read fast enough",
+                &[],
+            ),
+            login_failures: r.counter(
+                "replimesh_login_failures_total",
+                "Refused store logins",
+                &[],
+            ),
+            attached: stores
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        r.gauge(
+                            "replimesh_store_replicas",
+                            "Client connections attached to the store (replicas and relays)",
+                            &[("store", &s.name)],
+                        ),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The shared front of a node: accepts connections on the node's listeners
+/// and passes their frames to the mesh and the store server.
+pub(crate) struct Front {
+    mesh: mesh::Server,
+    stores: store::Server,
+    hosted: HashSet<String>,
+    access: Access,
+    bans: Mutex<Bans>,
+    hello_timeout: Duration,
+    /// Stops the listeners.
+    accepting: CancellationToken,
+    /// Stops everything (after the mesh and the stores said goodbye).
+    stop: CancellationToken,
+    pub(crate) stats: FrontStats,
+}
+
+impl Front {
+    pub(crate) fn new(
+        mesh: mesh::Server,
+        stores: store::Server,
+        settings: &[StoreSettings],
+        limits: &crate::config::Limits,
+        registry: &Registry,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<Front>> {
+        Ok(Arc::new(Front {
+            mesh,
+            stores,
+            hosted: settings.iter().map(|s| s.name.clone()).collect(),
+            access: Access::new(settings)?,
+            bans: Mutex::new(Bans {
+                max_failures: limits.max_login_failures,
+                duration: limits.ban,
+                entries: HashMap::new(),
+            }),
+            hello_timeout: limits.handshake_timeout,
+            accepting: stop.child_token(),
+            stop,
+            stats: FrontStats::new(registry, settings),
+        }))
+    }
+
+    /// Accepts on `listener` until the node stops.
+    pub(crate) fn serve(self: &Arc<Self>, listener: transport::Listener) {
+        let front = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    c = listener.accept() => c,
+                    _ = front.accepting.cancelled() => break,
+                };
+                match conn {
+                    Ok(c) => {
+                        tokio::spawn(front.clone().connection(c));
+                    }
+                    Err(e) => {
+                        tracing::error!(url = %listener.local_url(), error = %e, "listener failed");
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The store server the connections' store frames go to.
+    pub(crate) fn stores(&self) -> &store::Server {
+        &self.stores
+    }
+
+    /// Stops accepting connections (the open ones go on).
+    pub(crate) fn stop_accepting(&self) {
+        self.accepting.cancel();
+    }
+
+    /// One accepted connection: its hello, then its frames.
+    async fn connection(self: Arc<Self>, conn: transport::Connection) {
+        let (tx, mut rx) = conn.split();
+        let first = tokio::select! {
+            r = tokio::time::timeout(self.hello_timeout, rx.recv()) => r,
+            _ = self.stop.cancelled() => return,
+        };
+        let mut hello = match first {
+            Ok(Ok(Frame {
+                body: Some(Body::Hello(h)),
+            })) => h,
+            Ok(Ok(f)) => {
+                tx.close(
+                    CloseCode::ProtocolError,
+                    &format!("expected hello, got {}", f.kind()),
+                );
+                return;
+            }
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tx.close(CloseCode::Timeout, "no hello within the handshake timeout");
+                return;
+            }
+        };
+        if hello.version != proto::PROTOCOL_VERSION {
+            tx.close(
+                CloseCode::UnsupportedVersion,
+                &format!("protocol version {} not supported", hello.version),
+            );
+            return;
+        }
+        if hello.kind == PeerKind::Clone as i32 {
+            // Clone links carry only mesh frames: the mesh reads them itself.
+            self.stats.clone_links_accepted.inc();
+            self.mesh.adopt(tx, rx, hello);
+            return;
+        }
+        let ban_key = match tx.peer_addr().ip() {
+            Some(ip) => ip.to_string(),
+            None => "local".to_owned(),
+        };
+        let mut allowed = HashSet::new();
+        if !hello.login.is_empty() {
+            if self
+                .bans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_banned(&ban_key)
+            {
+                tx.close(CloseCode::Banned, "banned after too many failed logins");
+                return;
+            }
+            allowed = self.access.allowed(&hello.login, &hello.password).await;
+            let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
+            if allowed.is_empty() {
+                self.stats.login_failures.inc();
+                let banned = bans.fail(&ban_key);
+                drop(bans);
+                tracing::info!(login = %hello.login, banned, "failed login");
+                if banned {
+                    tx.close(CloseCode::Banned, "wrong login or password; address banned");
+                } else {
+                    tx.close(CloseCode::AuthFailed, "wrong login or password");
+                }
+                return;
+            }
+            bans.success(&ban_key);
+        }
+        let login = std::mem::take(&mut hello.login);
+        hello.password.clear();
+
+        self.stats.opened.inc();
+        self.stats.connections.add(1);
+        let (mesh_tx, mesh_rx) = mpsc::channel(FEED_QUEUE);
+        self.mesh.adopt_client(tx.clone(), hello, mesh_rx);
+        let mut store_tx: Option<mpsc::Sender<Frame>> = None;
+        let mut attached: HashSet<String> = HashSet::new();
+        let end = loop {
+            let f = tokio::select! {
+                f = rx.recv() => f,
+                _ = self.stop.cancelled() => break None,
+            };
+            let f = match f {
+                Ok(f) => f,
+                Err(e) => break Some(e),
+            };
+            let store = f.body.as_ref().and_then(store_name);
+            let Some(name) = store else {
+                self.stats.frames_mesh.inc();
+                if matches!(f.body, Some(Body::Publish(_))) {
+                    self.stats.published.inc();
+                }
+                if mesh_tx.send(f).await.is_err() {
+                    break None;
+                }
+                continue;
+            };
+            self.stats.frames_store.inc();
+            if let Some(Body::StoreHello(_)) = &f.body {
+                if let Some(refusal) = self.refuse_attach(name, &login, &allowed) {
+                    let _ = tx.send(&refusal);
+                    continue;
+                }
+                if attached.insert(name.to_owned()) {
+                    if let Some(g) = self.stats.attached.get(name) {
+                        g.add(1);
+                    }
+                }
+            }
+            let feed = store_tx.get_or_insert_with(|| {
+                let (t, r) = mpsc::channel(FEED_QUEUE);
+                self.stores.adopt(tx.clone(), r);
+                t
+            });
+            if feed.send(f).await.is_err() {
+                break None;
+            }
+        };
+        if let Some(RecvError::Local(CloseReason::SlowConsumer { .. })) = end {
+            self.stats.slow_consumers.inc();
+        }
+        for name in attached {
+            if let Some(g) = self.stats.attached.get(&name) {
+                g.add(-1);
+            }
+        }
+        self.stats.connections.add(-1);
+    }
+
+    /// Why this connection may not attach to store `name`, as the frame to
+    /// answer with; `None` when it may. A store the login may not use is
+    /// refused like an unknown one (code `UnknownStore`, which replicas treat
+    /// as a refusal), with a message that says why.
+    fn refuse_attach(&self, name: &str, login: &str, allowed: &HashSet<String>) -> Option<Frame> {
+        let message = if !self.hosted.contains(name) {
+            format!("unknown store {name:?}")
+        } else if login.is_empty() {
+            format!("store {name:?} needs a login (give it in the connection's hello)")
+        } else if !allowed.contains(name) {
+            format!("login {login:?} may not use store {name:?}")
+        } else {
+            return None;
+        };
+        let code = store::ErrorCode::UnknownStore.as_u32();
+        Some(Frame::new(Body::StoreError(proto::StoreError {
+            store: name.to_owned(),
+            op_id: 0,
+            error: Some(proto::ErrorInfo { code, message }),
+            ..Default::default()
+        })))
+    }
+}
+
+/// The store a store frame is about; `None` for every other frame.
+fn store_name(body: &Body) -> Option<&str> {
+    Some(match body {
+        Body::StoreHello(x) => &x.store,
+        Body::StoreWelcome(x) => &x.store,
+        Body::Dispatch(x) => &x.store,
+        Body::Committed(x) => &x.store,
+        Body::Actions(x) => &x.store,
+        Body::Snapshot(x) => &x.store,
+        Body::Digest(x) => &x.store,
+        Body::Resync(x) => &x.store,
+        Body::StoreError(x) => &x.store,
+        _ => return None,
+    })
+}
