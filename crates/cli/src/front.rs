@@ -24,6 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use replimesh::mesh;
 use replimesh::proto::{self, frame::Body, CloseCode, Frame, PeerKind};
 use replimesh::store;
@@ -363,31 +364,45 @@ impl Front {
 
         self.stats.opened.inc();
         self.stats.connections.add(1);
-        let (mesh_tx, mesh_rx) = mpsc::channel(FEED_QUEUE);
-        self.mesh.adopt_client(tx.clone(), hello, mesh_rx);
+        // Mesh frames are passed on as they came (bodies, decoded by the
+        // mesh's task); a channel of `Bytes` keeps idle connections small.
+        let (mesh_tx, mesh_rx) = mpsc::channel::<Bytes>(FEED_QUEUE);
+        self.mesh.adopt_client_encoded(tx.clone(), hello, mesh_rx);
         let mut store_tx: Option<mpsc::Sender<Frame>> = None;
         let mut attached: HashSet<String> = HashSet::new();
         let end = loop {
-            let f = tokio::select! {
-                f = rx.recv() => f,
+            let body = tokio::select! {
+                b = rx.recv_encoded() => b,
                 _ = self.stop.cancelled() => break None,
             };
-            let f = match f {
-                Ok(f) => f,
+            let body = match body {
+                Ok(b) => b,
                 Err(e) => break Some(e),
             };
-            let store = f.body.as_ref().and_then(store_name);
-            let Some(name) = store else {
+            let field = field_of(&body);
+            if !STORE_FIELDS.contains(&field) {
                 self.stats.frames_mesh.inc();
-                if matches!(f.body, Some(Body::Publish(_))) {
+                if field == PUBLISH_FIELD {
                     self.stats.published.inc();
                 }
-                if mesh_tx.send(f).await.is_err() {
+                if mesh_tx.send(body).await.is_err() {
                     break None;
                 }
                 continue;
-            };
+            }
             self.stats.frames_store.inc();
+            let f = match <Frame as proto::Message>::decode(body) {
+                Ok(f) => f,
+                Err(e) => {
+                    tx.close(CloseCode::ProtocolError, &format!("malformed frame: {e}"));
+                    break None;
+                }
+            };
+            // (A crafted body whose first field is a store field but whose
+            // last one is not decodes to another frame: dropped.)
+            let Some(name) = f.body.as_ref().and_then(store_name) else {
+                continue;
+            };
             if let Some(Body::StoreHello(_)) = &f.body {
                 if let Some(refusal) = self.refuse_attach(name, &login, &allowed) {
                     let _ = tx.send(&refusal);
@@ -443,6 +458,24 @@ impl Front {
     }
 }
 
+/// `Frame` fields of the store frames (see `replimesh.proto`).
+const STORE_FIELDS: std::ops::RangeInclusive<u32> = 30..=49;
+/// `Frame` field of `Publish`.
+const PUBLISH_FIELD: u32 = 15;
+
+/// The `Frame` field number an encoded frame body starts with (its `body`
+/// variant, as the encoder writes one field); 0 for an empty or bad body.
+fn field_of(body: &[u8]) -> u32 {
+    let mut key = 0u64;
+    for (i, b) in body.iter().take(5).enumerate() {
+        key |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return (key >> 3) as u32;
+        }
+    }
+    0
+}
+
 /// The store a store frame is about; `None` for every other frame.
 fn store_name(body: &Body) -> Option<&str> {
     Some(match body {
@@ -457,4 +490,21 @@ fn store_name(body: &Body) -> Option<&str> {
         Body::StoreError(x) => &x.store,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_of_encoded_frames() {
+        let enc = |b: Body| Frame::new(b).encode_to_bytes();
+        assert_eq!(field_of(&enc(Body::Publish(Default::default()))), 15);
+        assert_eq!(field_of(&enc(Body::Subscribe(Default::default()))), 13);
+        assert_eq!(field_of(&enc(Body::StoreHello(Default::default()))), 30);
+        assert_eq!(field_of(&enc(Body::StoreError(Default::default()))), 38);
+        assert_eq!(field_of(&enc(Body::Data(Default::default()))), 100);
+        assert_eq!(field_of(&[]), 0);
+        assert_eq!(field_of(&[0xff; 8]), 0);
+    }
 }
