@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,6 +68,48 @@ struct Queue {
     bytes: usize,
     close: Option<(u32, String)>,
     space_waiters: bool,
+    /// Raw bytes the writer sends before anything else: the rest of a
+    /// direct write that the socket took only in part.
+    partial: Option<Bytes>,
+    /// The writer drained frames and has not finished writing them.
+    writer_busy: bool,
+    /// A duplicate of the socket's descriptor, for direct writes (plain TCP
+    /// and Unix sockets only); dropped when the connection ends.
+    direct: Option<OwnedFd>,
+    /// When the last frame was sent or queued.
+    last_send: Option<Instant>,
+    /// Direct writes: (whole, partial), for tests.
+    #[cfg(test)]
+    direct_writes: (u64, u64),
+}
+
+/// Frames up to this size (with the length prefix) may be written directly.
+const DIRECT_MAX: usize = 4096;
+
+/// A frame is written directly only when the connection has been quiet this
+/// long: frames that follow each other closely are queued and coalesced by
+/// the writer task (one write for many), a lone frame saves the hand-off.
+const DIRECT_QUIET: Duration = Duration::from_micros(20);
+
+/// Writes `body` with its length prefix straight to the socket, without
+/// blocking. Returns how many bytes the socket took (`None`: none, queue it).
+fn write_direct(fd: &OwnedFd, body: &[u8]) -> Option<usize> {
+    let mut buf = [0u8; DIRECT_MAX];
+    let total = LENGTH_PREFIX + body.len();
+    buf[..LENGTH_PREFIX].copy_from_slice(&(body.len() as u32).to_be_bytes());
+    buf[LENGTH_PREFIX..total].copy_from_slice(body);
+    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+    // Tests cut direct writes short at chosen points (sockets rarely do it
+    // on demand).
+    #[cfg(test)]
+    let total = match tests::CUT.load(Ordering::Relaxed) {
+        0 => total,
+        cut => total.min(cut),
+    };
+    match rustix::net::send(fd, &buf[..total], flags) {
+        Ok(n) if n > 0 => Some(n),
+        _ => None,
+    }
 }
 
 struct Shared {
@@ -114,6 +157,8 @@ impl Shared {
                 *end = Some(reason);
             }
         }
+        // The duplicate descriptor must not keep the socket open.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).direct = None;
         self.done.cancel();
         self.space.notify_waiters();
         self.writer_wake.notify_one();
@@ -192,6 +237,52 @@ impl Shared {
             }
         }
         let was_empty = q.frames.is_empty() && q.urgent.is_empty();
+        if was_empty
+            && q.direct.is_some()
+            && !q.writer_busy
+            && q.partial.is_none()
+            && q.close.is_none()
+            && len + LENGTH_PREFIX <= DIRECT_MAX
+        {
+            let now = Instant::now();
+            let quiet = q
+                .last_send
+                .is_none_or(|t| now.duration_since(t) >= DIRECT_QUIET);
+            q.last_send = Some(now);
+            if quiet {
+                let sent = q.direct.as_ref().and_then(|fd| write_direct(fd, body));
+                if let Some(n) = sent {
+                    let total = LENGTH_PREFIX + len;
+                    #[cfg(test)]
+                    {
+                        let c = &mut q.direct_writes;
+                        *c = if n < total {
+                            (c.0, c.1 + 1)
+                        } else {
+                            (c.0 + 1, c.1)
+                        };
+                    }
+                    if n < total {
+                        // The rest goes first, from the writer task.
+                        let mut rest = BytesMut::with_capacity(total - n);
+                        let prefix = (len as u32).to_be_bytes();
+                        if n < LENGTH_PREFIX {
+                            rest.extend_from_slice(&prefix[n..]);
+                            rest.extend_from_slice(body);
+                        } else {
+                            rest.extend_from_slice(&body[n - LENGTH_PREFIX..]);
+                        }
+                        q.bytes += rest.len();
+                        q.partial = Some(rest.freeze());
+                        drop(q);
+                        self.writer_wake.notify_one();
+                    }
+                    return Ok(true);
+                }
+            }
+        } else {
+            q.last_send = Some(Instant::now());
+        }
         q.bytes += len;
         q.frames.push_back(body.clone());
         drop(q);
@@ -561,6 +652,7 @@ fn handle_control(shared: &Shared, frame: Frame, body: impl FnOnce() -> Bytes) -
 }
 
 struct Drained {
+    partial: Option<Bytes>,
     urgent: Vec<Bytes>,
     frames: VecDeque<Bytes>,
     close: Option<(u32, String)>,
@@ -568,9 +660,13 @@ struct Drained {
 
 fn drain(shared: &Shared, spare: VecDeque<Bytes>) -> Option<Drained> {
     let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-    if q.frames.is_empty() && q.urgent.is_empty() && q.close.is_none() {
+    if q.frames.is_empty() && q.urgent.is_empty() && q.close.is_none() && q.partial.is_none() {
+        q.writer_busy = false;
         return None;
     }
+    // Until the writer comes back for more, nothing is written directly.
+    q.writer_busy = true;
+    let partial = q.partial.take();
     let frames = std::mem::replace(&mut q.frames, spare);
     let urgent = std::mem::take(&mut q.urgent);
     q.bytes = 0;
@@ -581,6 +677,7 @@ fn drain(shared: &Shared, spare: VecDeque<Bytes>) -> Option<Drained> {
         shared.space.notify_waiters();
     }
     Some(Drained {
+        partial,
         urgent,
         frames,
         close,
@@ -628,18 +725,26 @@ async fn tick_idle(i: &mut Option<(tokio::time::Interval, Duration)>) -> Duratio
     }
 }
 
-/// Starts reader and writer tasks over a byte stream.
+/// Starts reader and writer tasks over a byte stream. `direct` is a
+/// duplicate of a plain socket's descriptor: lone small frames are then
+/// written from the sending task (see [`DIRECT_QUIET`]).
 pub(crate) fn spawn_stream<R, W>(
     reader: R,
     writer: W,
     peer: PeerAddr,
     config: &Config,
+    direct: Option<OwnedFd>,
 ) -> Connection
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (conn, shared, tx) = new_connection(peer, config);
+    shared
+        .queue
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .direct = direct;
     let span = tracing::debug_span!("conn", id = shared.id, peer = %shared.peer);
     let codec = FrameCodec::new(config.max_frame);
     tokio::spawn(tracing::Instrument::instrument(
@@ -897,6 +1002,7 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
             }
         };
         let Drained {
+            partial,
             urgent,
             mut frames,
             close,
@@ -909,13 +1015,19 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
             .encode_to_bytes()
         });
         let ok = tokio::select! {
-            r = write_batch(
-                &mut writer,
-                &mut buf,
-                codec,
-                urgent.iter().chain(frames.iter()),
-                close_body.as_ref(),
-            ) => r.is_ok(),
+            r = async {
+                if let Some(p) = &partial {
+                    writer.write_all(p).await?;
+                }
+                write_batch(
+                    &mut writer,
+                    &mut buf,
+                    codec,
+                    urgent.iter().chain(frames.iter()),
+                    close_body.as_ref(),
+                )
+                .await
+            } => r.is_ok(),
             _ = shared.done.cancelled() => false,
         };
         frames.clear();
@@ -1131,6 +1243,7 @@ async fn ws_writer<S>(
             }
         };
         let Drained {
+            partial: _,
             urgent,
             mut frames,
             close,
@@ -1182,6 +1295,63 @@ mod tests {
         assert_eq!(q.urgent.len(), MAX_URGENT);
         drop(q);
         drop(conn);
+    }
+
+    /// Where a direct write stops (in bytes; 0: nowhere), for the test below.
+    pub(super) static CUT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// Direct writes cut short (inside the length prefix, inside the body)
+    /// are completed by the writer task before anything else, so every frame
+    /// arrives whole and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partial_direct_writes_are_completed_by_the_writer() {
+        use std::os::fd::AsFd;
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let direct = a.as_fd().try_clone_to_owned().ok();
+        let (ar, aw) = a.into_split();
+        let config = Config::default();
+        let sender = spawn_stream(ar, aw, PeerAddr::Memory, &config, direct);
+        let shared = sender.sender.shared.clone();
+        let (tx, _rx) = sender.split();
+        let (_btx, mut rx) = crate::from_unix_stream(b, &config).split();
+        let n = 300u32;
+        let body = |i: u32| {
+            let mut p = vec![(i % 251) as u8; 100 + (i as usize * 13) % 3900];
+            p[..4].copy_from_slice(&i.to_be_bytes());
+            p
+        };
+        let writer = tokio::task::spawn_blocking(move || {
+            for i in 0..n {
+                // Whole, cut in the prefix, cut in the body.
+                CUT.store([0, 2, 50][i as usize % 3], Ordering::Relaxed);
+                tx.send(&Frame::data(body(i))).unwrap();
+                let t = Instant::now();
+                while t.elapsed() < DIRECT_QUIET * 2 {
+                    std::hint::spin_loop();
+                }
+            }
+            tx
+        });
+        for i in 0..n {
+            let f = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("frame in time")
+                .unwrap();
+            let Some(Body::Data(d)) = f.body else {
+                panic!("frame {i} is not data")
+            };
+            assert!(
+                d.payload[..] == body(i)[..],
+                "frame {i} torn or out of order"
+            );
+        }
+        let _tx = writer.await.unwrap();
+        CUT.store(0, Ordering::Relaxed);
+        let (whole, partial) = shared.queue.lock().unwrap().direct_writes;
+        assert!(
+            whole > 0 && partial > 0,
+            "direct writes {whole} whole, {partial} partial"
+        );
     }
 
     #[test]

@@ -55,6 +55,13 @@ async fn dial_tcp(host: &str, port: u16) -> Result<(TcpStream, PeerAddr), Error>
     Ok((stream, peer))
 }
 
+/// A duplicate of a plain socket's descriptor, for the sender's direct
+/// writes (`None` if the system refuses one: everything goes through the
+/// writer task then).
+fn dup_fd(s: &impl std::os::fd::AsFd) -> Option<std::os::fd::OwnedFd> {
+    s.as_fd().try_clone_to_owned().ok()
+}
+
 /// Connects to `url` (see the crate docs for the schemes).
 ///
 /// TLS (`tls://`, `wss://`) needs [`crate::TlsConfig::client`]. The TLS and
@@ -64,8 +71,9 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
     match endpoint {
         Endpoint::Tcp { host, port } => {
             let (stream, peer) = dial_tcp(&host, port).await?;
+            let direct = dup_fd(&stream);
             let (r, w) = stream.into_split();
-            Ok(spawn_stream(r, w, peer, config))
+            Ok(spawn_stream(r, w, peer, config, direct))
         }
         Endpoint::Tls { host, port } => {
             let (connector, name) = tls_connector(config, &host)?;
@@ -78,12 +86,19 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
             })
             .await?;
             let (r, w) = tokio::io::split(tls);
-            Ok(spawn_stream(r, w, peer, config))
+            Ok(spawn_stream(r, w, peer, config, None))
         }
         Endpoint::Unix { path } => {
             let stream = UnixStream::connect(&path).await?;
+            let direct = dup_fd(&stream);
             let (r, w) = stream.into_split();
-            Ok(spawn_stream(r, w, PeerAddr::Unix(Some(path)), config))
+            Ok(spawn_stream(
+                r,
+                w,
+                PeerAddr::Unix(Some(path)),
+                config,
+                direct,
+            ))
         }
         Endpoint::Ws {
             secure,
@@ -340,12 +355,14 @@ enum Accepted {
 async fn handshake(accepted: Accepted, mode: &Mode, config: &Config) -> Result<Connection, Error> {
     match (accepted, mode) {
         (Accepted::Unix(s, peer), _) => {
+            let direct = dup_fd(&s);
             let (r, w) = s.into_split();
-            Ok(spawn_stream(r, w, peer, config))
+            Ok(spawn_stream(r, w, peer, config, direct))
         }
         (Accepted::Tcp(s, peer), Mode::Plain) => {
+            let direct = dup_fd(&s);
             let (r, w) = s.into_split();
-            Ok(spawn_stream(r, w, peer, config))
+            Ok(spawn_stream(r, w, peer, config, direct))
         }
         (Accepted::Tcp(s, peer), Mode::Tls(acceptor)) => {
             let tls = acceptor
@@ -353,7 +370,7 @@ async fn handshake(accepted: Accepted, mode: &Mode, config: &Config) -> Result<C
                 .await
                 .map_err(|e| Error::Tls(e.to_string()))?;
             let (r, w) = tokio::io::split(tls);
-            Ok(spawn_stream(r, w, peer, config))
+            Ok(spawn_stream(r, w, peer, config, None))
         }
         (Accepted::Tcp(s, peer), Mode::Ws { tls, path }) => {
             let wscfg = ws_config(config);
@@ -434,8 +451,9 @@ pub fn from_unix_stream(stream: UnixStream, config: &Config) -> Connection {
         .peer_addr()
         .ok()
         .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let direct = dup_fd(&stream);
     let (r, w) = stream.into_split();
-    spawn_stream(r, w, PeerAddr::Unix(path), config)
+    spawn_stream(r, w, PeerAddr::Unix(path), config, direct)
 }
 
 /// [`from_unix_stream`] for a standard-library stream (it is switched to
@@ -459,7 +477,7 @@ pub fn pair(config: &Config, buffer: usize) -> (Connection, Connection) {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
     (
-        spawn_stream(ar, aw, PeerAddr::Memory, config),
-        spawn_stream(br, bw, PeerAddr::Memory, config),
+        spawn_stream(ar, aw, PeerAddr::Memory, config, None),
+        spawn_stream(br, bw, PeerAddr::Memory, config, None),
     )
 }
