@@ -518,7 +518,11 @@ fn check_backup(
 ) -> anyhow::Result<u64> {
     let keys = KeyRing::new(passphrase, KdfParams::default());
     let snap = backup::snapshot::read_snapshot(path, Some(&keys))?;
-    let state: i64 = Encoding::Binary.decode(&snap.state)?;
+    // The store's backups wrap the state with the commits' origins.
+    let envelope = <replimesh::proto::PersistedState as replimesh::proto::Message>::decode(
+        snap.state.clone(),
+    )?;
+    let state: i64 = Encoding::Binary.decode(&envelope.state)?;
     if snap.seq != seq || json!(state) != *value {
         anyhow::bail!(
             "backup has seq {} state {state}, authority seq {seq} state {value}",

@@ -7,15 +7,15 @@
 //! can subscribe to groups and replicate stores.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use replimesh::backup::{self, Backup, BackupConfig, FsyncPolicy, Snapshot};
+use replimesh::backup::{self, BackupConfig, FsyncPolicy};
 use replimesh::mesh;
-use replimesh::store::{self, Encoding, Reducer, Store, StoreConfig};
+use replimesh::store::{self, Reducer, Store, StoreConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -80,14 +80,8 @@ impl HostedStore {
     }
 }
 
-/// The backup of one hosted store, shared with its [`store::Persistence`] adapter.
+/// The backup of one hosted store: what the metrics and the status show.
 struct BackupState {
-    backup: Backup,
-    store: String,
-    schema: u32,
-    /// Last seq handed to the backup (updated under the store's lock).
-    last_seq: AtomicU64,
-    history_id: AtomicU64,
     last_write: Mutex<Option<Instant>>,
     failures: Counter,
     writes: Counter,
@@ -104,81 +98,97 @@ impl BackupState {
             .unwrap_or_else(|e| e.into_inner())
             .map(|t| t.elapsed().as_secs_f64())
     }
-}
-
-/// [`store::Persistence`] over a [`Backup`].
-struct BackupPersistence {
-    state: Arc<BackupState>,
-    restored: Option<backup::Restored>,
-}
-
-impl store::Persistence for BackupPersistence {
-    fn load(&mut self) -> Result<store::Recovered, store::PersistError> {
-        let mut r = store::Recovered::default();
-        if let Some(x) = self.restored.take() {
-            if x.snapshot.store != self.state.store || x.snapshot.schema != self.state.schema {
-                return Err(store::PersistError::new(format!(
-                    "backup holds store {:?} schema {}, not {:?} schema {}",
-                    x.snapshot.store, x.snapshot.schema, self.state.store, self.state.schema
-                )));
-            }
-            r.history_id = x.snapshot.history_id;
-            r.snapshot = Some((x.snapshot.seq, x.snapshot.state.clone()));
-            r.actions = x.journal.into_iter().map(|e| (e.seq, e.action)).collect();
-            let last = r.actions.last().map_or(x.snapshot.seq, |a| a.0);
-            self.state.last_seq.store(last, Ordering::Relaxed);
-            self.state.history_id.store(r.history_id, Ordering::Relaxed);
+    fn count<T>(&self, r: Result<T, store::PersistError>) -> Result<T, store::PersistError> {
+        if r.is_err() {
+            self.failures.inc();
         }
-        Ok(r)
+        r
     }
+    fn count_write(&self, r: Result<(), store::PersistError>) -> Result<(), store::PersistError> {
+        if r.is_ok() {
+            self.wrote();
+        }
+        self.count(r)
+    }
+}
 
+/// The store crate's [`store::BackupPersistence`] (the backup's policies,
+/// the journal, and the origins that keep dispatches exactly-once across
+/// restarts), counting writes and failures for the metrics.
+struct CountedBackup {
+    inner: store::BackupPersistence,
+    state: Arc<BackupState>,
+}
+
+impl store::Persistence for CountedBackup {
+    fn load(&mut self) -> Result<store::Recovered, store::PersistError> {
+        self.inner.load()
+    }
     fn record(
         &mut self,
         history_id: u64,
         first_seq: u64,
         actions: &[Bytes],
     ) -> Result<bool, store::PersistError> {
-        self.state.history_id.store(history_id, Ordering::Relaxed);
-        for (i, a) in actions.iter().enumerate() {
-            let seq = first_seq + i as u64;
-            // A `Due::Snapshot` is served by the node's backup task.
-            if let Err(e) = self.state.backup.record(seq, a) {
-                self.state.failures.inc();
-                return Err(store::PersistError::new(e.to_string()));
-            }
-            self.state.last_seq.store(seq, Ordering::Relaxed);
-        }
-        // Snapshots are written by the node's backup task on its own timer.
-        Ok(false)
+        self.state
+            .count(self.inner.record(history_id, first_seq, actions))
     }
-
+    fn record_with_origins(
+        &mut self,
+        history_id: u64,
+        first_seq: u64,
+        actions: &[Bytes],
+        origins: &[store::Origin],
+    ) -> Result<bool, store::PersistError> {
+        self.state.count(
+            self.inner
+                .record_with_origins(history_id, first_seq, actions, origins),
+        )
+    }
     fn snapshot(
         &mut self,
         history_id: u64,
         seq: u64,
         state: &Bytes,
     ) -> Result<(), store::PersistError> {
-        self.state.history_id.store(history_id, Ordering::Relaxed);
-        let r = self.state.backup.snapshot(Snapshot {
-            store: self.state.store.clone(),
-            schema: self.state.schema,
-            history_id,
-            seq,
-            state: state.clone(),
-        });
-        match r {
-            Ok(()) => {
-                self.state.wrote();
-                if seq > self.state.last_seq.load(Ordering::Relaxed) {
-                    self.state.last_seq.store(seq, Ordering::Relaxed);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.state.failures.inc();
-                Err(store::PersistError::new(e.to_string()))
-            }
-        }
+        self.state
+            .count_write(self.inner.snapshot(history_id, seq, state))
+    }
+    fn snapshot_with_origins(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+        origins: &[store::Origin],
+    ) -> Result<(), store::PersistError> {
+        self.state.count_write(
+            self.inner
+                .snapshot_with_origins(history_id, seq, state, origins),
+        )
+    }
+    fn deadline(&self) -> Option<std::time::Instant> {
+        self.inner.deadline()
+    }
+    fn shutdown(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+    ) -> Result<(), store::PersistError> {
+        self.state
+            .count_write(self.inner.shutdown(history_id, seq, state))
+    }
+    fn shutdown_with_origins(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+        origins: &[store::Origin],
+    ) -> Result<(), store::PersistError> {
+        self.state.count_write(
+            self.inner
+                .shutdown_with_origins(history_id, seq, state, origins),
+        )
     }
 }
 
@@ -191,52 +201,18 @@ struct Hosted {
 }
 
 impl Hosted {
-    /// A consistent snapshot of the state (taken under the store's lock).
-    fn take_snapshot(&self, b: &BackupState) -> Result<Snapshot, store::CodecError> {
-        let history_id = b.history_id.load(Ordering::Relaxed);
-        let (seq, state) = with_store!(&self.store, s => {
-            let st = s.state();
-            let seq = b.last_seq.load(Ordering::Relaxed);
-            (seq, Encoding::Binary.encode(&*st)?)
-        });
-        Ok(Snapshot {
-            store: b.store.clone(),
-            schema: b.schema,
-            history_id,
-            seq,
-            state,
-        })
-    }
-
-    fn snapshot_if_due(&self) {
-        let Some(b) = &self.backup else { return };
-        if !b.backup.is_due() {
-            return;
+    /// Stops the store; an authority with a backup writes its final state
+    /// there (through [`CountedBackup`]).
+    fn shutdown(&self) -> anyhow::Result<()> {
+        let failures = self.backup.as_ref().map(|b| b.failures.get());
+        self.store.shutdown();
+        match (&self.backup, failures) {
+            (Some(b), Some(before)) if b.failures.get() > before => Err(anyhow::anyhow!(
+                "final backup of store {} failed (see the log)",
+                self.settings.name
+            )),
+            _ => Ok(()),
         }
-        match self.take_snapshot(b) {
-            Ok(snap) => match b.backup.snapshot(snap) {
-                Ok(()) => b.wrote(),
-                Err(e) => {
-                    b.failures.inc();
-                    tracing::warn!(store = %b.store, error = %e, "backup snapshot failed");
-                }
-            },
-            Err(e) => {
-                b.failures.inc();
-                tracing::warn!(store = %b.store, error = %e, "encoding the state failed");
-            }
-        }
-    }
-
-    /// Final snapshot and backup shutdown.
-    fn final_backup(&self) -> anyhow::Result<()> {
-        let Some(b) = &self.backup else { return Ok(()) };
-        let snap = self.take_snapshot(b).ok();
-        b.backup
-            .shutdown(snap)
-            .with_context(|| format!("final backup of store {}", b.store))?;
-        b.wrote();
-        Ok(())
     }
 }
 
@@ -448,15 +424,10 @@ fn open_backup(
         Journal::Interval => bc.journal(FsyncPolicy::Every(Duration::from_millis(200))),
         Journal::Never => bc.journal(FsyncPolicy::Never),
     };
-    let (backup, restored) =
-        Backup::open(bc).with_context(|| format!("opening the backup of store {}", s.name))?;
+    let inner = store::BackupPersistence::open(bc, &s.name, schema)
+        .map_err(|e| anyhow::anyhow!("opening the backup of store {}: {e}", s.name))?;
     let labels = [("store", s.name.as_str())];
     let state = Arc::new(BackupState {
-        backup,
-        store: s.name.clone(),
-        schema,
-        last_seq: AtomicU64::new(0),
-        history_id: AtomicU64::new(0),
         last_write: Mutex::new(None),
         failures: registry.counter(
             "replimesh_backup_failures_total",
@@ -469,9 +440,9 @@ fn open_backup(
             &labels,
         ),
     });
-    let p = BackupPersistence {
+    let p = CountedBackup {
+        inner,
         state: state.clone(),
-        restored,
     };
     Ok(Some((state, Box::new(p))))
 }
@@ -664,9 +635,6 @@ impl Node {
                         _ = s.stop.cancelled() => break,
                     }
                     s.refresh(&mut groups).await;
-                    for h in &s.stores {
-                        h.snapshot_if_due();
-                    }
                 }
             });
         }
@@ -790,11 +758,10 @@ impl Node {
             if let Some(c) = h.upstream.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 c.shutdown();
             }
-            if let Err(e) = h.final_backup() {
+            if let Err(e) = h.shutdown() {
                 tracing::error!(error = %e, "final backup failed");
                 result = Err(e);
             }
-            h.store.shutdown();
         }
         if let Some(a) = self.admin.lock().unwrap_or_else(|e| e.into_inner()).take() {
             a.shutdown();

@@ -287,7 +287,12 @@ async fn three_nodes_sigterm_one_nothing_lost() {
         .collect();
     let status = n2.sigterm();
     assert!(status.success(), "n2 exited with {status}");
-    assert!(n2.lines.try_iter().any(|l| l == "stopped"));
+    // (The reader thread may not have passed the last lines on yet.)
+    assert!(
+        std::iter::from_fn(|| n2.lines.recv_timeout(Duration::from_secs(10)).ok())
+            .any(|l| l == "stopped"),
+        "n2 did not print `stopped`"
+    );
     drop(link2);
     let link3 = Client::connect(&n3.url, cc).await.unwrap();
     link3.attach(&replica).await.unwrap();

@@ -16,9 +16,21 @@ use replimesh_cli::reducers::{Counter, CounterAction, Kv, KvAction};
 
 const T: Duration = Duration::from_secs(20);
 
+/// A cheap Argon2id PHC string (plain passwords in a config are hashed
+/// with the production cost, which unoptimized test builds pay at every login).
+fn phc(password: &str) -> String {
+    let cost = store::HashCost {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+    store::hash_password(password, cost).unwrap()
+}
+
 /// Two stores with their own logins: `app` may use both (with different
 /// passwords in each), `viewer` only `kv`.
 fn config(extra_listen: &str) -> NodeConfig {
+    let (kv, view, counter) = (phc("kv-pass"), phc("view-pass"), phc("counter-pass"));
     NodeConfig::parse(
         &format!(
             r#"
@@ -34,11 +46,11 @@ fn config(extra_listen: &str) -> NodeConfig {
             [[store]]
             name = "kv"
             reducer = "kv"
-            logins = {{ app = "kv-pass", viewer = "view-pass" }}
+            logins = {{ app = "{kv}", viewer = "{view}" }}
             [[store]]
             name = "counter"
             reducer = "counter"
-            logins = {{ app = "counter-pass" }}
+            logins = {{ app = "{counter}" }}
             "#
         ),
         Path::new("."),
