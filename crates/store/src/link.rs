@@ -29,6 +29,13 @@ impl LinkTx {
         }
     }
 
+    /// Bytes queued and not yet written.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        match self {
+            LinkTx::Transport(s) => s.queued_bytes(),
+        }
+    }
+
     /// Closes the link after what is queued.
     pub(crate) fn close(&self, code: CloseCode, reason: &str) {
         match self {

@@ -143,12 +143,35 @@ pub(crate) enum Core<R: Reducer> {
         r: Replica<R>,
         waiters: OpSlots<Waiter>,
         up_wake: Arc<Notify>,
+        /// The current upstream link (see [`LinkIo`]).
+        up_io: Option<LinkIo>,
     },
+}
+
+/// A link's sender with its send lock: whoever polls frames out of the core
+/// for this link holds the lock until they are queued, so frames polled by
+/// the link's task and by a shortcut (sending from the task that caused them,
+/// which saves a task switch on a lone dispatch) keep their order.
+#[derive(Clone)]
+pub(crate) struct LinkIo {
+    send: Arc<tokio::sync::Mutex<()>>,
+    tx: LinkTx,
+    cancel: CancellationToken,
+}
+
+/// Most bytes a shortcut sends (the link's queue is empty then, so it never
+/// meets the queue's limit).
+const SHORTCUT_BUDGET: usize = 64 * 1024;
+
+/// A follower's task wake-up and link.
+pub(crate) struct FollowerIo {
+    wake: Arc<Notify>,
+    io: LinkIo,
 }
 
 pub(crate) struct Shared<R: Reducer> {
     pub(crate) core: Core<R>,
-    wakers: HashMap<FollowerId, Arc<Notify>>,
+    wakers: HashMap<FollowerId, FollowerIo>,
 }
 
 impl<R: Reducer> Shared<R> {
@@ -161,7 +184,39 @@ impl<R: Reducer> Shared<R> {
 
     fn wake_followers(&self) {
         for w in self.wakers.values() {
-            w.notify_one();
+            w.wake.notify_one();
+        }
+    }
+
+    /// Sends follower `fid`'s frames from the calling task when its link is
+    /// idle (its task is not sending and its queue is empty); otherwise wakes
+    /// its task.
+    fn flush_follower(&mut self, fid: FollowerId) {
+        let Some(f) = self.wakers.get(&fid) else {
+            return;
+        };
+        let sent = match f.io.send.try_lock() {
+            Ok(_guard) if f.io.tx.queued_bytes() == 0 => {
+                let frames = match &mut self.core {
+                    Core::Authority { a, .. } => a.poll(fid, SHORTCUT_BUDGET),
+                    Core::Replica { r, .. } => r.poll_follower(fid, SHORTCUT_BUDGET),
+                };
+                for fr in &frames {
+                    if f.io.tx.send(fr).is_err() {
+                        f.io.cancel.cancel();
+                        break;
+                    }
+                }
+                let more = match &self.core {
+                    Core::Authority { a, .. } => a.has_output(fid),
+                    Core::Replica { r, .. } => r.has_follower_output(fid),
+                };
+                !more
+            }
+            _ => false,
+        };
+        if !sent {
+            f.wake.notify_one();
         }
     }
 }
@@ -359,6 +414,7 @@ impl<R: Reducer> Store<R> {
                 r: Replica::new(reducer, rc),
                 waiters: OpSlots::default(),
                 up_wake: Arc::new(Notify::new()),
+                up_io: None,
             },
             Role::Replica,
         )
@@ -411,11 +467,35 @@ impl<R: Reducer> Store<R> {
                 r,
                 waiters,
                 up_wake,
+                up_io,
             } => {
                 let op = r.dispatch(action)?;
                 let (tx, rx) = oneshot::channel();
                 waiters.insert(op, tx);
-                up_wake.notify_one();
+                // A lone dispatch on an idle link goes out from here (saves
+                // waking the link's task); dispatches in quick succession
+                // are left to the task, which sends them in batches.
+                let lone = r.pending() == 1;
+                let sent = lone
+                    && match up_io {
+                        Some(io) => match io.send.try_lock() {
+                            Ok(_guard) if io.tx.queued_bytes() == 0 => {
+                                for f in r.poll_upstream() {
+                                    if io.tx.send(&f).is_err() {
+                                        // Resent after the reconnection.
+                                        io.cancel.cancel();
+                                        break;
+                                    }
+                                }
+                                true
+                            }
+                            _ => false,
+                        },
+                        None => false,
+                    };
+                if !sent {
+                    up_wake.notify_one();
+                }
                 Pending(PendingInner::Wait(rx))
             }
         };
@@ -767,30 +847,37 @@ impl<R: Reducer> Inner<R> {
         cancel: CancellationToken,
     ) -> Result<FollowerId, RemoteError> {
         let wake = Arc::new(Notify::new());
+        let io = LinkIo {
+            send: Arc::new(tokio::sync::Mutex::new(())),
+            tx,
+            cancel,
+        };
         let fid = {
             let mut g = self.lock();
             let fid = match &mut g.core {
                 Core::Authority { a, .. } => a.on_hello(hello)?,
                 Core::Replica { r, .. } => r.serve_hello(hello)?,
             };
-            g.wakers.insert(fid, wake.clone());
+            g.wakers.insert(
+                fid,
+                FollowerIo {
+                    wake: wake.clone(),
+                    io: io.clone(),
+                },
+            );
             fid
         };
         let inner = self.clone();
         tokio::spawn(async move {
-            inner.follower_task(fid, wake, tx, cancel).await;
+            inner.follower_task(fid, wake, io).await;
         });
         Ok(fid)
     }
 
-    async fn follower_task(
-        self: Arc<Self>,
-        fid: FollowerId,
-        wake: Arc<Notify>,
-        tx: LinkTx,
-        cancel: CancellationToken,
-    ) {
+    async fn follower_task(self: Arc<Self>, fid: FollowerId, wake: Arc<Notify>, io: LinkIo) {
+        let LinkIo { send, tx, cancel } = io;
         loop {
+            let guard = send.lock().await;
             let frames = {
                 let mut g = self.lock();
                 match &mut g.core {
@@ -799,6 +886,7 @@ impl<R: Reducer> Inner<R> {
                 }
             };
             if frames.is_empty() {
+                drop(guard);
                 tokio::select! {
                     _ = wake.notified() => continue,
                     _ = cancel.cancelled() => break,
@@ -811,6 +899,7 @@ impl<R: Reducer> Inner<R> {
                     break;
                 }
             }
+            drop(guard);
             if cancel.is_cancelled() {
                 break;
             }
@@ -865,12 +954,18 @@ impl<R: Reducer> Inner<R> {
             }
         };
         if committed {
-            g.wake_followers();
+            // The dispatching follower's acks and actions go out from here.
+            for (id, w) in &g.wakers {
+                if *id != fid {
+                    w.wake.notify_one();
+                }
+            }
+            g.flush_follower(fid);
             let head = g.head();
             drop(g);
             self.publish(head);
-        } else if let Some(w) = g.wakers.get(&fid) {
-            w.notify_one();
+        } else {
+            g.flush_follower(fid);
         }
         backlog
     }
@@ -879,12 +974,21 @@ impl<R: Reducer> Inner<R> {
 
     /// The link to upstream is up: hello, then the writer task.
     pub(crate) fn link_up(self: &Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool {
+        let send = Arc::new(tokio::sync::Mutex::new(()));
         let wake = {
             let mut g = self.lock();
-            let Core::Replica { r, up_wake, .. } = &mut g.core else {
+            let Core::Replica {
+                r, up_wake, up_io, ..
+            } = &mut g.core
+            else {
                 return false;
             };
             r.on_connected();
+            *up_io = Some(LinkIo {
+                send: send.clone(),
+                tx: tx.clone(),
+                cancel: cancel.clone(),
+            });
             up_wake.clone()
         };
         self.link_tx.send_replace(LinkState::Down);
@@ -892,6 +996,7 @@ impl<R: Reducer> Inner<R> {
         let inner = self.clone();
         tokio::spawn(async move {
             loop {
+                let guard = send.lock().await;
                 let frames = {
                     let mut g = inner.lock();
                     match &mut g.core {
@@ -900,6 +1005,7 @@ impl<R: Reducer> Inner<R> {
                     }
                 };
                 if frames.is_empty() {
+                    drop(guard);
                     tokio::select! {
                         _ = wake.notified() => continue,
                         _ = cancel.cancelled() => break,
@@ -912,6 +1018,7 @@ impl<R: Reducer> Inner<R> {
                         break;
                     }
                 }
+                drop(guard);
                 if cancel.is_cancelled() {
                     break;
                 }
@@ -924,8 +1031,9 @@ impl<R: Reducer> Inner<R> {
     pub(crate) fn link_down(&self) {
         {
             let mut g = self.lock();
-            if let Core::Replica { r, .. } = &mut g.core {
+            if let Core::Replica { r, up_io, .. } = &mut g.core {
                 r.on_disconnected();
+                *up_io = None;
             }
         }
         self.link_tx.send_if_modified(|s| {
@@ -972,6 +1080,7 @@ impl<R: Reducer> Inner<R> {
                 r,
                 waiters,
                 up_wake,
+                ..
             } = &mut g.core
             else {
                 return;
