@@ -294,74 +294,17 @@ impl Front {
     /// One accepted connection: its hello, then its frames.
     async fn connection(self: Arc<Self>, conn: transport::Connection) {
         let (tx, mut rx) = conn.split();
-        let first = tokio::select! {
-            r = tokio::time::timeout(self.hello_timeout, rx.recv()) => r,
-            _ = self.stop.cancelled() => return,
-        };
-        let mut hello = match first {
-            Ok(Ok(Frame {
-                body: Some(Body::Hello(h)),
-            })) => h,
-            Ok(Ok(f)) => {
-                tx.close(
-                    CloseCode::ProtocolError,
-                    &format!("expected hello, got {}", f.kind()),
-                );
-                return;
-            }
-            Ok(Err(_)) => return,
-            Err(_) => {
-                tx.close(CloseCode::Timeout, "no hello within the handshake timeout");
-                return;
-            }
-        };
-        if hello.version != proto::PROTOCOL_VERSION {
-            tx.close(
-                CloseCode::UnsupportedVersion,
-                &format!("protocol version {} not supported", hello.version),
-            );
+        // The handshake is boxed: the future of a connection lives as long
+        // as the connection, and only its small loop part should stay.
+        let Some((hello, login, allowed)) = Box::pin(self.handshake(&tx, &mut rx)).await else {
             return;
-        }
+        };
         if hello.kind == PeerKind::Clone as i32 {
             // Clone links carry only mesh frames: the mesh reads them itself.
             self.stats.clone_links_accepted.inc();
             self.mesh.adopt(tx, rx, hello);
             return;
         }
-        let ban_key = match tx.peer_addr().ip() {
-            Some(ip) => ip.to_string(),
-            None => "local".to_owned(),
-        };
-        let mut allowed = HashSet::new();
-        if !hello.login.is_empty() {
-            if self
-                .bans
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_banned(&ban_key)
-            {
-                tx.close(CloseCode::Banned, "banned after too many failed logins");
-                return;
-            }
-            allowed = self.access.allowed(&hello.login, &hello.password).await;
-            let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
-            if allowed.is_empty() {
-                self.stats.login_failures.inc();
-                let banned = bans.fail(&ban_key);
-                drop(bans);
-                tracing::info!(login = %hello.login, banned, "failed login");
-                if banned {
-                    tx.close(CloseCode::Banned, "wrong login or password; address banned");
-                } else {
-                    tx.close(CloseCode::AuthFailed, "wrong login or password");
-                }
-                return;
-            }
-            bans.success(&ban_key);
-        }
-        let login = std::mem::take(&mut hello.login);
-        hello.password.clear();
-
         self.stats.opened.inc();
         self.stats.connections.add(1);
         // Mesh frames are passed on as they came (bodies, decoded by the
@@ -385,8 +328,15 @@ impl Front {
                 if field == PUBLISH_FIELD {
                     self.stats.published.inc();
                 }
-                if mesh_tx.send(body).await.is_err() {
-                    break None;
+                match mesh_tx.try_send(body) {
+                    Ok(()) => {}
+                    // Backpressure, boxed (rare; keeps the idle future small).
+                    Err(mpsc::error::TrySendError::Full(b)) => {
+                        if Box::pin(mesh_tx.send(b)).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => break None,
                 }
                 continue;
             }
@@ -419,8 +369,14 @@ impl Front {
                 self.stores.adopt(tx.clone(), r);
                 t
             });
-            if feed.send(f).await.is_err() {
-                break None;
+            match feed.try_send(f) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(f)) => {
+                    if Box::pin(feed.send(f)).await.is_err() {
+                        break None;
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => break None,
             }
         };
         if let Some(RecvError::Local(CloseReason::SlowConsumer { .. })) = end {
@@ -432,6 +388,81 @@ impl Front {
             }
         }
         self.stats.connections.add(-1);
+    }
+
+    /// Reads and checks the hello: `None` when the connection was refused
+    /// (closed) or ended. For clients with a login, the stores it may use;
+    /// the hello comes back without login and password.
+    async fn handshake(
+        &self,
+        tx: &transport::Sender,
+        rx: &mut transport::Receiver,
+    ) -> Option<(proto::Hello, String, HashSet<String>)> {
+        let first = tokio::select! {
+            r = tokio::time::timeout(self.hello_timeout, rx.recv()) => r,
+            _ = self.stop.cancelled() => return None,
+        };
+        let mut hello = match first {
+            Ok(Ok(Frame {
+                body: Some(Body::Hello(h)),
+            })) => h,
+            Ok(Ok(f)) => {
+                tx.close(
+                    CloseCode::ProtocolError,
+                    &format!("expected hello, got {}", f.kind()),
+                );
+                return None;
+            }
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                tx.close(CloseCode::Timeout, "no hello within the handshake timeout");
+                return None;
+            }
+        };
+        if hello.version != proto::PROTOCOL_VERSION {
+            tx.close(
+                CloseCode::UnsupportedVersion,
+                &format!("protocol version {} not supported", hello.version),
+            );
+            return None;
+        }
+        if hello.kind == PeerKind::Clone as i32 {
+            return Some((hello, String::new(), HashSet::new()));
+        }
+        let ban_key = match tx.peer_addr().ip() {
+            Some(ip) => ip.to_string(),
+            None => "local".to_owned(),
+        };
+        let mut allowed = HashSet::new();
+        if !hello.login.is_empty() {
+            if self
+                .bans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_banned(&ban_key)
+            {
+                tx.close(CloseCode::Banned, "banned after too many failed logins");
+                return None;
+            }
+            allowed = self.access.allowed(&hello.login, &hello.password).await;
+            let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
+            if allowed.is_empty() {
+                self.stats.login_failures.inc();
+                let banned = bans.fail(&ban_key);
+                drop(bans);
+                tracing::info!(login = %hello.login, banned, "failed login");
+                if banned {
+                    tx.close(CloseCode::Banned, "wrong login or password; address banned");
+                } else {
+                    tx.close(CloseCode::AuthFailed, "wrong login or password");
+                }
+                return None;
+            }
+            bans.success(&ban_key);
+        }
+        let login = std::mem::take(&mut hello.login);
+        hello.password.clear();
+        Some((hello, login, allowed))
     }
 
     /// Why this connection may not attach to store `name`, as the frame to
