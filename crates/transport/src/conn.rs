@@ -76,8 +76,10 @@ struct Queue {
     /// A duplicate of the socket's descriptor, for direct writes (plain TCP
     /// and Unix sockets only); dropped when the connection ends.
     direct: Option<OwnedFd>,
-    /// When the last frame was sent or queued.
-    last_send: Option<Instant>,
+    /// When the writer task last found the queue empty and went to sleep.
+    parked_at: Option<Instant>,
+    /// When the last direct write was made.
+    last_direct: Option<Instant>,
     /// Direct writes: (whole, partial), for tests.
     #[cfg(test)]
     direct_writes: (u64, u64),
@@ -244,12 +246,13 @@ impl Shared {
             && q.close.is_none()
             && len + LENGTH_PREFIX <= DIRECT_MAX
         {
+            // The clock is read only here: when the writer is asleep with
+            // nothing to do, which a stream of frames rarely lets it be.
             let now = Instant::now();
-            let quiet = q
-                .last_send
-                .is_none_or(|t| now.duration_since(t) >= DIRECT_QUIET);
-            q.last_send = Some(now);
+            let since = q.parked_at.max(q.last_direct);
+            let quiet = since.is_none_or(|t| now.duration_since(t) >= DIRECT_QUIET);
             if quiet {
+                q.last_direct = Some(now);
                 let sent = q.direct.as_ref().and_then(|fd| write_direct(fd, body));
                 if let Some(n) = sent {
                     let total = LENGTH_PREFIX + len;
@@ -280,8 +283,6 @@ impl Shared {
                     return Ok(true);
                 }
             }
-        } else {
-            q.last_send = Some(Instant::now());
         }
         q.bytes += len;
         q.frames.push_back(body.clone());
@@ -661,7 +662,10 @@ struct Drained {
 fn drain(shared: &Shared, spare: VecDeque<Bytes>) -> Option<Drained> {
     let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
     if q.frames.is_empty() && q.urgent.is_empty() && q.close.is_none() && q.partial.is_none() {
-        q.writer_busy = false;
+        if q.writer_busy {
+            q.writer_busy = false;
+            q.parked_at = Some(Instant::now());
+        }
         return None;
     }
     // Until the writer comes back for more, nothing is written directly.
