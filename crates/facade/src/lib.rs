@@ -15,6 +15,12 @@
 //! ...). The `replimesh` binary (crate `replimesh-cli`) runs a node from a
 //! config file, the demo, and serves a browser client and a dashboard.
 //!
+//! The example below gives the mesh and the store a listener each. A node
+//! serves both on the same listeners and connections: it accepts the
+//! connections itself, reads each `Hello`, and hands the frames on by type
+//! with [`mesh::Server::adopt`] / [`mesh::Server::adopt_client_encoded`] and
+//! [`store::Server::adopt`] (see `crates/cli/src/front.rs`).
+//!
 //! # Example: a clone that serves a group and a store
 //!
 //! ```
