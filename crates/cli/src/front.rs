@@ -8,7 +8,7 @@
 //!   then the node reads its frames and passes each on by type: store frames
 //!   (`StoreHello`, `Dispatch`, `Resync`, ...) to the store server, the rest
 //!   (subscribe, publish, requests, ...) to the mesh. Both answer on the
-//!   connection's one [`Sender`], so the connection has one outbound queue
+//!   connection's one [`Sender`](transport::Sender), so the connection has one outbound queue
 //!   and one slow-consumer limit (`limits.max_queue_bytes`): the mesh's
 //!   messages cut a consumer that lets it overflow, the store's followers wait
 //!   for room instead. The store side of a connection is only set up when it
