@@ -80,6 +80,10 @@ struct Queue {
     parked_at: Option<Instant>,
     /// When the last direct write was made.
     last_direct: Option<Instant>,
+    /// How many frames the writer task's last drain took: more than one
+    /// means frames are arriving together, and coalescing them is worth more
+    /// than saving a hand-off.
+    last_drain: usize,
     /// Direct writes: (whole, partial), for tests.
     #[cfg(test)]
     direct_writes: (u64, u64),
@@ -244,6 +248,7 @@ impl Shared {
             && !q.writer_busy
             && q.partial.is_none()
             && q.close.is_none()
+            && q.last_drain <= 1
             && len + LENGTH_PREFIX <= DIRECT_MAX
         {
             // The clock is read only here: when the writer is asleep with
@@ -672,6 +677,7 @@ fn drain(shared: &Shared, spare: VecDeque<Bytes>) -> Option<Drained> {
     q.writer_busy = true;
     let partial = q.partial.take();
     let frames = std::mem::replace(&mut q.frames, spare);
+    q.last_drain = frames.len();
     let urgent = std::mem::take(&mut q.urgent);
     q.bytes = 0;
     let close = q.close.take();
