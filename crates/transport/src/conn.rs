@@ -163,6 +163,8 @@ impl Shared {
                 *end = Some(reason);
             }
         }
+        // Ended: later close requests are moot.
+        self.closing.store(true, Ordering::Release);
         // The duplicate descriptor must not keep the socket open.
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).direct = None;
         self.done.cancel();
@@ -992,6 +994,11 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
     let mut spare = VecDeque::new();
     let mut nonce = 0u64;
     loop {
+        // A connection that ended (a slow consumer cut, the peer gone) writes
+        // nothing more, not even a close frame requested afterwards.
+        if shared.done.is_cancelled() {
+            break;
+        }
         let drained = match drain(&shared, std::mem::take(&mut spare)) {
             Some(d) => d,
             None => {
@@ -1233,6 +1240,11 @@ async fn ws_writer<S>(
     let mut spare = VecDeque::new();
     let mut nonce = 0u64;
     loop {
+        // A connection that ended (a slow consumer cut, the peer gone) writes
+        // nothing more, not even a close frame requested afterwards.
+        if shared.done.is_cancelled() {
+            break;
+        }
         let drained = match drain(&shared, std::mem::take(&mut spare)) {
             Some(d) => d,
             None => {
