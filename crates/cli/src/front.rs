@@ -350,7 +350,7 @@ impl Front {
             };
             // (A crafted body whose first field is a store field but whose
             // last one is not decodes to another frame: dropped.)
-            let Some(name) = f.body.as_ref().and_then(store_name) else {
+            let Some(name) = store::core::store_of(&f) else {
                 continue;
             };
             if let Some(Body::StoreHello(_)) = &f.body {
@@ -505,22 +505,6 @@ fn field_of(body: &[u8]) -> u32 {
         }
     }
     0
-}
-
-/// The store a store frame is about; `None` for every other frame.
-fn store_name(body: &Body) -> Option<&str> {
-    Some(match body {
-        Body::StoreHello(x) => &x.store,
-        Body::StoreWelcome(x) => &x.store,
-        Body::Dispatch(x) => &x.store,
-        Body::Committed(x) => &x.store,
-        Body::Actions(x) => &x.store,
-        Body::Snapshot(x) => &x.store,
-        Body::Digest(x) => &x.store,
-        Body::Resync(x) => &x.store,
-        Body::StoreError(x) => &x.store,
-        _ => return None,
-    })
 }
 
 #[cfg(test)]
