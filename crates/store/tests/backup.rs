@@ -136,14 +136,12 @@ async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
     assert!(after.actions_received >= before.actions_received + 11);
 }
 
-/// Logs in with a raw transport connection and attaches with
-/// `(history_id, last_seq)`; returns the frames up to `until_seq` (or the
-/// first snapshot).
-async fn raw_catch_up(url: &str, history_id: u64, last_seq: u64, until_seq: u64) -> Vec<Frame> {
+/// A raw transport connection that sent the login hello (not yet answered).
+async fn raw_login(url: &str) -> (transport::Sender, transport::Receiver) {
     let conn = transport::connect(url, &transport::Config::default())
         .await
         .unwrap();
-    let (tx, mut rx) = conn.split();
+    let (tx, rx) = conn.split();
     tx.send(&Frame::new(Body::Hello(proto::Hello {
         version: proto::PROTOCOL_VERSION,
         login: "test1".into(),
@@ -151,6 +149,14 @@ async fn raw_catch_up(url: &str, history_id: u64, last_seq: u64, until_seq: u64)
         ..Default::default()
     })))
     .unwrap();
+    (tx, rx)
+}
+
+/// Logs in with a raw transport connection and attaches with
+/// `(history_id, last_seq)`; returns the frames up to `until_seq` (or the
+/// first snapshot).
+async fn raw_catch_up(url: &str, history_id: u64, last_seq: u64, until_seq: u64) -> Vec<Frame> {
+    let (tx, mut rx) = raw_login(url).await;
     let first = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
     assert!(matches!(first.body, Some(Body::Welcome(_))), "{first:?}");
     tx.send(&Frame::new(Body::StoreHello(proto::StoreHello {
@@ -318,17 +324,7 @@ async fn timeout_policy_snapshots_without_a_further_action() {
 /// Logs in as client `client_id`, dispatches ops `first..=last` (op `n`
 /// adds `n`) and returns the seq of each op from the `Committed` answers.
 async fn raw_dispatch(url: &str, client_id: &str, first: u64, last: u64) -> Vec<(u64, u64)> {
-    let conn = transport::connect(url, &transport::Config::default())
-        .await
-        .unwrap();
-    let (tx, mut rx) = conn.split();
-    tx.send(&Frame::new(Body::Hello(proto::Hello {
-        version: proto::PROTOCOL_VERSION,
-        login: "test1".into(),
-        password: "12345".into(),
-        ..Default::default()
-    })))
-    .unwrap();
+    let (tx, mut rx) = raw_login(url).await;
     tx.send(&Frame::new(Body::StoreHello(proto::StoreHello {
         store: "counter".into(),
         schema: Counter.schema(),
