@@ -129,42 +129,20 @@ impl store::Persistence for CountedBackup {
         history_id: u64,
         first_seq: u64,
         actions: &[Bytes],
-    ) -> Result<bool, store::PersistError> {
-        self.state
-            .count(self.inner.record(history_id, first_seq, actions))
-    }
-    fn record_with_origins(
-        &mut self,
-        history_id: u64,
-        first_seq: u64,
-        actions: &[Bytes],
         origins: &[store::Origin],
     ) -> Result<bool, store::PersistError> {
-        self.state.count(
-            self.inner
-                .record_with_origins(history_id, first_seq, actions, origins),
-        )
+        self.state
+            .count(self.inner.record(history_id, first_seq, actions, origins))
     }
     fn snapshot(
         &mut self,
         history_id: u64,
         seq: u64,
         state: &Bytes,
-    ) -> Result<(), store::PersistError> {
-        self.state
-            .count_write(self.inner.snapshot(history_id, seq, state))
-    }
-    fn snapshot_with_origins(
-        &mut self,
-        history_id: u64,
-        seq: u64,
-        state: &Bytes,
         origins: &[store::Origin],
     ) -> Result<(), store::PersistError> {
-        self.state.count_write(
-            self.inner
-                .snapshot_with_origins(history_id, seq, state, origins),
-        )
+        self.state
+            .count_write(self.inner.snapshot(history_id, seq, state, origins))
     }
     fn deadline(&self) -> Option<std::time::Instant> {
         self.inner.deadline()
@@ -174,21 +152,10 @@ impl store::Persistence for CountedBackup {
         history_id: u64,
         seq: u64,
         state: &Bytes,
-    ) -> Result<(), store::PersistError> {
-        self.state
-            .count_write(self.inner.shutdown(history_id, seq, state))
-    }
-    fn shutdown_with_origins(
-        &mut self,
-        history_id: u64,
-        seq: u64,
-        state: &Bytes,
         origins: &[store::Origin],
     ) -> Result<(), store::PersistError> {
-        self.state.count_write(
-            self.inner
-                .shutdown_with_origins(history_id, seq, state, origins),
-        )
+        self.state
+            .count_write(self.inner.shutdown(history_id, seq, state, origins))
     }
 }
 

@@ -15,7 +15,19 @@ use proto::Message;
 pub trait Persistence: Send + 'static {
     /// What was persisted before (history id 0 when nothing).
     fn load(&mut self) -> Result<Recovered, PersistError>;
-    /// Committed actions `first_seq, first_seq + 1, ...` of `history_id`.
+    /// Committed actions `first_seq, first_seq + 1, ...` of `history_id`,
+    /// with their origins.
+    ///
+    /// `origins` are the entries of the authority's duplicate table for
+    /// these actions, in seq order: which (client id, op id) got which seq.
+    /// Actions dispatched on the authority itself have none, so there may be
+    /// fewer origins than actions. Keep them and give them back in
+    /// [`Recovered::origins`]: the restarted authority then still answers a
+    /// dispatch that a replica resends (because the answer was lost in the
+    /// restart) with its first seq instead of applying it again. An
+    /// implementation that does not persist the origins loses exactly-once
+    /// across restarts: such a dispatch may be applied a second time.
+    ///
     /// Returns true when a snapshot is wanted now: the store then encodes its
     /// state and calls [`Persistence::snapshot`].
     fn record(
@@ -23,52 +35,23 @@ pub trait Persistence: Send + 'static {
         history_id: u64,
         first_seq: u64,
         actions: &[Bytes],
+        origins: &[Origin],
     ) -> Result<bool, PersistError>;
     /// The state after action `seq` of `history_id`; what came before it
     /// may be discarded.
-    fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError>;
-    /// As [`Persistence::record`], with the origins of those actions (in seq
-    /// order; actions dispatched on the authority itself have none). Keep
-    /// them and give them back in [`Recovered::origins`]: the restarted
-    /// authority then still drops a dispatch that a replica resends because
-    /// the answer was lost in the restart. By default the origins are
-    /// dropped and `record` is called; such a dispatch may then be applied a
-    /// second time after a restart.
-    fn record_with_origins(
-        &mut self,
-        history_id: u64,
-        first_seq: u64,
-        actions: &[Bytes],
-        origins: &[Origin],
-    ) -> Result<bool, PersistError> {
-        let _ = origins;
-        self.record(history_id, first_seq, actions)
-    }
-    /// As [`Persistence::snapshot`], with the origins (at most `seq`) still
-    /// in the authority's duplicate window, which replace those recorded
-    /// before. By default `snapshot`.
-    fn snapshot_with_origins(
+    ///
+    /// `origins` are the entries (seq at most `seq`, in seq order) still in
+    /// the authority's duplicate window; they replace the origins recorded
+    /// before up to `seq` (those of later actions stay). As for
+    /// [`Persistence::record`], an implementation that does not persist them
+    /// loses exactly-once across restarts.
+    fn snapshot(
         &mut self,
         history_id: u64,
         seq: u64,
         state: &Bytes,
         origins: &[Origin],
-    ) -> Result<(), PersistError> {
-        let _ = origins;
-        self.snapshot(history_id, seq, state)
-    }
-    /// As [`Persistence::shutdown`], with the origins as in
-    /// [`Persistence::snapshot_with_origins`]. By default `shutdown`.
-    fn shutdown_with_origins(
-        &mut self,
-        history_id: u64,
-        seq: u64,
-        state: &Bytes,
-        origins: &[Origin],
-    ) -> Result<(), PersistError> {
-        let _ = origins;
-        self.shutdown(history_id, seq, state)
-    }
+    ) -> Result<(), PersistError>;
     /// When a time-based snapshot is wanted (`None`: none pending). After
     /// each commit the store asks; once the instant passes, even if no other
     /// action comes, it encodes its state and calls
@@ -77,9 +60,18 @@ pub trait Persistence: Send + 'static {
         None
     }
     /// The store is shutting down ([`crate::Store::shutdown`]): the final
-    /// state. By default the same as [`Persistence::snapshot`].
-    fn shutdown(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
-        self.snapshot(history_id, seq, state)
+    /// state, with the origins still in the duplicate window as for
+    /// [`Persistence::snapshot`] (an implementation that does not persist
+    /// them loses exactly-once across the restart). By default the same as
+    /// [`Persistence::snapshot`].
+    fn shutdown(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &Bytes,
+        origins: &[Origin],
+    ) -> Result<(), PersistError> {
+        self.snapshot(history_id, seq, state, origins)
     }
 }
 
@@ -119,15 +111,6 @@ impl Persistence for MemoryPersistence {
         history_id: u64,
         first_seq: u64,
         actions: &[Bytes],
-    ) -> Result<bool, PersistError> {
-        self.record_with_origins(history_id, first_seq, actions, &[])
-    }
-
-    fn record_with_origins(
-        &mut self,
-        history_id: u64,
-        first_seq: u64,
-        actions: &[Bytes],
         origins: &[Origin],
     ) -> Result<bool, PersistError> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -140,11 +123,7 @@ impl Persistence for MemoryPersistence {
         Ok(g.actions.len() >= 1024)
     }
 
-    fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
-        self.snapshot_with_origins(history_id, seq, state, &[])
-    }
-
-    fn snapshot_with_origins(
+    fn snapshot(
         &mut self,
         history_id: u64,
         seq: u64,
@@ -281,15 +260,6 @@ impl Persistence for BackupPersistence {
         history_id: u64,
         first_seq: u64,
         actions: &[Bytes],
-    ) -> Result<bool, PersistError> {
-        self.record_with_origins(history_id, first_seq, actions, &[])
-    }
-
-    fn record_with_origins(
-        &mut self,
-        history_id: u64,
-        first_seq: u64,
-        actions: &[Bytes],
         origins: &[Origin],
     ) -> Result<bool, PersistError> {
         if !self.based {
@@ -333,11 +303,7 @@ impl Persistence for BackupPersistence {
         Ok(due)
     }
 
-    fn snapshot(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
-        self.snapshot_with_origins(history_id, seq, state, &[])
-    }
-
-    fn snapshot_with_origins(
+    fn snapshot(
         &mut self,
         history_id: u64,
         seq: u64,
@@ -355,11 +321,7 @@ impl Persistence for BackupPersistence {
         self.backup.deadline()
     }
 
-    fn shutdown(&mut self, history_id: u64, seq: u64, state: &Bytes) -> Result<(), PersistError> {
-        self.shutdown_with_origins(history_id, seq, state, &[])
-    }
-
-    fn shutdown_with_origins(
+    fn shutdown(
         &mut self,
         history_id: u64,
         seq: u64,
@@ -370,5 +332,46 @@ impl Persistence for BackupPersistence {
         self.backup
             .shutdown(Some(snap))
             .map_err(|e| PersistError::new(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(seq: u64, op_id: u64) -> Origin {
+        Origin {
+            seq,
+            client_id: "c".into(),
+            op_id,
+        }
+    }
+
+    #[test]
+    fn memory_persistence_keeps_the_origins_it_is_given() {
+        let mut p = MemoryPersistence::new();
+        let acts = [Bytes::from_static(b"a"), Bytes::from_static(b"b")];
+        // Action 2 was dispatched on the authority itself: no origin.
+        assert!(!p.record(7, 1, &acts, &[origin(1, 10)]).unwrap());
+        assert!(!p.record(7, 3, &acts[..1], &[origin(3, 11)]).unwrap());
+        assert_eq!(p.load().unwrap().origins, [origin(1, 10), origin(3, 11)]);
+        // A snapshot at 2 replaces the origins up to 2 and keeps later ones.
+        p.snapshot(7, 2, &Bytes::from_static(b"s2"), &[origin(2, 12)])
+            .unwrap();
+        let r = p.load().unwrap();
+        assert_eq!(r.origins, [origin(3, 11), origin(2, 12)]);
+        assert_eq!(r.actions.len(), 1);
+        // The final state at shutdown keeps the origins handed with it.
+        p.shutdown(
+            7,
+            3,
+            &Bytes::from_static(b"s3"),
+            &[origin(1, 10), origin(3, 11)],
+        )
+        .unwrap();
+        let r = p.load().unwrap();
+        assert_eq!(r.snapshot, Some((3, Bytes::from_static(b"s3"))));
+        assert_eq!(r.origins, [origin(1, 10), origin(3, 11)]);
+        assert!(r.actions.is_empty());
     }
 }

@@ -386,7 +386,7 @@ impl<R: Reducer> Store<R> {
                 let (seq, bytes) = a
                     .take_snapshot()
                     .map_err(|e| PersistError::new(e.to_string()))?;
-                p.snapshot_with_origins(a.history_id(), seq, &bytes, &a.known_origins(seq))?;
+                p.snapshot(a.history_id(), seq, &bytes, &a.known_origins(seq))?;
                 *snap_persisted = seq;
             }
         }
@@ -588,7 +588,7 @@ impl<R: Reducer> Store<R> {
             match a.take_snapshot() {
                 Ok((seq, bytes)) => {
                     let origins = a.known_origins(seq);
-                    if let Err(e) = p.shutdown_with_origins(a.history_id(), seq, &bytes, &origins) {
+                    if let Err(e) = p.shutdown(a.history_id(), seq, &bytes, &origins) {
                         tracing::error!(error = %e, "persisting the final state failed");
                     }
                 }
@@ -693,7 +693,7 @@ fn persist_new<R: Reducer>(
     let mut want = true;
     if first == Some(*persisted + 1) {
         let origins = a.take_origins();
-        match p.record_with_origins(history, *persisted + 1, &batch, &origins) {
+        match p.record(history, *persisted + 1, &batch, &origins) {
             Ok(w) => want = w,
             Err(e) => tracing::error!(error = %e, "persisting actions failed"),
         }
@@ -703,7 +703,7 @@ fn persist_new<R: Reducer>(
         match a.take_snapshot() {
             Ok((seq, bytes)) => {
                 let origins = a.known_origins(seq);
-                if let Err(e) = p.snapshot_with_origins(history, seq, &bytes, &origins) {
+                if let Err(e) = p.snapshot(history, seq, &bytes, &origins) {
                     tracing::error!(error = %e, "persisting a snapshot failed");
                 }
                 *snap_persisted = seq;
@@ -796,9 +796,7 @@ fn timer_thread<R: Reducer>(store: Weak<Inner<R>>, rx: mpsc::Receiver<Instant>) 
                 match a.take_snapshot() {
                     Ok((seq, bytes)) => {
                         let origins = a.known_origins(seq);
-                        if let Err(e) =
-                            p.snapshot_with_origins(a.history_id(), seq, &bytes, &origins)
-                        {
+                        if let Err(e) = p.snapshot(a.history_id(), seq, &bytes, &origins) {
                             tracing::error!(error = %e, "persisting a timed snapshot failed");
                         }
                         *snap_persisted = seq;

@@ -49,7 +49,7 @@ pub struct Recovered {
 
 /// Where a committed action came from: op `op_id` of client `client_id` got
 /// sequence number `seq`. Persisted with the history (see
-/// [`crate::Persistence::record_with_origins`]) so that a restarted authority
+/// [`crate::Persistence::record`]) so that a restarted authority
 /// still applies a dispatch resent to it only once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
