@@ -1,82 +1,17 @@
 //! An authority backed by `replimesh-backup` (`BackupPersistence`): restarts
 //! keep the history, replicas catch up with a tail, time-based snapshots.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
 use proto::frame::Body;
 use proto::Frame;
-use replimesh_store::{
-    BackupPersistence, Encoding, HashCost, Logins, Persistence, Reducer, ServerConfig, Store,
-    StoreConfig,
+use replimesh_store::{Encoding, Reducer, Store, StoreConfig};
+
+use common::{
+    backup_config, counter, open, raw_login, server_config, snapshot_reaches, until, Act, T,
 };
-use serde::{Deserialize, Serialize};
-
-const T: Duration = Duration::from_secs(20);
-
-struct Counter;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-struct CState {
-    total: i64,
-    count: u64,
-    /// Order-sensitive: equal only if applied in the same order.
-    mix: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum Act {
-    Add(i64),
-}
-
-impl Reducer for Counter {
-    type State = CState;
-    type Action = Act;
-    fn name(&self) -> &str {
-        "counter"
-    }
-    fn initial_state(&self) -> CState {
-        CState::default()
-    }
-    fn reduce(&self, s: &mut CState, a: &Act) {
-        let Act::Add(n) = a;
-        s.total += n;
-        s.count += 1;
-        s.mix = s.mix.wrapping_mul(31).wrapping_add(*n as u64);
-    }
-}
-
-fn server_config() -> ServerConfig {
-    let mut l = Logins::new();
-    let cheap = HashCost {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
-    l.add_with_cost("test1", "12345", cheap).unwrap();
-    ServerConfig::with_logins(l)
-}
-
-fn backup_config(path: &Path) -> backup::BackupConfig {
-    backup::BackupConfig::new(path)
-        .journal(backup::FsyncPolicy::Always)
-        .kdf(backup::KdfParams::insecure_fast())
-        .key("password-for-encrypter")
-}
-
-fn open(config: &backup::BackupConfig) -> Box<dyn Persistence> {
-    Box::new(BackupPersistence::open(config.clone(), "counter", Counter.schema()).unwrap())
-}
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    tokio::time::timeout(T, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-}
 
 /// A replica connected over a Unix socket while its authority is stopped and
 /// restarted from the same backup: it reconnects by itself and catches up
@@ -88,10 +23,10 @@ async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
     let url = format!("unix://{}", sock.display());
     let config = backup_config(&dir.path().join("counter.backup"));
 
-    let a =
-        Store::authority_with_persistence(Counter, StoreConfig::default(), open(&config)).unwrap();
+    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
     let _server = a.serve(&url, server_config()).await.unwrap();
-    let r = Store::replica(Counter, StoreConfig::default());
+    let r = Store::replica(counter(), StoreConfig::default());
     let client = r.connect(&url, "test1", "12345").await.unwrap();
     for i in 1..=20 {
         r.dispatch(Act::Add(i)).await.unwrap();
@@ -115,8 +50,8 @@ async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
     // Dispatched while the authority is down: waits in the outbox.
     let pending = r.try_dispatch(&Act::Add(1000)).unwrap();
 
-    let b =
-        Store::authority_with_persistence(Counter, StoreConfig::default(), open(&config)).unwrap();
+    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
     assert_eq!((b.history_id(), b.seq()), (history, 40));
     let _server = b.serve(&url, server_config()).await.unwrap();
     until("the replica to reconnect", || r.connected()).await;
@@ -136,22 +71,6 @@ async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
     assert!(after.actions_received >= before.actions_received + 11);
 }
 
-/// A raw transport connection that sent the login hello (not yet answered).
-async fn raw_login(url: &str) -> (transport::Sender, transport::Receiver) {
-    let conn = transport::connect(url, &transport::Config::default())
-        .await
-        .unwrap();
-    let (tx, rx) = conn.split();
-    tx.send(&Frame::new(Body::Hello(proto::Hello {
-        version: proto::PROTOCOL_VERSION,
-        login: "test1".into(),
-        password: "12345".into(),
-        ..Default::default()
-    })))
-    .unwrap();
-    (tx, rx)
-}
-
 /// Logs in with a raw transport connection and attaches with
 /// `(history_id, last_seq)`; returns the frames up to `until_seq` (or the
 /// first snapshot).
@@ -161,7 +80,7 @@ async fn raw_catch_up(url: &str, history_id: u64, last_seq: u64, until_seq: u64)
     assert!(matches!(first.body, Some(Body::Welcome(_))), "{first:?}");
     tx.send(&Frame::new(Body::StoreHello(proto::StoreHello {
         store: "counter".into(),
-        schema: Counter.schema(),
+        schema: counter().schema(),
         client_id: "raw".into(),
         history_id,
         last_seq,
@@ -196,8 +115,8 @@ async fn after_a_crash_a_replica_behind_gets_the_journaled_tail() {
     let url = format!("unix://{}/store.sock", dir.path().display());
     let config = backup_config(&dir.path().join("counter.backup"));
 
-    let a =
-        Store::authority_with_persistence(Counter, StoreConfig::default(), open(&config)).unwrap();
+    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
     for i in 1..=50 {
         a.dispatch(Act::Add(i)).await.unwrap();
     }
@@ -206,8 +125,8 @@ async fn after_a_crash_a_replica_behind_gets_the_journaled_tail() {
     // A crash: no shutdown, no final snapshot; the journal holds 1..=50.
     drop(a);
 
-    let b =
-        Store::authority_with_persistence(Counter, StoreConfig::default(), open(&config)).unwrap();
+    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
     assert_eq!((b.history_id(), b.seq()), (history, 50));
     assert_eq!(*b.state(), state);
     let _server = b.serve(&url, server_config()).await.unwrap();
@@ -241,24 +160,6 @@ async fn after_a_crash_a_replica_behind_gets_the_journaled_tail() {
     );
 }
 
-/// Waits (bounded) until the snapshot file at `path` holds `seq`.
-async fn snapshot_reaches(path: &Path, seq: u64) -> u64 {
-    let mut last = 0;
-    let _ = tokio::time::timeout(T, async {
-        loop {
-            if let Ok(s) = backup::snapshot::read_snapshot(path, None) {
-                last = s.seq;
-                if last >= seq {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    last
-}
-
 /// The `timeout` policy writes a snapshot after the deadline even when no
 /// further action comes (the store's timer), also for a journal replayed at
 /// start-up.
@@ -273,7 +174,7 @@ async fn timeout_policy_snapshots_without_a_further_action() {
     };
 
     let a = Store::authority_with_persistence(
-        Counter,
+        counter(),
         StoreConfig::default(),
         open(&config(Duration::from_millis(100))),
     )
@@ -292,7 +193,7 @@ async fn timeout_policy_snapshots_without_a_further_action() {
 
     // Actions journaled, then a crash before the (long) deadline.
     let b = Store::authority_with_persistence(
-        Counter,
+        counter(),
         StoreConfig::default(),
         open(&config(Duration::from_secs(3600))),
     )
@@ -305,7 +206,7 @@ async fn timeout_policy_snapshots_without_a_further_action() {
     // Restarted with a short timeout: the replayed journal is snapshotted
     // without any new action.
     let c = Store::authority_with_persistence(
-        Counter,
+        counter(),
         StoreConfig::default(),
         open(&config(Duration::from_millis(100))),
     )
@@ -327,7 +228,7 @@ async fn raw_dispatch(url: &str, client_id: &str, first: u64, last: u64) -> Vec<
     let (tx, mut rx) = raw_login(url).await;
     tx.send(&Frame::new(Body::StoreHello(proto::StoreHello {
         store: "counter".into(),
-        schema: Counter.schema(),
+        schema: counter().schema(),
         client_id: client_id.into(),
         ..Default::default()
     })))
@@ -366,8 +267,8 @@ async fn resend_after_restart(graceful: bool) {
     let url_a = format!("unix://{}/a.sock", dir.path().display());
     let url_b = format!("unix://{}/b.sock", dir.path().display());
 
-    let a =
-        Store::authority_with_persistence(Counter, StoreConfig::default(), open(&config)).unwrap();
+    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
     let server = a.serve(&url_a, server_config()).await.unwrap();
     // Ops 1..=3 of "r1" are committed; a dispatch on the authority follows.
     let got = raw_dispatch(&url_a, "r1", 1, 3).await;
@@ -381,8 +282,8 @@ async fn resend_after_restart(graceful: bool) {
     drop(server);
     drop(a);
 
-    let b =
-        Store::authority_with_persistence(Counter, StoreConfig::default(), open(&config)).unwrap();
+    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
     assert_eq!(b.seq(), 4);
     let _server = b.serve(&url_b, server_config()).await.unwrap();
     // "r1" never saw the answers: it resends ops 1..=3 and sends op 4.

@@ -1,49 +1,13 @@
 //! A replica given several servers of the same history fails over between
 //! them (round-robin, jittered backoff) and loses or doubles nothing.
 
+mod common;
+
 use std::time::Duration;
 
-use replimesh_store::{
-    Client, ClientConfig, ConnectError, HashCost, Logins, Reducer, Server, ServerConfig, Store,
-    StoreConfig,
-};
-use serde::{Deserialize, Serialize};
+use replimesh_store::{Client, ClientConfig, ConnectError, Server, Store, StoreConfig};
 
-const T: Duration = Duration::from_secs(20);
-
-struct Tally;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-struct TState {
-    count: u64,
-    sum: u64,
-}
-
-impl Reducer for Tally {
-    type State = TState;
-    type Action = u64;
-    fn name(&self) -> &str {
-        "tally"
-    }
-    fn initial_state(&self) -> TState {
-        TState::default()
-    }
-    fn reduce(&self, s: &mut TState, a: &u64) {
-        s.count += 1;
-        s.sum += a;
-    }
-}
-
-fn server_config() -> ServerConfig {
-    let mut l = Logins::new();
-    let cheap = HashCost {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
-    l.add_with_cost("test1", "12345", cheap).unwrap();
-    ServerConfig::with_logins(l)
-}
+use common::{server_config, until, Tally, T};
 
 async fn serve(a: &Store<Tally>, url: &str) -> Server {
     let server = Server::new(server_config());
@@ -60,16 +24,6 @@ async fn serve(a: &Store<Tally>, url: &str) -> Server {
     .await
     .expect("listening again");
     server
-}
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    tokio::time::timeout(T, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
 
 #[tokio::test]

@@ -1,78 +1,20 @@
 //! The store runtime over real sockets.
 
+mod common;
+
 use std::time::Duration;
 
 use proto::frame::Body;
 use proto::Frame;
 use replimesh_store::{
-    hash_password, Client, ClientConfig, ConnectError, DispatchError, ErrorCode, HashCost, Logins,
-    Reducer, Role, ServerConfig, Store, StoreConfig, SyncMode,
-};
-use serde::{Deserialize, Serialize};
-
-const T: Duration = Duration::from_secs(20);
-
-/// Cheap hashes: tests run in debug mode.
-const CHEAP: HashCost = HashCost {
-    memory_kib: 64,
-    iterations: 1,
-    parallelism: 1,
+    hash_password, Client, ClientConfig, ConnectError, DispatchError, ErrorCode, Role,
+    ServerConfig, Store, StoreConfig, SyncMode,
 };
 
-struct Counter {
-    name: &'static str,
-    schema: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-struct CState {
-    total: i64,
-    count: u64,
-    /// Order-sensitive: equal only if applied in the same order.
-    mix: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum Act {
-    Add(i64),
-}
-
-impl Reducer for Counter {
-    type State = CState;
-    type Action = Act;
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn schema(&self) -> u32 {
-        self.schema
-    }
-    fn initial_state(&self) -> CState {
-        CState::default()
-    }
-    fn reduce(&self, s: &mut CState, a: &Act) {
-        let Act::Add(n) = a;
-        s.total += n;
-        s.count += 1;
-        s.mix = s.mix.wrapping_mul(31).wrapping_add(*n as u64);
-    }
-}
-
-fn counter() -> Counter {
-    Counter {
-        name: "counter",
-        schema: 1,
-    }
-}
-
-fn logins() -> Logins {
-    let mut l = Logins::new();
-    l.add_with_cost("test1", "12345", CHEAP).unwrap();
-    l
-}
-
-fn server_config() -> ServerConfig {
-    ServerConfig::with_logins(logins())
-}
+use common::{
+    backup_config, counter, logins, open, raw_login, server_config, settle, snapshot_reaches,
+    until, Act, Counter, CHEAP, T,
+};
 
 fn tls_transport() -> transport::Config {
     let cert =
@@ -88,15 +30,6 @@ fn tls_transport() -> transport::Config {
         client: Some(transport::TlsConfig::client_from_pem(cert_pem.as_bytes()).unwrap()),
     };
     config
-}
-
-async fn settle<R: Reducer>(stores: &[&Store<R>], authority: &Store<R>) {
-    let target = authority.seq();
-    for s in stores {
-        tokio::time::timeout(T, s.wait_for(target))
-            .await
-            .expect("replica caught up");
-    }
 }
 
 async fn replicate_over(url: &str, tcfg: transport::Config) {
@@ -331,17 +264,7 @@ async fn several_stores_one_connection_and_clear_errors() {
     ra.dispatch(Act::Add(1)).await.unwrap();
 
     // An undecodable action: an error to its sender; the authority goes on.
-    let conn = transport::connect(&url, &transport::Config::default())
-        .await
-        .unwrap();
-    let (tx, mut rx) = conn.split();
-    tx.send(&Frame::new(Body::Hello(proto::Hello {
-        version: proto::PROTOCOL_VERSION,
-        login: "test1".into(),
-        password: "12345".into(),
-        ..Default::default()
-    })))
-    .unwrap();
+    let (tx, mut rx) = raw_login(&url).await;
     assert!(matches!(
         rx.recv().await.unwrap().body,
         Some(Body::Welcome(_))
@@ -383,13 +306,10 @@ async fn outbox_survives_server_restart_exactly_once() {
     let client = r.connect(&url, "test1", "12345").await.unwrap();
     r.dispatch(Act::Add(1)).await.unwrap();
     drop(server);
-    tokio::time::timeout(T, async {
-        while client.connected() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    until("the replica to see the link go down", || {
+        !client.connected()
     })
-    .await
-    .unwrap();
+    .await;
     // Dispatched while disconnected: waits in the outbox.
     let pending: Vec<_> = (0..10)
         .map(|i| r.try_dispatch(&Act::Add(10 + i)).unwrap())
@@ -477,17 +397,9 @@ async fn persistence_restores_history() {
 #[tokio::test]
 async fn encrypted_backup_restores_history() {
     let dir = tempfile::tempdir().unwrap();
-    let config = backup::BackupConfig::new(dir.path().join("counter.backup"))
-        .journal(backup::FsyncPolicy::Always)
-        .kdf(backup::KdfParams::insecure_fast())
-        .count(5)
-        .key("password-for-encrypter");
-    let open = || {
-        replimesh_store::BackupPersistence::open(config.clone(), "counter", 1)
-            .map(|p| Box::new(p) as Box<dyn replimesh_store::Persistence>)
-            .unwrap()
-    };
-    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open()).unwrap();
+    let config = backup_config(&dir.path().join("counter.backup")).count(5);
+    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
     let r = Store::replica(counter(), StoreConfig::default());
     let server = a.serve("tcp://127.0.0.1:0", server_config()).await.unwrap();
     let url = server.urls()[0].clone();
@@ -500,13 +412,15 @@ async fn encrypted_backup_restores_history() {
     // Without a clean shutdown (crash): snapshot + journal.
     drop(server);
     drop(a);
-    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open()).unwrap();
+    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
     assert_eq!(*b.state(), before);
     assert_eq!((b.seq(), b.history_id()), (12, history));
     b.dispatch(Act::Add(100)).await.unwrap();
     b.shutdown();
     drop(b);
-    let c = Store::authority_with_persistence(counter(), StoreConfig::default(), open()).unwrap();
+    let c = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
     assert_eq!(c.seq(), 13);
     assert_eq!(c.state().total, before.total + 100);
     // Another store's backup is refused.
@@ -530,16 +444,7 @@ async fn backup_timeout_policy_snapshots_after_the_deadline() {
     tokio::time::sleep(Duration::from_millis(120)).await;
     a.dispatch(Act::Add(10)).await.unwrap();
     // The snapshot is written in the background: wait for it (bounded).
-    let mut seq = 0;
-    for _ in 0..200 {
-        if let Ok(s) = backup::snapshot::read_snapshot(&path, None) {
-            seq = s.seq;
-            if seq >= 3 {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let seq = snapshot_reaches(&path, 3).await;
     assert!(
         seq >= 3,
         "no snapshot after the timeout (snapshot seq {seq})"

@@ -1,34 +1,14 @@
 //! The worker-process scheme with real child processes: the test binary
 //! re-executes itself as the workers.
 
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
-use replimesh_store::{Reducer, Role, Server, ServerConfig, Store, StoreConfig, WORKER_ENV};
-use serde::{Deserialize, Serialize};
+use replimesh_store::{Role, Server, ServerConfig, Store, StoreConfig, WORKER_ENV};
 
-struct Tally;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-struct TState {
-    count: u64,
-    sum: u64,
-}
-
-impl Reducer for Tally {
-    type State = TState;
-    type Action = u64;
-    fn name(&self) -> &str {
-        "tally"
-    }
-    fn initial_state(&self) -> TState {
-        TState::default()
-    }
-    fn reduce(&self, s: &mut TState, a: &u64) {
-        s.count += 1;
-        s.sum += a;
-    }
-}
+use common::Tally;
 
 const PER_WORKER: u64 = 200;
 const WORKERS: u64 = 2;
@@ -36,13 +16,7 @@ const WORKERS: u64 = 2;
 /// The worker's side: runs only in a child spawned by the test below.
 #[test]
 fn worker_child() {
-    if std::env::var(WORKER_ENV).is_err() {
-        return;
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let Some(rt) = child_runtime() else { return };
     rt.block_on(async {
         let store = Store::replica(Tally, StoreConfig::default());
         let _client = store.connect_worker().await.expect("worker link");
@@ -68,25 +42,16 @@ async fn workers_share_the_parents_store() {
     let authority = Store::authority(Tally, StoreConfig::default());
     let server = Server::new(ServerConfig::default());
     server.add(&authority);
-    let exe = std::env::current_exe().unwrap();
-    let mut children = Vec::new();
-    for _ in 0..WORKERS {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["worker_child", "--exact", "--test-threads=1"]);
-        cmd.stdout(std::process::Stdio::null());
-        children.push(server.spawn_worker(&mut cmd).unwrap());
-    }
+    let children: Vec<_> = (0..WORKERS)
+        .map(|_| spawn_child(&server, "worker_child"))
+        .collect();
     assert!(authority.role().contains(&Role::Master));
     let total = PER_WORKER * WORKERS;
     tokio::time::timeout(Duration::from_secs(60), authority.wait_for(total))
         .await
         .expect("workers' actions committed");
-    for mut c in children {
-        let status = tokio::task::spawn_blocking(move || c.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "worker failed: {status}");
+    for c in children {
+        wait_success(c).await;
     }
     let s = authority.state().clone();
     assert_eq!(s.count, total);
