@@ -952,13 +952,16 @@ impl<R: Reducer> Inner<R> {
             }
         };
         if committed {
-            // The dispatching follower's acks and actions go out from here.
+            // The dispatching follower's acks and actions go out from here,
+            // before the other followers' tasks are woken (on a multi-thread
+            // runtime they would otherwise write to their sockets first, and
+            // their processes compete with the dispatcher's for the CPU).
+            g.flush_follower(fid);
             for (id, w) in &g.wakers {
                 if *id != fid {
                     w.wake.notify_one();
                 }
             }
-            g.flush_follower(fid);
             let head = g.head();
             drop(g);
             self.publish(head);
