@@ -45,12 +45,14 @@
 //!
 //! The [`Persistence`] trait covers steps 3 and 4, so a store can be tested with a fake.
 //!
-//! An adapter to a store trait of the shape `load() / record(history, first_seq, actions) /
-//! snapshot(history, seq, state)` maps: `load` to the [`Restored`] of `open` (history id, the
-//! snapshot's `(seq, state)`, the journal's `(seq, action)` pairs); `record` to one
-//! [`Backup::record`] per action; `snapshot` to [`Backup::snapshot`] with the store's name and
-//! schema. A store that cannot produce its initial state at a first start may hand an empty
-//! state at seq 0 and map it back to "no snapshot" on load:
+//! An adapter to a store trait of the shape `load() / record(history, first_seq, actions,
+//! origins) / snapshot(history, seq, state, origins)` maps: `load` to the [`Restored`] of `open`
+//! (history id, the snapshot's `(seq, state)`, the journal's `(seq, action)` pairs); `record` to
+//! one [`Backup::record`] per action; `snapshot` to [`Backup::snapshot`] with the store's name and
+//! schema. The origins (the store's duplicate table) travel inside the store's own encoding of
+//! each action and state, opaque to this crate; the example below leaves them out. A store that
+//! cannot produce its initial state at a first start may hand an empty state at seq 0 and map it
+//! back to "no snapshot" on load:
 //!
 //! ```
 //! use bytes::Bytes;

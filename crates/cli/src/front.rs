@@ -21,8 +21,7 @@
 //! login uses the mesh only.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use replimesh::mesh;
@@ -94,48 +93,6 @@ impl Access {
             }
         }
         out
-    }
-}
-
-/// Failed logins per address and bans.
-struct Bans {
-    max_failures: u32,
-    duration: Duration,
-    entries: HashMap<String, (u32, Option<Instant>)>,
-}
-
-impl Bans {
-    fn is_banned(&mut self, key: &str) -> bool {
-        match self.entries.get(key) {
-            Some((_, Some(until))) if *until > Instant::now() => true,
-            Some((_, Some(_))) => {
-                self.entries.remove(key);
-                false
-            }
-            _ => false,
-        }
-    }
-
-    /// Counts a failure; true when the address is banned now.
-    fn fail(&mut self, key: &str) -> bool {
-        if self.entries.len() > 100_000 {
-            // Bounded memory: forget plain failure counts, keep bans.
-            let now = Instant::now();
-            self.entries
-                .retain(|_, (_, until)| until.is_some_and(|u| u > now));
-        }
-        let e = self.entries.entry(key.to_owned()).or_insert((0, None));
-        e.0 += 1;
-        if e.0 >= self.max_failures.max(1) {
-            e.1 = Some(Instant::now() + self.duration);
-            true
-        } else {
-            false
-        }
-    }
-
-    fn success(&mut self, key: &str) {
-        self.entries.remove(key);
     }
 }
 
@@ -224,8 +181,8 @@ pub(crate) struct Front {
     stores: store::Server,
     hosted: HashSet<String>,
     access: Access,
-    bans: Mutex<Bans>,
-    hello_timeout: Duration,
+    /// The hello, bans and login checks, as the store server's listeners.
+    gate: store::Gate,
     /// Stops the listeners.
     accepting: CancellationToken,
     /// Stops everything (after the mesh and the stores said goodbye).
@@ -247,12 +204,12 @@ impl Front {
             stores,
             hosted: settings.iter().map(|s| s.name.clone()).collect(),
             access: Access::new(settings)?,
-            bans: Mutex::new(Bans {
-                max_failures: limits.max_login_failures,
-                duration: limits.ban,
-                entries: HashMap::new(),
-            }),
-            hello_timeout: limits.handshake_timeout,
+            gate: store::Gate::new(
+                limits.max_login_failures,
+                limits.ban,
+                limits.handshake_timeout,
+                stop.clone(),
+            ),
             accepting: stop.child_token(),
             stop,
             stats: FrontStats::new(registry, settings),
@@ -262,22 +219,8 @@ impl Front {
     /// Accepts on `listener` until the node stops.
     pub(crate) fn serve(self: &Arc<Self>, listener: transport::Listener) {
         let front = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let conn = tokio::select! {
-                    c = listener.accept() => c,
-                    _ = front.accepting.cancelled() => break,
-                };
-                match conn {
-                    Ok(c) => {
-                        tokio::spawn(front.clone().connection(c));
-                    }
-                    Err(e) => {
-                        tracing::error!(url = %listener.local_url(), error = %e, "listener failed");
-                        break;
-                    }
-                }
-            }
+        store::accept_each(listener, self.accepting.clone(), move |c| {
+            front.clone().connection(c)
         });
     }
 
@@ -398,67 +341,21 @@ impl Front {
         tx: &transport::Sender,
         rx: &mut transport::Receiver,
     ) -> Option<(proto::Hello, String, HashSet<String>)> {
-        let first = tokio::select! {
-            r = tokio::time::timeout(self.hello_timeout, rx.recv()) => r,
-            _ = self.stop.cancelled() => return None,
-        };
-        let mut hello = match first {
-            Ok(Ok(Frame {
-                body: Some(Body::Hello(h)),
-            })) => h,
-            Ok(Ok(f)) => {
-                tx.close(
-                    CloseCode::ProtocolError,
-                    &format!("expected hello, got {}", f.kind()),
-                );
-                return None;
-            }
-            Ok(Err(_)) => return None,
-            Err(_) => {
-                tx.close(CloseCode::Timeout, "no hello within the handshake timeout");
-                return None;
-            }
-        };
-        if hello.version != proto::PROTOCOL_VERSION {
-            tx.close(
-                CloseCode::UnsupportedVersion,
-                &format!("protocol version {} not supported", hello.version),
-            );
-            return None;
-        }
+        let mut hello = self.gate.hello(tx, rx).await?;
         if hello.kind == PeerKind::Clone as i32 {
             return Some((hello, String::new(), HashSet::new()));
         }
-        let ban_key = match tx.peer_addr().ip() {
-            Some(ip) => ip.to_string(),
-            None => "local".to_owned(),
-        };
         let mut allowed = HashSet::new();
         if !hello.login.is_empty() {
-            if self
-                .bans
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_banned(&ban_key)
-            {
-                tx.close(CloseCode::Banned, "banned after too many failed logins");
-                return None;
-            }
-            allowed = self.access.allowed(&hello.login, &hello.password).await;
-            let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
-            if allowed.is_empty() {
-                self.stats.login_failures.inc();
-                let banned = bans.fail(&ban_key);
-                drop(bans);
-                tracing::info!(login = %hello.login, banned, "failed login");
-                if banned {
-                    tx.close(CloseCode::Banned, "wrong login or password; address banned");
-                } else {
-                    tx.close(CloseCode::AuthFailed, "wrong login or password");
+            let verify = async {
+                let allowed = self.access.allowed(&hello.login, &hello.password).await;
+                if allowed.is_empty() {
+                    self.stats.login_failures.inc();
+                    return None;
                 }
-                return None;
-            }
-            bans.success(&ban_key);
+                Some(allowed)
+            };
+            allowed = self.gate.login(tx, &hello.login, verify).await.ok()?;
         }
         let login = std::mem::take(&mut hello.login);
         hello.password.clear();

@@ -218,6 +218,10 @@ impl Logins {
     }
 }
 
+/// Addresses whose failed logins are counted at once; past that the counts
+/// start again (bans are kept), so a flood of addresses takes bounded memory.
+const MAX_COUNTED: usize = 100_000;
+
 /// Failed-login counting and bans per address.
 pub(crate) struct Bans {
     max_failures: u32,
@@ -249,6 +253,10 @@ impl Bans {
 
     /// Records a failure; true when the address is now banned.
     pub(crate) fn fail(&mut self, key: &str) -> bool {
+        if self.failures.len() >= MAX_COUNTED {
+            // Bounded memory: forget the plain failure counts, keep the bans.
+            self.failures.clear();
+        }
         let n = self.failures.entry(key.to_owned()).or_insert(0);
         *n += 1;
         if *n >= self.max_failures {

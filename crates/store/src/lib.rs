@@ -19,6 +19,9 @@
 //!   bans after repeated failures; several stores per server, picked by name.
 //!   A replica can serve too: it relays the history to its own replicas and
 //!   forwards their dispatches.
+//! - [`Gate`] / [`accept_each`]: the server's door (accepting, the `Hello`
+//!   within a timeout, logins and bans), for a process that accepts
+//!   connections itself and hands their store frames to [`Server::adopt`].
 //! - [`Store::connect`] / [`Store::connect_any`] / [`Client`]: a replica's
 //!   link to one or several servers, reconnecting by itself (round-robin,
 //!   jittered backoff).
@@ -94,6 +97,7 @@ mod auth;
 mod client;
 pub mod core;
 mod error;
+mod gate;
 mod link;
 mod persist;
 mod reducer;
@@ -105,6 +109,7 @@ pub use crate::core::SyncMode;
 pub use auth::{hash_password, HashCost, LoginError, Logins};
 pub use client::{Client, ClientConfig, ConnectError};
 pub use error::{DispatchError, ErrorCode, RemoteError};
+pub use gate::{accept_each, Gate, Refusal};
 pub use persist::{
     BackupPersistence, MemoryPersistence, Origin, PersistError, Persistence, Recovered,
 };

@@ -42,23 +42,6 @@ impl LinkTx {
             LinkTx::Transport(s) => s.close(code, reason),
         }
     }
-
-    /// A printable peer address.
-    pub(crate) fn peer(&self) -> String {
-        match self {
-            LinkTx::Transport(s) => s.peer_addr().to_string(),
-        }
-    }
-
-    /// The key bans are counted under (the IP for TCP peers).
-    pub(crate) fn ban_key(&self) -> String {
-        match self {
-            LinkTx::Transport(s) => match s.peer_addr().ip() {
-                Some(ip) => ip.to_string(),
-                None => "unix".to_owned(),
-            },
-        }
-    }
 }
 
 impl LinkRx {

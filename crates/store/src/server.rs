@@ -11,10 +11,11 @@ use proto::{CloseCode, Frame, PROTOCOL_VERSION};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::{Bans, Logins};
+use crate::auth::Logins;
 use crate::core::{store_of, FollowerId};
 use crate::error::{ErrorCode, RemoteError};
-use crate::link::{self, LinkRx, LinkTx};
+use crate::gate::{accept_each, Gate};
+use crate::link::{LinkRx, LinkTx};
 use crate::store::{random_nonzero, AnyStore, Role, Store};
 use crate::{worker, Reducer};
 
@@ -93,7 +94,7 @@ struct ServerShared {
     id: String,
     config: ServerConfig,
     stores: RwLock<HashMap<String, Arc<dyn AnyStore>>>,
-    bans: Mutex<Bans>,
+    gate: Gate,
     urls: Mutex<Vec<String>>,
     verifier: Verifier,
     stop: CancellationToken,
@@ -175,14 +176,19 @@ impl Server {
     }
 
     fn with_stop(config: ServerConfig, stop: CancellationToken) -> Self {
-        let bans = Bans::new(config.max_failures, config.ban_duration);
+        let gate = Gate::new(
+            config.max_failures,
+            config.ban_duration,
+            config.auth_timeout,
+            stop.clone(),
+        );
         let verifier = Verifier::new(config.logins.clone());
         Server {
             shared: Arc::new(ServerShared {
                 id: format!("{:016x}", random_nonzero()),
                 config,
                 stores: RwLock::new(HashMap::new()),
-                bans: Mutex::new(bans),
+                gate,
                 urls: Mutex::new(Vec::new()),
                 verifier,
                 stop,
@@ -213,25 +219,9 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .push(local.clone());
         let shared = self.shared.clone();
-        tokio::spawn(async move {
-            loop {
-                let conn = tokio::select! {
-                    c = listener.accept() => c,
-                    _ = shared.stop.cancelled() => break,
-                };
-                match conn {
-                    Ok(conn) => {
-                        let (tx, rx) = link::from_transport(conn);
-                        let s = shared.clone();
-                        let span = tracing::debug_span!("store-conn", peer = %tx.peer());
-                        tokio::spawn(handle(s, tx, rx, false).instrument(span));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "listener failed");
-                        break;
-                    }
-                }
-            }
+        accept_each(listener, shared.stop.clone(), move |conn| {
+            let span = tracing::debug_span!("store-conn", peer = %conn.peer_addr());
+            handle(shared.clone(), conn, false).instrument(span)
         });
         Ok(local)
     }
@@ -359,68 +349,31 @@ async fn serve_worker(shared: Arc<ServerShared>, ctrl: tokio::net::UnixStream) {
             return;
         }
         tracing::debug!("new worker link");
-        let (tx, rx) = link::from_transport(conn);
         let span = tracing::debug_span!("store-worker-conn");
-        tokio::spawn(handle(shared.clone(), tx, rx, true).instrument(span));
+        tokio::spawn(handle(shared.clone(), conn, true).instrument(span));
     }
 }
 
 /// One connection on the server side: login, then store frames.
-async fn handle(shared: Arc<ServerShared>, tx: LinkTx, mut rx: LinkRx, trusted: bool) {
-    let key = tx.ban_key();
-    if !trusted
-        && shared
-            .bans
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_banned(&key)
-    {
-        tx.close(CloseCode::Banned, "banned after too many failed logins");
+async fn handle(shared: Arc<ServerShared>, conn: transport::Connection, trusted: bool) {
+    let (tx, mut rx) = conn.split();
+    // A banned address is closed before it may send anything.
+    if !trusted && shared.gate.refuse_banned(&tx) {
         return;
     }
-    let first = tokio::select! {
-        r = tokio::time::timeout(shared.config.auth_timeout, rx.recv()) => r,
-        _ = shared.stop.cancelled() => return,
-    };
-    let hello = match first {
-        Err(_) => {
-            tx.close(CloseCode::Timeout, "no login within the auth timeout");
-            return;
-        }
-        Ok(Err(_)) => return,
-        Ok(Ok(Frame {
-            body: Some(Body::Hello(h)),
-        })) => h,
-        Ok(Ok(_)) => {
-            tx.close(CloseCode::ProtocolError, "expected hello");
-            return;
-        }
-    };
-    if hello.version != PROTOCOL_VERSION {
-        tx.close(
-            CloseCode::UnsupportedVersion,
-            &format!("protocol version {} not supported", hello.version),
-        );
+    let Some(hello) = shared.gate.hello(&tx, &mut rx).await else {
         return;
-    }
+    };
     if !trusted && !shared.config.danger_allow_anonymous {
-        let ok = shared
+        let verify = shared
             .verifier
-            .verify(hello.login.clone(), hello.password.clone())
-            .await;
-        let mut bans = shared.bans.lock().unwrap_or_else(|e| e.into_inner());
-        if !ok {
-            let banned = bans.fail(&key);
-            drop(bans);
-            tracing::info!(login = %hello.login, banned, "failed login");
-            if banned {
-                tx.close(CloseCode::Banned, "wrong login or password; address banned");
-            } else {
-                tx.close(CloseCode::AuthFailed, "wrong login or password");
-            }
+            .verify(hello.login.clone(), hello.password.clone());
+        let login = shared
+            .gate
+            .login(&tx, &hello.login, async { verify.await.then_some(()) });
+        if login.await.is_err() {
             return;
         }
-        bans.success(&key);
     }
     let welcome = Frame::new(Body::Welcome(proto::Welcome {
         version: PROTOCOL_VERSION,
@@ -430,6 +383,7 @@ async fn handle(shared: Arc<ServerShared>, tx: LinkTx, mut rx: LinkRx, trusted: 
     if tx.send(&welcome).is_err() {
         return;
     }
+    let (tx, rx) = (LinkTx::Transport(tx), LinkRx::Transport(rx));
     serve_frames(shared, tx, Inbound::Link(rx)).await;
 }
 
