@@ -29,6 +29,14 @@ impl LinkTx {
         }
     }
 
+    /// Queues frames in order without waiting; on an idle link they go out
+    /// in one write.
+    pub(crate) fn send_all(&self, frames: &[Frame]) -> Result<(), ()> {
+        match self {
+            LinkTx::Transport(s) => s.send_all(frames).map_err(|_| ()),
+        }
+    }
+
     /// Bytes queued and not yet written.
     pub(crate) fn queued_bytes(&self) -> usize {
         match self {

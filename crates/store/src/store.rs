@@ -201,11 +201,9 @@ impl<R: Reducer> Shared<R> {
                     Core::Authority { a, .. } => a.poll(fid, SHORTCUT_BUDGET),
                     Core::Replica { r, .. } => r.poll_follower(fid, SHORTCUT_BUDGET),
                 };
-                for fr in &frames {
-                    if f.io.tx.send(fr).is_err() {
-                        f.io.cancel.cancel();
-                        break;
-                    }
+                // One write for the ack and the actions: the follower wakes once.
+                if f.io.tx.send_all(&frames).is_err() {
+                    f.io.cancel.cancel();
                 }
                 let more = match &self.core {
                     Core::Authority { a, .. } => a.has_output(fid),
@@ -480,12 +478,9 @@ impl<R: Reducer> Store<R> {
                     && match up_io {
                         Some(io) => match io.send.try_lock() {
                             Ok(_guard) if io.tx.queued_bytes() == 0 => {
-                                for f in r.poll_upstream() {
-                                    if io.tx.send(&f).is_err() {
-                                        // Resent after the reconnection.
-                                        io.cancel.cancel();
-                                        break;
-                                    }
+                                if io.tx.send_all(&r.poll_upstream()).is_err() {
+                                    // Resent after the reconnection.
+                                    io.cancel.cancel();
                                 }
                                 true
                             }

@@ -87,6 +87,9 @@ struct Queue {
     /// Direct writes: (whole, partial), for tests.
     #[cfg(test)]
     direct_writes: (u64, u64),
+    /// Frames sent in direct writes, for tests.
+    #[cfg(test)]
+    direct_frames: u64,
 }
 
 /// Frames up to this size (with the length prefix) may be written directly.
@@ -97,13 +100,17 @@ const DIRECT_MAX: usize = 4096;
 /// the writer task (one write for many), a lone frame saves the hand-off.
 const DIRECT_QUIET: Duration = Duration::from_micros(20);
 
-/// Writes `body` with its length prefix straight to the socket, without
-/// blocking. Returns how many bytes the socket took (`None`: none, queue it).
-fn write_direct(fd: &OwnedFd, body: &[u8]) -> Option<usize> {
-    let mut buf = [0u8; DIRECT_MAX];
-    let total = LENGTH_PREFIX + body.len();
-    buf[..LENGTH_PREFIX].copy_from_slice(&(body.len() as u32).to_be_bytes());
-    buf[LENGTH_PREFIX..total].copy_from_slice(body);
+/// Writes `bodies`, each with its length prefix, straight to the socket in
+/// one `send`, without blocking. Their framed size must be at most
+/// [`DIRECT_MAX`]. Returns the framed bytes and how many of them the socket
+/// took (`None`: none, queue them).
+fn write_direct(fd: &OwnedFd, bodies: &[&Bytes]) -> Option<(Vec<u8>, usize)> {
+    let mut buf = Vec::with_capacity(DIRECT_MAX);
+    for b in bodies {
+        buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        buf.extend_from_slice(b);
+    }
+    let total = buf.len();
     let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
     // Tests cut direct writes short at chosen points (sockets rarely do it
     // on demand).
@@ -113,7 +120,7 @@ fn write_direct(fd: &OwnedFd, body: &[u8]) -> Option<usize> {
         cut => total.min(cut),
     };
     match rustix::net::send(fd, &buf[..total], flags) {
-        Ok(n) if n > 0 => Some(n),
+        Ok(n) if n > 0 => Some((buf, n)),
         _ => None,
     }
 }
@@ -204,6 +211,78 @@ impl Shared {
         }
     }
 
+    /// Writes `bodies` from the calling task when the connection is idle: the
+    /// queue empty, the writer task asleep after a drain of at most one frame,
+    /// no direct write in the last [`DIRECT_QUIET`], and all of them framed
+    /// within [`DIRECT_MAX`]. What the socket does not take is left for the
+    /// writer task to send first. `false`: nothing was written, queue them.
+    fn try_direct(&self, q: &mut Queue, bodies: &[&Bytes]) -> bool {
+        let framed: usize = bodies.iter().map(|b| LENGTH_PREFIX + b.len()).sum();
+        if q.direct.is_none()
+            || !q.frames.is_empty()
+            || !q.urgent.is_empty()
+            || q.writer_busy
+            || q.partial.is_some()
+            || q.close.is_some()
+            || q.last_drain > 1
+            || framed > DIRECT_MAX
+        {
+            return false;
+        }
+        // The clock is read only here: when the writer is asleep with
+        // nothing to do, which a stream of frames rarely lets it be.
+        let now = Instant::now();
+        let since = q.parked_at.max(q.last_direct);
+        if since.is_some_and(|t| now.duration_since(t) < DIRECT_QUIET) {
+            return false;
+        }
+        q.last_direct = Some(now);
+        let Some((buf, n)) = q.direct.as_ref().and_then(|fd| write_direct(fd, bodies)) else {
+            return false;
+        };
+        #[cfg(test)]
+        {
+            q.direct_frames += bodies.len() as u64;
+            let c = &mut q.direct_writes;
+            *c = if n < buf.len() {
+                (c.0, c.1 + 1)
+            } else {
+                (c.0 + 1, c.1)
+            };
+        }
+        if n < buf.len() {
+            // The rest goes first, from the writer task.
+            let rest = Bytes::copy_from_slice(&buf[n..]);
+            q.bytes += rest.len();
+            q.partial = Some(rest);
+            self.writer_wake.notify_one();
+        }
+        true
+    }
+
+    /// Queues several bodies in order, as `try_enqueue` one by one would,
+    /// except that on an idle connection they go out together in one write.
+    fn try_enqueue_all(&self, bodies: &[Bytes]) -> Result<(), SendError> {
+        if let [one] = bodies {
+            return self.try_enqueue(one, false).map(|_| ());
+        }
+        if bodies.len() > 1
+            && bodies.iter().all(|b| b.len() <= self.max_frame)
+            && !self.done.is_cancelled()
+            && !self.closing.load(Ordering::Relaxed)
+        {
+            let refs: Vec<&Bytes> = bodies.iter().collect();
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if self.try_direct(&mut q, &refs) {
+                return Ok(());
+            }
+        }
+        for b in bodies {
+            self.try_enqueue(b, false)?;
+        }
+        Ok(())
+    }
+
     /// Queues a body. `Ok(true)` when queued; `Ok(false)` when the caller should
     /// wait for space (only when `wait` is set).
     fn try_enqueue(&self, body: &Bytes, wait: bool) -> Result<bool, SendError> {
@@ -245,51 +324,8 @@ impl Shared {
             }
         }
         let was_empty = q.frames.is_empty() && q.urgent.is_empty();
-        if was_empty
-            && q.direct.is_some()
-            && !q.writer_busy
-            && q.partial.is_none()
-            && q.close.is_none()
-            && q.last_drain <= 1
-            && len + LENGTH_PREFIX <= DIRECT_MAX
-        {
-            // The clock is read only here: when the writer is asleep with
-            // nothing to do, which a stream of frames rarely lets it be.
-            let now = Instant::now();
-            let since = q.parked_at.max(q.last_direct);
-            let quiet = since.is_none_or(|t| now.duration_since(t) >= DIRECT_QUIET);
-            if quiet {
-                q.last_direct = Some(now);
-                let sent = q.direct.as_ref().and_then(|fd| write_direct(fd, body));
-                if let Some(n) = sent {
-                    let total = LENGTH_PREFIX + len;
-                    #[cfg(test)]
-                    {
-                        let c = &mut q.direct_writes;
-                        *c = if n < total {
-                            (c.0, c.1 + 1)
-                        } else {
-                            (c.0 + 1, c.1)
-                        };
-                    }
-                    if n < total {
-                        // The rest goes first, from the writer task.
-                        let mut rest = BytesMut::with_capacity(total - n);
-                        let prefix = (len as u32).to_be_bytes();
-                        if n < LENGTH_PREFIX {
-                            rest.extend_from_slice(&prefix[n..]);
-                            rest.extend_from_slice(body);
-                        } else {
-                            rest.extend_from_slice(&body[n - LENGTH_PREFIX..]);
-                        }
-                        q.bytes += rest.len();
-                        q.partial = Some(rest.freeze());
-                        drop(q);
-                        self.writer_wake.notify_one();
-                    }
-                    return Ok(true);
-                }
-            }
+        if was_empty && self.try_direct(&mut q, &[body]) {
+            return Ok(true);
         }
         q.bytes += len;
         q.frames.push_back(body.clone());
@@ -370,6 +406,15 @@ impl Sender {
     /// A broadcast encodes once and hands clones of the same `Bytes` to many senders.
     pub fn send_encoded(&self, body: Bytes) -> Result<(), SendError> {
         self.shared.try_enqueue(&body, false).map(|_| ())
+    }
+
+    /// Encodes and queues several frames in order, as [`Sender::send`] on
+    /// each would (stopping at the first error). On an idle plain TCP or Unix
+    /// connection, frames that fit in 4 KiB together go out in one write, so
+    /// the peer wakes once for all of them (an answer and what follows it).
+    pub fn send_all(&self, frames: &[Frame]) -> Result<(), SendError> {
+        let bodies: Vec<Bytes> = frames.iter().map(|f| f.encode_to_bytes()).collect();
+        self.shared.try_enqueue_all(&bodies)
     }
 
     /// Encodes and queues a frame, waiting for room in the queue when it is full.
@@ -1374,6 +1419,50 @@ mod tests {
             whole > 0 && partial > 0,
             "direct writes {whole} whole, {partial} partial"
         );
+    }
+
+    #[tokio::test]
+    async fn send_all_on_an_idle_connection_is_one_write() {
+        use std::os::fd::AsFd;
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let direct = a.as_fd().try_clone_to_owned().ok();
+        let (ar, aw) = a.into_split();
+        let config = Config::default();
+        let sender = spawn_stream(ar, aw, PeerAddr::Memory, &config, direct);
+        let shared = sender.sender.shared.clone();
+        let (tx, _rx) = sender.split();
+        let (_btx, mut rx) = crate::from_unix_stream(b, &config).split();
+        let frames: Vec<Frame> = (0..3u8).map(|i| Frame::data(vec![i; 100])).collect();
+        tokio::time::sleep(DIRECT_QUIET * 2).await;
+        tx.send_all(&frames).unwrap();
+        for (i, want) in frames.iter().enumerate() {
+            let f = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("frame in time")
+                .unwrap();
+            assert_eq!(&f, want, "frame {i}");
+        }
+        // Another test may cut direct writes short: whole or partial, one write.
+        let ((whole, partial), frames) = {
+            let q = shared.queue.lock().unwrap();
+            (q.direct_writes, q.direct_frames)
+        };
+        assert_eq!(
+            (whole + partial, frames),
+            (1, 3),
+            "direct writes {whole} whole, {partial} partial, of {frames} frames"
+        );
+        // Too big together for a direct write: queued, still in order.
+        let big: Vec<Frame> = (0..3u8).map(|i| Frame::data(vec![i; 3000])).collect();
+        tokio::time::sleep(DIRECT_QUIET * 2).await;
+        tx.send_all(&big).unwrap();
+        for (i, want) in big.iter().enumerate() {
+            let f = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("frame in time")
+                .unwrap();
+            assert_eq!(&f, want, "big frame {i}");
+        }
     }
 
     #[test]
