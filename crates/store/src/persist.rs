@@ -4,6 +4,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use std::collections::VecDeque;
+
+use crate::core::LogConfig;
 pub use crate::core::{Origin, Recovered};
 use proto::Message;
 
@@ -151,12 +154,65 @@ impl Persistence for MemoryPersistence {
 /// `proto::PersistedAction`): with the state and each action, the origins
 /// (client id, op id) of recent dispatches, so that a restarted authority
 /// still applies a resent dispatch only once.
+///
+/// The final snapshot written at [`crate::Store::shutdown`] also keeps the
+/// last committed actions (within [`BackupPersistence::tail_limits`]), which
+/// [`Persistence::load`] hands back before the journal's: the restarted
+/// authority's backlog starts with them, so a replica that was behind when
+/// the authority stopped catches up with the actions it missed instead of a
+/// snapshot.
 pub struct BackupPersistence {
     backup: backup::Backup,
     restored: Option<backup::Restored>,
     based: bool,
     store: String,
     schema: u32,
+    /// The last committed actions, for the final snapshot's tail.
+    recent: Recent,
+}
+
+/// The last committed actions of one history, contiguous, within limits.
+#[derive(Debug, Default)]
+struct Recent {
+    history_id: u64,
+    /// Seq of the last action (0: none).
+    last: u64,
+    actions: VecDeque<Bytes>,
+    bytes: usize,
+    max_count: usize,
+    max_bytes: usize,
+}
+
+impl Recent {
+    /// Appends committed actions `first_seq, ...` of `history_id`; a gap or
+    /// another history starts again.
+    fn push(&mut self, history_id: u64, first_seq: u64, actions: impl IntoIterator<Item = Bytes>) {
+        if history_id != self.history_id || first_seq != self.last + 1 {
+            self.actions.clear();
+            self.bytes = 0;
+            self.history_id = history_id;
+        }
+        for (i, a) in actions.into_iter().enumerate() {
+            self.last = first_seq + i as u64;
+            self.bytes += a.len();
+            self.actions.push_back(a);
+        }
+        while self.actions.len() > self.max_count || self.bytes > self.max_bytes {
+            match self.actions.pop_front() {
+                Some(a) => self.bytes -= a.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The actions up to and including `seq` of `history_id`, oldest first,
+    /// when they end there (else none).
+    fn tail(&self, history_id: u64, seq: u64) -> Vec<Bytes> {
+        if history_id != self.history_id || seq != self.last {
+            return Vec::new();
+        }
+        self.actions.iter().cloned().collect()
+    }
 }
 
 impl std::fmt::Debug for BackupPersistence {
@@ -186,13 +242,30 @@ impl BackupPersistence {
             }
         }
         let based = restored.is_some();
+        let log = LogConfig::default();
         Ok(BackupPersistence {
             backup,
             restored,
             based,
             store: store.to_owned(),
             schema,
+            recent: Recent {
+                max_count: log.backlog_count,
+                max_bytes: log.backlog_bytes,
+                ..Recent::default()
+            },
         })
+    }
+
+    /// Bounds the actions kept for the final snapshot's tail: at most
+    /// `count` actions and `bytes` bytes. Default: the store's default
+    /// backlog limits (16,384 actions, 8 MiB); a store with smaller
+    /// `backlog_count`/`backlog_bytes` keeps no more than those of them after
+    /// a restart, so set the same limits to write no more. 0 writes no tail.
+    pub fn tail_limits(mut self, count: usize, bytes: usize) -> Self {
+        self.recent.max_count = count;
+        self.recent.max_bytes = bytes;
+        self
     }
 
     fn snap(
@@ -201,10 +274,12 @@ impl BackupPersistence {
         seq: u64,
         state: &Bytes,
         origins: &[Origin],
+        tail: Vec<Bytes>,
     ) -> backup::Snapshot {
         let envelope = proto::PersistedState {
             state: state.clone(),
             origins: origins.iter().map(Origin::to_proto).collect(),
+            tail,
         };
         backup::Snapshot {
             store: self.store.clone(),
@@ -223,6 +298,7 @@ impl Persistence for BackupPersistence {
         };
         let s = r.snapshot;
         let mut origins = Vec::new();
+        let mut actions = Vec::new();
         // An empty payload marks a history without a snapshot (its base).
         let snapshot = if s.state.is_empty() {
             None
@@ -234,9 +310,18 @@ impl Persistence for BackupPersistence {
                 ))
             })?;
             origins.extend(p.origins.into_iter().map(Origin::from_proto));
+            // The tail ends at the snapshot's seq. Copies: slices would keep
+            // the whole snapshot's buffer alive.
+            let first = (s.seq + 1).saturating_sub(p.tail.len() as u64);
+            for (i, a) in p.tail.iter().enumerate() {
+                let seq = first + i as u64;
+                if seq >= 1 {
+                    actions.push((seq, Bytes::copy_from_slice(a)));
+                }
+            }
             Some((s.seq, p.state))
         };
-        let mut actions = Vec::with_capacity(r.journal.len());
+        actions.reserve(r.journal.len());
         for e in r.journal {
             let p = proto::PersistedAction::decode(e.action).map_err(|err| {
                 PersistError::new(format!(
@@ -246,6 +331,10 @@ impl Persistence for BackupPersistence {
             })?;
             origins.extend(p.origin.map(Origin::from_proto));
             actions.push((e.seq, p.action));
+        }
+        // Kept for the next final snapshot (as far as they follow on).
+        for (seq, a) in &actions {
+            self.recent.push(s.history_id, *seq, [a.clone()]);
         }
         Ok(Recovered {
             history_id: s.history_id,
@@ -296,6 +385,8 @@ impl Persistence for BackupPersistence {
                 .map_err(|e| PersistError::new(e.to_string()))?;
             due |= d == backup::Due::Snapshot;
         }
+        self.recent
+            .push(history_id, first_seq, actions.iter().cloned());
         // The `timeout` policy: a deadline already passed is honoured here;
         // otherwise the store's timer calls `snapshot` at `deadline()`, even if
         // no further action comes.
@@ -311,7 +402,7 @@ impl Persistence for BackupPersistence {
         origins: &[Origin],
     ) -> Result<(), PersistError> {
         self.based = true;
-        let snap = self.snap(history_id, seq, state, origins);
+        let snap = self.snap(history_id, seq, state, origins, Vec::new());
         self.backup
             .snapshot(snap)
             .map_err(|e| PersistError::new(e.to_string()))
@@ -328,7 +419,8 @@ impl Persistence for BackupPersistence {
         state: &Bytes,
         origins: &[Origin],
     ) -> Result<(), PersistError> {
-        let snap = self.snap(history_id, seq, state, origins);
+        let tail = self.recent.tail(history_id, seq);
+        let snap = self.snap(history_id, seq, state, origins, tail);
         self.backup
             .shutdown(Some(snap))
             .map_err(|e| PersistError::new(e.to_string()))
@@ -345,6 +437,47 @@ mod tests {
             client_id: "c".into(),
             op_id,
         }
+    }
+
+    /// The final snapshot keeps the last recorded actions within the tail
+    /// limits; `load` hands them back before the journal's, and keeps them
+    /// for the next final snapshot. Without a tail (as files written before
+    /// there was one) only the snapshot loads.
+    #[test]
+    fn backup_final_snapshot_keeps_a_bounded_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = backup::BackupConfig::new(dir.path().join("s.backup"))
+            .journal(backup::FsyncPolicy::Always);
+        let open = |count| {
+            BackupPersistence::open(config.clone(), "s", 1)
+                .unwrap()
+                .tail_limits(count, 1 << 20)
+        };
+        let act = |n: u8| Bytes::from(vec![n]);
+        let seqs = |r: &Recovered| r.actions.iter().map(|(s, _)| *s).collect::<Vec<_>>();
+        let mut p = open(3);
+        assert_eq!(p.load().unwrap().history_id, 0);
+        p.record(7, 1, &[act(1), act(2)], &[]).unwrap();
+        p.record(7, 3, &[act(3), act(4), act(5)], &[]).unwrap();
+        p.shutdown(7, 5, &Bytes::from_static(b"s5"), &[]).unwrap();
+        drop(p);
+        let mut p = open(3);
+        let r = p.load().unwrap();
+        assert_eq!(r.snapshot, Some((5, Bytes::from_static(b"s5"))));
+        assert_eq!(seqs(&r), [3, 4, 5]);
+        assert_eq!(r.actions[0].1, act(3));
+        // One more action, stopped again: the tail slides on.
+        p.record(7, 6, &[act(6)], &[]).unwrap();
+        p.shutdown(7, 6, &Bytes::from_static(b"s6"), &[]).unwrap();
+        drop(p);
+        let mut p = open(0);
+        assert_eq!(seqs(&p.load().unwrap()), [4, 5, 6]);
+        // No tail kept: the final snapshot alone.
+        p.shutdown(7, 6, &Bytes::from_static(b"s6"), &[]).unwrap();
+        drop(p);
+        let r = open(3).load().unwrap();
+        assert_eq!(r.snapshot, Some((6, Bytes::from_static(b"s6"))));
+        assert!(r.actions.is_empty());
     }
 
     #[test]

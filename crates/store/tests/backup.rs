@@ -1,16 +1,19 @@
 //! An authority backed by `replimesh-backup` (`BackupPersistence`): restarts
-//! keep the history, replicas catch up with a tail, time-based snapshots.
+//! keep the history, replicas catch up with a tail (also one that was behind
+//! at a clean shutdown), time-based snapshots.
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use proto::frame::Body;
 use proto::Frame;
-use replimesh_store::{Encoding, Reducer, Store, StoreConfig};
+use replimesh_store::{Encoding, Reducer, Server, Store, StoreConfig};
 
 use common::{
-    backup_config, counter, open, raw_login, server_config, snapshot_reaches, until, Act, T,
+    backup_config, counter, open, raw_login, server_config, snapshot_reaches, until, Act, Counter,
+    T,
 };
 
 /// A replica connected over a Unix socket while its authority is stopped and
@@ -71,6 +74,64 @@ async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
     assert!(after.actions_received >= before.actions_received + 11);
 }
 
+/// The authority of the backup `counter.backup` in `dir`, served on the Unix
+/// socket `sock` there: (store, server, URL).
+async fn serve_backed(dir: &Path, sock: &str) -> (Store<Counter>, Server, String) {
+    let config = backup_config(&dir.join("counter.backup"));
+    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
+        .unwrap();
+    let url = format!("unix://{}/{sock}", dir.display());
+    let server = a.serve(&url, server_config()).await.unwrap();
+    (a, server, url)
+}
+
+/// A replica that was behind when the authority shut down cleanly: the
+/// final snapshot keeps the last actions as a tail, so after the restart the
+/// replica catches up with the actions it missed, not with a snapshot.
+#[tokio::test]
+async fn after_a_clean_shutdown_a_replica_behind_gets_a_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, server, url_a) = serve_backed(dir.path(), "a.sock").await;
+    let r = Store::replica(counter(), StoreConfig::default());
+    let client = r.connect(&url_a, "test1", "12345").await.unwrap();
+    for i in 1..=10 {
+        a.dispatch(Act::Add(i)).await.unwrap();
+    }
+    tokio::time::timeout(T, r.wait_for(10)).await.unwrap();
+    drop(client);
+    until("the replica to go offline", || !r.connected()).await;
+    // Committed while the replica is away: it is 20 actions behind.
+    for i in 11..=30 {
+        a.dispatch(Act::Add(i)).await.unwrap();
+    }
+    let history = a.history_id();
+    a.shutdown();
+    drop(server);
+    drop(a);
+
+    let (b, server, url_b) = serve_backed(dir.path(), "b.sock").await;
+    assert_eq!((b.history_id(), b.seq()), (history, 30));
+    let before = r.stats();
+    let _client = r.connect(&url_b, "test1", "12345").await.unwrap();
+    tokio::time::timeout(T, r.wait_for(30)).await.unwrap();
+    assert_eq!(*r.state(), *b.state());
+    let after = r.stats();
+    assert_eq!(
+        after.snapshots_received, before.snapshots_received,
+        "the replica behind got a snapshot after the clean restart instead of a tail"
+    );
+    assert_eq!(after.actions_received, before.actions_received + 20);
+
+    // A tail written by one restart survives the next: stopped again at
+    // once, restarted, a raw replica at seq 12 gets actions from 13.
+    b.shutdown();
+    drop(server);
+    drop(b);
+    let (_c, _server, url_c) = serve_backed(dir.path(), "c.sock").await;
+    let frames = raw_catch_up(&url_c, history, 12, 30).await;
+    assert_tail(&frames, history, 13, 30);
+}
+
 /// Logs in with a raw transport connection and attaches with
 /// `(history_id, last_seq)`; returns the frames up to `until_seq` (or the
 /// first snapshot).
@@ -106,6 +167,23 @@ async fn raw_catch_up(url: &str, history_id: u64, last_seq: u64, until_seq: u64)
     frames
 }
 
+/// Checks that `frames` carry the actions `first..=last` of `history` in
+/// order, and no snapshot.
+fn assert_tail(frames: &[Frame], history: u64, first: u64, last: u64) {
+    let mut next = first;
+    for f in frames {
+        match &f.body {
+            Some(Body::Actions(x)) => {
+                assert_eq!((x.history_id, x.first_seq), (history, next));
+                next += x.actions.len() as u64;
+            }
+            Some(Body::Snapshot(s)) => panic!("a snapshot at {} instead of the tail", s.seq),
+            _ => {}
+        }
+    }
+    assert_eq!(next, last + 1);
+}
+
 /// After a crash (no final snapshot), the restarted authority serves a
 /// replica that was behind with the tail from its journal: the first frames
 /// after the welcome are `Actions` continuing at `last_seq + 1`.
@@ -136,18 +214,7 @@ async fn after_a_crash_a_replica_behind_gets_the_journaled_tail() {
         Some(Body::StoreWelcome(w)) => assert_eq!(w.history_id, history),
         other => panic!("expected a store welcome, got {other:?}"),
     }
-    let mut next = 31;
-    for f in &frames[1..] {
-        match &f.body {
-            Some(Body::Actions(x)) => {
-                assert_eq!((x.history_id, x.first_seq), (history, next));
-                next += x.actions.len() as u64;
-            }
-            Some(Body::Snapshot(s)) => panic!("a snapshot at {} instead of the tail", s.seq),
-            _ => {}
-        }
-    }
-    assert_eq!(next, 51);
+    assert_tail(&frames[1..], history, 31, 50);
 
     // The observation can fail: a replica of another history gets a
     // snapshot (here the stored one at seq 0, the journal's tail follows it).
@@ -263,13 +330,7 @@ async fn raw_dispatch(url: &str, client_id: &str, first: u64, last: u64) -> Vec<
 
 async fn resend_after_restart(graceful: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let config = backup_config(&dir.path().join("counter.backup"));
-    let url_a = format!("unix://{}/a.sock", dir.path().display());
-    let url_b = format!("unix://{}/b.sock", dir.path().display());
-
-    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
-    let server = a.serve(&url_a, server_config()).await.unwrap();
+    let (a, server, url_a) = serve_backed(dir.path(), "a.sock").await;
     // Ops 1..=3 of "r1" are committed; a dispatch on the authority follows.
     let got = raw_dispatch(&url_a, "r1", 1, 3).await;
     assert_eq!(got, vec![(1, 1), (2, 2), (3, 3)]);
@@ -282,10 +343,8 @@ async fn resend_after_restart(graceful: bool) {
     drop(server);
     drop(a);
 
-    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
+    let (b, _server, url_b) = serve_backed(dir.path(), "b.sock").await;
     assert_eq!(b.seq(), 4);
-    let _server = b.serve(&url_b, server_config()).await.unwrap();
     // "r1" never saw the answers: it resends ops 1..=3 and sends op 4.
     let got = raw_dispatch(&url_b, "r1", 1, 4).await;
     assert_eq!(

@@ -513,6 +513,59 @@ fn authority_survives_reducer_panic() {
     assert_eq!(a.state().applied, vec![1, 2, 3, 4, 6]);
 }
 
+/// A recovered tail (actions up to the snapshot's seq) is not applied again
+/// and starts the backlog: back to its first gap or undecodable action,
+/// within the backlog limits, and only when it ends at the snapshot.
+#[test]
+fn recovered_tail_starts_the_backlog() {
+    use replimesh_store::core::Recovered;
+    use replimesh_store::Encoding;
+    let action = |n: u64| Encoding::Binary.encode(&Add { nonce: n }).unwrap();
+    let mut state = JState::default();
+    for n in 1..=10 {
+        Journal { panic_on: None }.reduce(&mut state, &Add { nonce: n });
+    }
+    let snapshot = Some((10, Encoding::Binary.encode(&state).unwrap()));
+    let recover = |tail: Vec<(u64, bytes::Bytes)>, backlog_count: usize| {
+        let cfg = AuthorityConfig {
+            log: LogConfig {
+                backlog_count,
+                ..LogConfig::default()
+            },
+            ..AuthorityConfig::default()
+        };
+        let mut actions = tail;
+        actions.extend([(11, action(11)), (12, action(12))]);
+        let recovered = Recovered {
+            history_id: 7,
+            snapshot: snapshot.clone(),
+            actions,
+            origins: Vec::new(),
+        };
+        let a = Authority::recover(Journal { panic_on: None }, cfg, recovered, 9).unwrap();
+        assert_eq!(a.seq(), 12);
+        assert_eq!(
+            a.state().applied,
+            (1..=12).collect::<Vec<_>>(),
+            "applied twice"
+        );
+        a.entries_after(0).map(|(s, _)| s).collect::<Vec<_>>()
+    };
+    let whole: Vec<_> = (1..=10).map(|n| (n, action(n))).collect();
+    assert_eq!(recover(whole.clone(), 100), (1..=12).collect::<Vec<_>>());
+    // The backlog limits keep the newest.
+    assert_eq!(recover(whole.clone(), 5), (8..=12).collect::<Vec<_>>());
+    // Back to a gap, or to an undecodable action.
+    let mut gap = whole.clone();
+    gap.remove(6); // seq 7
+    assert_eq!(recover(gap, 100), (8..=12).collect::<Vec<_>>());
+    let mut bad = whole.clone();
+    bad[5].1 = bytes::Bytes::from_static(&[0xff; 12]); // seq 6
+    assert_eq!(recover(bad, 100), (7..=12).collect::<Vec<_>>());
+    // A tail that does not end at the snapshot is not kept.
+    assert_eq!(recover(whole[..9].to_vec(), 100), vec![11, 12]);
+}
+
 /// A replica with another schema is refused with an error naming both.
 #[test]
 fn schema_mismatch_is_refused() {

@@ -40,7 +40,14 @@ pub struct Recovered {
     pub history_id: u64,
     /// A snapshot (seq, binary state), if any.
     pub snapshot: Option<(u64, Bytes)>,
-    /// Committed actions after the snapshot, in order: (seq, binary action).
+    /// Committed actions, in seq order: (seq, binary action). Those after
+    /// the snapshot are applied to it. Those up to and including the
+    /// snapshot's seq (a *tail*, such as [`crate::BackupPersistence`] keeps
+    /// in its final snapshot) are not applied again: as far as they end at
+    /// the snapshot's seq without a gap, the newest of them (within the
+    /// backlog limits) start the backlog, so that the restarted authority
+    /// catches replicas that were behind up with actions instead of a
+    /// snapshot.
     pub actions: Vec<(u64, Bytes)>,
     /// Where recent committed actions came from (any order): the restarted
     /// authority drops dispatches resent to it that are among them.
@@ -148,7 +155,9 @@ impl<R: Reducer> Authority<R> {
     }
 
     /// An authority that continues a persisted history. Actions that do not
-    /// follow on (gaps, undecodable) end the recovery at the last good one.
+    /// follow on (gaps, undecodable) end the recovery at the last good one;
+    /// a tail before the snapshot (see [`Recovered::actions`]) is kept back
+    /// to its first gap or undecodable action.
     pub fn recover(
         reducer: R,
         config: AuthorityConfig,
@@ -160,13 +169,19 @@ impl<R: Reducer> Authority<R> {
             return Ok(a);
         }
         a.log.history = recovered.history_id;
+        let mut actions = recovered.actions.into_iter().peekable();
         if let Some((seq, bytes)) = recovered.snapshot {
             let state: R::State = Encoding::Binary
                 .decode(&bytes)
                 .map_err(|e| RemoteError::new(ErrorCode::Internal, format!("snapshot: {e}")))?;
             a.log.reset(recovered.history_id, seq, state, bytes);
+            let mut tail = Vec::new();
+            while let Some(t) = actions.next_if(|(s, _)| *s <= seq) {
+                tail.push(t);
+            }
+            a.log.restore_tail(tail);
         }
-        for (seq, bytes) in recovered.actions {
+        for (seq, bytes) in actions {
             if seq <= a.log.head {
                 continue;
             }

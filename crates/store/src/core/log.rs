@@ -271,6 +271,30 @@ impl<R: Reducer> Log<R> {
         self.snap = Some((seq, bytes));
     }
 
+    /// Puts committed actions back into the empty backlog of a restarted
+    /// history whose state is at `head` already (they are not applied): the
+    /// newest of `tail` (in seq order) as far as they end at `head` without a
+    /// gap, decode, and fit the backlog limits.
+    pub(crate) fn restore_tail(&mut self, tail: Vec<(u64, Bytes)>) {
+        if !self.backlog.is_empty() {
+            return;
+        }
+        let mut expect = self.head;
+        for (seq, b) in tail.into_iter().rev() {
+            if expect == 0
+                || seq != expect
+                || self.backlog.len() >= self.cfg.backlog_count
+                || self.backlog_bytes + b.len() > self.cfg.backlog_bytes
+                || Encoding::Binary.decode::<R::Action>(&b).is_err()
+            {
+                break;
+            }
+            self.backlog_bytes += b.len();
+            self.backlog.push_front(b);
+            expect -= 1;
+        }
+    }
+
     // ---- followers ----
 
     pub(crate) fn add_follower(
