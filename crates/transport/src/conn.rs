@@ -142,6 +142,9 @@ struct Shared {
     end: Mutex<Option<RecvError>>,
     /// Number of live `Sender` handles (the `Receiver` counts as one too).
     handles: AtomicU64,
+    /// Buffers the reader allocated for large frames, for tests.
+    #[cfg(test)]
+    big_buffers: AtomicU64,
 }
 
 impl Shared {
@@ -648,6 +651,8 @@ fn new_connection(
         done: CancellationToken::new(),
         end: Mutex::new(None),
         handles: AtomicU64::new(2),
+        #[cfg(test)]
+        big_buffers: AtomicU64::new(0),
     });
     let (tx, rx) = mpsc::channel(config.recv_batches.max(1));
     let conn = Connection {
@@ -824,12 +829,12 @@ async fn stream_reader<R: AsyncRead + Unpin>(
 ) {
     const READ_CHUNK: usize = 128 * 1024;
     let max = codec.max_frame();
+    // Reads go here while frames are small,
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    // A large frame being read straight into its own buffer: (buffer, length).
-    let mut big: Option<(BytesMut, usize)> = None;
-    // After a large frame, read the next length prefix alone, so a following
-    // large frame is not split across a shared buffer (which would copy it).
-    let mut prefix_only = false;
+    // and here while large frames follow each other (see `BigBuf`).
+    let mut big: Option<BigBuf> = None;
+    // The length of the incomplete frame at the end of what was read, if known.
+    let mut next: Option<usize> = None;
     let mut timers = Timers::new(&config);
     let mut last = Instant::now();
     let reason = 'outer: loop {
@@ -838,13 +843,12 @@ async fn stream_reader<R: AsyncRead + Unpin>(
         }
         let read = async {
             match &mut big {
-                Some((b, len)) => {
-                    let want = (*len - b.len()) as u64;
-                    (&mut reader).take(want).read_buf(b).await
-                }
-                None if prefix_only && buf.len() < LENGTH_PREFIX => {
-                    let want = (LENGTH_PREFIX - buf.len()) as u64;
-                    (&mut reader).take(want).read_buf(&mut buf).await
+                Some(b) => {
+                    let want = b.want(next);
+                    (&mut reader)
+                        .take(want as u64)
+                        .read_buf(&mut b.cur.buf)
+                        .await
                 }
                 None => reader.read_buf(&mut buf).await,
             }
@@ -864,48 +868,60 @@ async fn stream_reader<R: AsyncRead + Unpin>(
             _ = shared.done.cancelled() => break shared.end_reason(),
         }
         last = Instant::now();
-        let mut batch = Vec::new();
         let mut bodies = Vec::new();
-        match big.take() {
-            Some((b, len)) if b.len() == len => {
-                bodies.push(b.freeze());
-                prefix_only = true;
+        let from = match &mut big {
+            Some(b) => &mut b.cur.buf,
+            None => &mut buf,
+        };
+        next = match split_frames(from, max, &mut bodies) {
+            Ok(next) => next,
+            Err(len) => {
+                refuse(
+                    &shared,
+                    CloseCode::FrameTooLarge,
+                    &format!("frame of {len} bytes exceeds {max}"),
+                );
+                break 'outer RecvError::FrameTooLarge { len, max };
             }
-            Some(partial) => {
-                big = Some(partial);
-                continue;
-            }
-            None => loop {
-                if buf.len() < LENGTH_PREFIX {
-                    break;
-                }
-                let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-                if len > max {
-                    refuse(
-                        &shared,
-                        CloseCode::FrameTooLarge,
-                        &format!("frame of {len} bytes exceeds {max}"),
-                    );
-                    break 'outer RecvError::FrameTooLarge { len, max };
-                }
-                if buf.len() >= LENGTH_PREFIX + len {
-                    buf.advance(LENGTH_PREFIX);
-                    bodies.push(buf.split_to(len).freeze());
-                    continue;
-                }
-                // Incomplete; the length is within the limit, so allocating for it is bounded.
-                if len >= LARGE_FRAME {
-                    let mut b = BytesMut::with_capacity(len);
-                    b.extend_from_slice(&buf[LENGTH_PREFIX..]);
-                    buf.clear();
-                    big = Some((b, len));
-                } else {
-                    prefix_only = false;
+        };
+        // Large frames are read into `big` while they follow each other: the
+        // next frame is large, or not known yet and the last one was.
+        let last_big = bodies.last().map(|b| b.len()).filter(|&n| n >= LARGE_FRAME);
+        let big_next = match next {
+            Some(len) => len >= LARGE_FRAME,
+            None => last_big.is_some() || big.is_some() && bodies.is_empty(),
+        };
+        match (&mut big, big_next) {
+            (None, false) => {
+                if let Some(len) = next {
                     buf.reserve(LENGTH_PREFIX + len - buf.len());
                 }
-                break;
-            },
+            }
+            (None, true) => {
+                let mut b = BigBuf::new(last_big.or(next).unwrap_or(LARGE_FRAME), next);
+                b.cur.buf.extend_from_slice(&buf);
+                buf.clear();
+                big = Some(b);
+            }
+            (Some(b), true) => {
+                if let Some(n) = last_big {
+                    b.last = n;
+                }
+                b.make_room(next);
+            }
+            (Some(b), false) => {
+                buf.extend_from_slice(&b.cur.buf);
+                // Back to small frames: the large-frame memory is freed once
+                // the consumer is done with it.
+                big = None;
+            }
         }
+        #[cfg(test)]
+        if let Some(b) = &mut big {
+            let n = std::mem::take(&mut b.allocs);
+            shared.big_buffers.fetch_add(n, Ordering::Relaxed);
+        }
+        let mut batch = Vec::with_capacity(bodies.len());
         for body in bodies {
             match handle_body(&shared, body) {
                 Incoming::Deliver(b) => batch.push(b),
@@ -940,6 +956,140 @@ async fn stream_reader<R: AsyncRead + Unpin>(
     shared.finish(reason);
 }
 
+/// Splits the complete length-prefixed frames at the start of `buf` off it
+/// (without copying) into `bodies`. Returns the length of the incomplete
+/// frame left at the end, if its length prefix is there (`None`: fewer bytes
+/// than a length prefix are left), or `Err(len)` for a frame longer than `max`.
+fn split_frames(
+    buf: &mut BytesMut,
+    max: usize,
+    bodies: &mut Vec<Bytes>,
+) -> Result<Option<usize>, usize> {
+    while buf.len() >= LENGTH_PREFIX {
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len > max {
+            return Err(len);
+        }
+        if buf.len() < LENGTH_PREFIX + len {
+            return Ok(Some(len));
+        }
+        buf.advance(LENGTH_PREFIX);
+        bodies.push(buf.split_to(len).freeze());
+    }
+    Ok(None)
+}
+
+/// Size of each of the reader's buffers for large frames (or of one frame,
+/// if larger).
+const BIG_BUF: usize = 512 * 1024;
+
+/// Memory that large frames are read into and split off.
+#[derive(Default)]
+struct Arena {
+    buf: BytesMut,
+    /// The capacity `buf` was allocated with.
+    size: usize,
+}
+
+impl Arena {
+    fn new(size: usize) -> Arena {
+        Arena {
+            buf: BytesMut::with_capacity(size),
+            size,
+        }
+    }
+
+    /// Moves what `buf` holds to the start of its memory, if no frame split
+    /// off it is alive any more (and the two do not overlap).
+    fn reclaim(&mut self) -> bool {
+        self.size > 0 && self.buf.try_reclaim(self.size - self.buf.len())
+    }
+}
+
+/// The reader's buffers while large frames follow each other.
+///
+/// Reads fill the current buffer (several frames at once when they are
+/// waiting) and frames are split off it, so the consumer gets them without a
+/// copy. A read stops where the next frame, if it is as large as the last
+/// one, would not fit, so frames are rarely cut at the end of a buffer (what
+/// is, is copied to the next one). The next buffer is the current one again
+/// from its start, or the previous one, once the consumer has dropped every
+/// frame split off it: a stream of large frames does not allocate (and fault
+/// in) fresh memory for every frame. Frames the consumer keeps pin at most
+/// one buffer each. The reader drops both buffers when small frames follow.
+struct BigBuf {
+    cur: Arena,
+    /// The previous buffer, used again once its frames are gone.
+    old: Arena,
+    /// The length of the last large frame.
+    last: usize,
+    /// Buffers allocated and not yet counted, for tests.
+    #[cfg(test)]
+    allocs: u64,
+}
+
+impl BigBuf {
+    /// Buffers for a first large frame, of length `next` if known (else
+    /// `last`): its own size at first (large frames between small ones cost
+    /// no more), `BIG_BUF` once another one follows.
+    fn new(last: usize, next: Option<usize>) -> BigBuf {
+        let mut b = BigBuf {
+            cur: Arena::default(),
+            old: Arena::default(),
+            last,
+            #[cfg(test)]
+            allocs: 1,
+        };
+        b.cur = Arena::new(b.frame_end(next));
+        b
+    }
+
+    /// Where the incomplete frame at the start of `cur` ends (counted from
+    /// that start): its length is `next` if known, else taken to be the last one's.
+    fn frame_end(&self, next: Option<usize>) -> usize {
+        LENGTH_PREFIX + next.unwrap_or(self.last)
+    }
+
+    /// Makes room in `cur` for the incomplete frame it starts with.
+    fn make_room(&mut self, next: Option<usize>) {
+        let need = self.frame_end(next);
+        let len = self.cur.buf.len();
+        let fits = self.cur.buf.capacity() >= need;
+        // Moving a length prefix or less is free.
+        if fits && len > LENGTH_PREFIX {
+            return;
+        }
+        if self.cur.size >= need && self.cur.reclaim() {
+            return;
+        }
+        if fits {
+            return;
+        }
+        let mut to = std::mem::take(&mut self.old);
+        if !(to.size >= need && to.reclaim()) {
+            to = Arena::new(need.max(BIG_BUF));
+            #[cfg(test)]
+            {
+                self.allocs += 1;
+            }
+        }
+        to.buf.extend_from_slice(&self.cur.buf);
+        self.cur.buf.clear();
+        self.old = std::mem::replace(&mut self.cur, to);
+    }
+
+    /// How many bytes the next read may take: to the end of the incomplete
+    /// frame, then whole frames as large as the last one while they fit in
+    /// `cur`, then the next length prefix.
+    fn want(&self, next: Option<usize>) -> usize {
+        let (len, cap) = (self.cur.buf.len(), self.cur.buf.capacity());
+        let end = self.frame_end(next);
+        let frames = cap.saturating_sub(end) / (LENGTH_PREFIX + self.last);
+        let stop = end + frames * (LENGTH_PREFIX + self.last) + LENGTH_PREFIX;
+        stop.min(cap) - len
+    }
+}
+
 fn io_reason(e: std::io::Error) -> RecvError {
     use std::io::ErrorKind as K;
     match e.kind() {
@@ -969,9 +1119,19 @@ const LARGE_FRAME: usize = 16 * 1024;
 /// never grows with the size of the drained queue.
 const FLUSH_AT: usize = 256 * 1024;
 
-/// Writes one drained batch: small frames are copied into `buf` (one write per
-/// `FLUSH_AT` bytes), large frames go out from their own memory together with
-/// what precedes them (vectored).
+/// Most slices in one vectored write.
+const MAX_SLICES: usize = 64;
+
+/// A piece of the next write: bytes of the batch buffer (small frames and
+/// the length prefixes of large ones) or a large frame in its own memory.
+enum Piece<'a> {
+    Buf(std::ops::Range<usize>),
+    Frame(&'a [u8]),
+}
+
+/// Writes one drained batch: small frames are copied into `buf`, large frames
+/// go out from their own memory, all of it in vectored writes of about
+/// `FLUSH_AT` bytes (several large frames per write).
 async fn write_batch<'a, W: AsyncWrite + Unpin>(
     writer: &mut W,
     buf: &mut BytesMut,
@@ -979,53 +1139,70 @@ async fn write_batch<'a, W: AsyncWrite + Unpin>(
     frames: impl Iterator<Item = &'a Bytes>,
     close: Option<&'a Bytes>,
 ) -> std::io::Result<()> {
+    let mut pieces: Vec<Piece<'a>> = Vec::new();
+    let mut pending = 0;
     for b in frames.chain(close) {
+        let at = buf.len();
         if b.len() >= LARGE_FRAME {
             buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
-            write_two(writer, buf, b).await?;
-            buf.clear();
         } else {
             // Sizes were checked when queued.
             let _ = codec.put_encoded(b, buf);
-            if buf.len() >= FLUSH_AT {
-                writer.write_all(buf).await?;
-                buf.clear();
-            }
+        }
+        match pieces.last_mut() {
+            Some(Piece::Buf(r)) if r.end == at => r.end = buf.len(),
+            _ => pieces.push(Piece::Buf(at..buf.len())),
+        }
+        pending += buf.len() - at;
+        if b.len() >= LARGE_FRAME {
+            pieces.push(Piece::Frame(b));
+            pending += b.len();
+        }
+        if pending >= FLUSH_AT || pieces.len() >= MAX_SLICES - 1 {
+            write_pieces(writer, buf, &pieces).await?;
+            pieces.clear();
+            buf.clear();
+            pending = 0;
         }
     }
-    if !buf.is_empty() {
-        writer.write_all(buf).await?;
+    if !pieces.is_empty() {
+        write_pieces(writer, buf, &pieces).await?;
         buf.clear();
     }
     Ok(())
 }
 
-/// Writes `a` then `b`, with vectored writes when the stream supports them.
-async fn write_two<W: AsyncWrite + Unpin>(
+/// Writes `pieces` whole, with vectored writes when the stream supports them.
+async fn write_pieces<'b, W: AsyncWrite + Unpin>(
     writer: &mut W,
-    a: &[u8],
-    b: &[u8],
+    buf: &'b [u8],
+    pieces: &[Piece<'b>],
 ) -> std::io::Result<()> {
-    if !writer.is_write_vectored() {
-        writer.write_all(a).await?;
-        return writer.write_all(b).await;
+    let bytes = |p: &Piece<'b>| -> &'b [u8] {
+        match p {
+            Piece::Buf(r) => &buf[r.clone()],
+            Piece::Frame(f) => f,
+        }
+    };
+    if pieces.len() == 1 || !writer.is_write_vectored() {
+        for p in pieces {
+            writer.write_all(bytes(p)).await?;
+        }
+        return Ok(());
     }
-    let (mut a, mut b) = (a, b);
-    while !a.is_empty() {
-        let n = writer
-            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
-            .await?;
+    let mut slices = [std::io::IoSlice::new(&[]); MAX_SLICES];
+    for (s, p) in slices.iter_mut().zip(pieces) {
+        *s = std::io::IoSlice::new(bytes(p));
+    }
+    let mut left = &mut slices[..pieces.len().min(MAX_SLICES)];
+    while !left.is_empty() {
+        let n = writer.write_vectored(left).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        if n >= a.len() {
-            b = &b[n - a.len()..];
-            a = &[];
-        } else {
-            a = &a[n..];
-        }
+        std::io::IoSlice::advance_slices(&mut left, n);
     }
-    writer.write_all(b).await
+    Ok(())
 }
 
 async fn stream_writer<W: AsyncWrite + Unpin>(
@@ -1364,6 +1541,18 @@ mod tests {
         drop(conn);
     }
 
+    /// The payload of the next frame, `i`th of a test, which must be data.
+    async fn recv_payload(rx: &mut Receiver, i: u32) -> Bytes {
+        let f = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("frame in time")
+            .unwrap();
+        match f.body {
+            Some(Body::Data(d)) => d.payload,
+            _ => panic!("frame {i} is not data"),
+        }
+    }
+
     /// Where a direct write stops (in bytes; 0: nowhere), for the test below.
     pub(super) static CUT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -1400,17 +1589,8 @@ mod tests {
             tx
         });
         for i in 0..n {
-            let f = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .expect("frame in time")
-                .unwrap();
-            let Some(Body::Data(d)) = f.body else {
-                panic!("frame {i} is not data")
-            };
-            assert!(
-                d.payload[..] == body(i)[..],
-                "frame {i} torn or out of order"
-            );
+            let payload = recv_payload(&mut rx, i).await;
+            assert!(payload[..] == body(i)[..], "frame {i} torn or out of order");
         }
         let _tx = writer.await.unwrap();
         CUT.store(0, Ordering::Relaxed);
@@ -1463,6 +1643,37 @@ mod tests {
                 .unwrap();
             assert_eq!(&f, want, "big frame {i}");
         }
+    }
+
+    /// A stream of large frames that the consumer drops as it goes is read
+    /// into the same few buffers (no fresh memory per frame), and every frame
+    /// arrives whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_frames_reuse_the_readers_buffers() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let config = Config::default();
+        let (tx, _arx) = crate::from_unix_stream(a, &config).split();
+        let receiver = crate::from_unix_stream(b, &config);
+        let shared = receiver.receiver.shared.clone();
+        let (_btx, mut rx) = receiver.split();
+        let n = 200u32;
+        let body = |i: u32| {
+            let mut p = vec![(i % 251) as u8; 64 * 1024];
+            p[..4].copy_from_slice(&i.to_be_bytes());
+            p
+        };
+        // One frame in flight at a time: the consumer has dropped the frames
+        // before when the reader needs room for the next one.
+        for i in 0..n {
+            tx.send(&Frame::data(body(i))).unwrap();
+            let payload = recv_payload(&mut rx, i).await;
+            assert!(payload[..] == body(i)[..], "frame {i} torn");
+        }
+        let buffers = shared.big_buffers.load(Ordering::Relaxed);
+        assert!(
+            (1..=3).contains(&buffers),
+            "{buffers} buffers for {n} large frames"
+        );
     }
 
     #[test]

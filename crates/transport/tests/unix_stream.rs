@@ -63,3 +63,43 @@ async fn keep_alive_detects_a_silent_peer() {
         other => panic!("expected a timeout, got {other:?}"),
     }
 }
+
+/// Large frames of many sizes, between small ones, that the consumer keeps
+/// until the end: the reader reuses its buffers only for frames that are
+/// gone, and writes that the socket takes in part (several large frames per
+/// vectored write) leave every frame whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_frames_kept_by_the_consumer_stay_intact() {
+    let (a, b) = tokio::net::UnixStream::pair().unwrap();
+    let config = Config::default();
+    let a = from_unix_stream(a, &config);
+    let mut b = from_unix_stream(b, &config);
+    // Mostly 64 KiB (give or take a byte), some small, some up to 616 KiB.
+    let sizes: Vec<usize> = (0..300u64)
+        .map(|i| {
+            let h = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 24) as usize;
+            match h % 8 {
+                0 => h % 2000,
+                1 => 16 * 1024 + h % (600 * 1024),
+                _ => 64 * 1024 + h % 3,
+            }
+        })
+        .collect();
+    let frame =
+        |i: usize, n: usize| Frame::data((0..n).map(|j| (i * 7 + j) as u8).collect::<Vec<u8>>());
+    let sent = sizes.clone();
+    let sender = tokio::spawn(async move {
+        for (i, &n) in sent.iter().enumerate() {
+            a.sender().send_wait(&frame(i, n)).await.unwrap();
+        }
+        a
+    });
+    let mut kept = Vec::new();
+    for _ in 0..sizes.len() {
+        kept.push(tokio::time::timeout(T, b.recv()).await.unwrap().unwrap());
+    }
+    for (i, (f, &n)) in kept.iter().zip(&sizes).enumerate() {
+        assert!(*f == frame(i, n), "frame {i} ({n} bytes) changed");
+    }
+    drop(sender.await.unwrap());
+}
