@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use proto::{frame::Body, CloseCode, Frame, PeerKind};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -14,6 +14,8 @@ use tokio::time::Instant;
 use crate::error::{MeshError, RouteError};
 use crate::router::{handle_routed, lock, Ctx, Flow, Peer, Router};
 use crate::server::{random_id, Groups};
+use crate::shared_str::{NameCache, SharedStr};
+use crate::wire;
 
 /// Client configuration.
 #[derive(Debug, Clone)]
@@ -73,20 +75,29 @@ impl ClientConfig {
 }
 
 /// A group message received by a client.
+///
+/// `group` and `from` are [`SharedStr`]s: the deliveries of one connection
+/// share the text of a repeated group name or sender id (they compare with
+/// `&str` and have `as_str()` as a `String` does).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     /// The group it was delivered for.
-    pub group: String,
+    pub group: SharedStr,
     /// The publishing client's id (empty when a server published).
-    pub from: String,
+    pub from: SharedStr,
     /// Payload.
     pub data: Bytes,
 }
 
 /// The stream of group messages of a client.
+///
+/// The connection's read loop hands over the deliveries of each read as one
+/// batch; this hands them out one by one or in bulk.
 #[derive(Debug)]
 pub struct Deliveries {
-    rx: mpsc::UnboundedReceiver<Delivery>,
+    rx: mpsc::UnboundedReceiver<Vec<Delivery>>,
+    /// What has arrived and was not handed out yet.
+    ready: VecDeque<Delivery>,
 }
 
 impl Deliveries {
@@ -95,22 +106,53 @@ impl Deliveries {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn recv(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
+        loop {
+            if let Some(d) = self.ready.pop_front() {
+                return Some(d);
+            }
+            self.ready = self.rx.recv().await?.into();
+        }
     }
 
     /// A delivery that has already arrived, without waiting.
     pub fn try_recv(&mut self) -> Option<Delivery> {
-        self.rx.try_recv().ok()
+        loop {
+            if let Some(d) = self.ready.pop_front() {
+                return Some(d);
+            }
+            self.ready = self.rx.try_recv().ok()?.into();
+        }
     }
 
     /// Waits for at least one delivery and appends up to `limit` to `buf`;
-    /// returns how many (0 once the client is closed). Cheaper than
-    /// [`Deliveries::recv`] under load.
+    /// returns how many (0 once the client is closed, or when `limit` is 0).
+    /// Cheaper than [`Deliveries::recv`] under load.
     ///
     /// # Cancel safety
     /// Cancel safe.
     pub async fn recv_many(&mut self, buf: &mut Vec<Delivery>, limit: usize) -> usize {
-        self.rx.recv_many(buf, limit).await
+        if limit == 0 {
+            return 0;
+        }
+        while self.ready.is_empty() {
+            match self.rx.recv().await {
+                Some(batch) => self.ready = batch.into(),
+                None => return 0,
+            }
+        }
+        let mut n = 0;
+        loop {
+            let take = (limit - n).min(self.ready.len());
+            buf.extend(self.ready.drain(..take));
+            n += take;
+            if n == limit {
+                return n;
+            }
+            match self.rx.try_recv() {
+                Ok(batch) => self.ready = batch.into(),
+                Err(_) => return n,
+            }
+        }
     }
 }
 
@@ -215,8 +257,9 @@ struct Inner {
     config: ClientConfig,
     router: Router,
     state: Mutex<State>,
-    deliveries: mpsc::UnboundedSender<Delivery>,
-    deliveries_rx: Mutex<Option<mpsc::UnboundedReceiver<Delivery>>>,
+    /// Batches of deliveries, one per read of the connection.
+    deliveries: mpsc::UnboundedSender<Vec<Delivery>>,
+    deliveries_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Delivery>>>>,
     connected: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
 }
@@ -291,9 +334,10 @@ impl Client {
 
     /// The stream of group messages (can be taken once).
     pub fn deliveries(&self) -> Option<Deliveries> {
-        lock(&self.inner.deliveries_rx)
-            .take()
-            .map(|rx| Deliveries { rx })
+        lock(&self.inner.deliveries_rx).take().map(|rx| Deliveries {
+            rx,
+            ready: VecDeque::new(),
+        })
     }
 
     /// The router: middlewares and handlers for messages from the server.
@@ -683,24 +727,98 @@ async fn run(c: Client) {
     st.outbox.clear();
 }
 
+/// How many frames the read loop takes from the connection before it hands
+/// over what it has (the deliveries of one batch).
+const READ_BATCH: usize = 256;
+
+/// Reads the connection: deliveries go to the inbox in batches (whatever has
+/// arrived, up to [`READ_BATCH`] frames, without waiting for more);
+/// responses resolve requests; requests and sends go to the router.
 async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver) {
-    while let Ok(f) = rx.recv().await {
-        match f.body {
-            Some(Body::Deliver(d)) => {
-                let _ = c.inner.deliveries.send(Delivery {
-                    group: d.group,
-                    from: d.from,
-                    data: d.data,
-                });
+    use futures_util::FutureExt;
+    let mut names = NameCache::default();
+    let mut batch = Vec::new();
+    let mut open = true;
+    while open {
+        let Ok(body) = rx.recv_encoded().await else {
+            break;
+        };
+        let mut next = Some(body);
+        let mut taken = 0;
+        while let Some(body) = next.take() {
+            if !on_frame(c, peer, &mut names, &mut batch, body) {
+                open = false;
+                break;
             }
-            Some(Body::Response(r)) => peer.resolve(r),
-            Some(b @ (Body::Request(_) | Body::Send(_))) => {
-                let (router, p) = (c.inner.router.clone(), peer.clone());
-                crate::server::run_or_spawn(Box::pin(async move {
-                    handle_routed(&router, &p, None, b).await;
-                }));
+            taken += 1;
+            if taken == READ_BATCH {
+                break;
             }
-            _ => {}
+            // what has already arrived (cancel safe: nothing is lost)
+            next = match rx.recv_encoded().now_or_never() {
+                Some(Ok(b)) => Some(b),
+                Some(Err(_)) => {
+                    open = false;
+                    None
+                }
+                None => None,
+            };
+        }
+        if !batch.is_empty() {
+            let _ = c.inner.deliveries.send(std::mem::take(&mut batch));
         }
     }
+}
+
+/// Handles one frame body; `false` when it was malformed (the connection is
+/// closed as a protocol error).
+fn on_frame(
+    c: &Client,
+    peer: &Peer,
+    names: &mut NameCache,
+    batch: &mut Vec<Delivery>,
+    body: Bytes,
+) -> bool {
+    // the common case, a plain `Deliver`: no decoding, no copies
+    if let Some(p) = wire::deliver_parts(&body) {
+        if let (Some(group), Some(from)) = (names.get(&body[p.group]), names.get(&body[p.from])) {
+            let mut data = body;
+            data.truncate(p.data.end);
+            data.advance(p.data.start);
+            batch.push(Delivery { group, from, data });
+            return true;
+        }
+    }
+    let f = match <Frame as proto::Message>::decode(body) {
+        Ok(f) => f,
+        Err(e) => {
+            peer.sender()
+                .close(CloseCode::ProtocolError, &format!("malformed frame: {e}"));
+            return false;
+        }
+    };
+    if let Some(Body::Deliver(d)) = f.body {
+        batch.push(Delivery {
+            group: d.group.into(),
+            from: d.from.into(),
+            data: d.data,
+        });
+        return true;
+    }
+    // what arrived before a response or a request is in the inbox before
+    // the caller or the handler runs
+    if !batch.is_empty() {
+        let _ = c.inner.deliveries.send(std::mem::take(batch));
+    }
+    match f.body {
+        Some(Body::Response(r)) => peer.resolve(r),
+        Some(b @ (Body::Request(_) | Body::Send(_))) => {
+            let (router, p) = (c.inner.router.clone(), peer.clone());
+            crate::server::run_or_spawn(Box::pin(async move {
+                handle_routed(&router, &p, None, b).await;
+            }));
+        }
+        _ => {}
+    }
+    true
 }

@@ -10,7 +10,9 @@
 //!   called or the last handle is dropped.
 //! * [`Client`] — one or several server URLs with round-robin reconnect,
 //!   subscriptions restored after reconnect, `send` / `request` (queued in a
-//!   bounded outbox while reconnecting), routes on the client too.
+//!   bounded outbox while reconnecting), routes on the client too; group
+//!   messages arrive in its [`Deliveries`] as [`Delivery`]s, whose group and
+//!   sender names are [`SharedStr`]s shared between deliveries.
 //! * [`core`] — the sans-IO state machine of a clone (clone table, gossip,
 //!   link dedup, interest routing, duplicate windows) that the server drives
 //!   and the simulation tests.
@@ -76,6 +78,7 @@ pub mod core;
 mod error;
 mod router;
 mod server;
+mod shared_str;
 mod wire;
 
 pub use client::{Client, ClientConfig, ClientStatus, Deliveries, Delivery};
@@ -85,3 +88,4 @@ pub use server::{
     auth_out_async, auth_out_sync, AuthIn, AuthOut, ClientInfo, CloneTarget, Events, Groups,
     Server, ServerConfig, ServerEvent, ServerStats, WeakServer,
 };
+pub use shared_str::SharedStr;

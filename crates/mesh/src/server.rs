@@ -542,6 +542,7 @@ impl Server {
             auth_out: config.auth_out.clone(),
             clone_auth: HashMap::new(),
             stopping: None,
+            encoded: Vec::new(),
         };
         tokio::spawn(task.run(cmd_rx));
         for l in listeners {
@@ -1085,6 +1086,8 @@ struct CoreTask {
     auth_out: Option<AuthOut>,
     clone_auth: HashMap<String, AuthOut>,
     stopping: Option<oneshot::Sender<()>>,
+    /// Scratch space of [`Action::Deliver`]: the encoded frame per group.
+    encoded: Vec<Option<Bytes>>,
 }
 
 impl CoreTask {
@@ -1305,7 +1308,10 @@ impl CoreTask {
                     group_of,
                 } => {
                     let names: &[String] = if msg.all { &group_of } else { &msg.groups };
-                    let mut cache: Vec<Option<Bytes>> = vec![None; names.len()];
+                    // the encoded frame per group, made on first use
+                    let cache = &mut self.encoded;
+                    cache.clear();
+                    cache.resize(names.len(), None);
                     let (mut delivered, mut dropped, mut slow) = (0, 0, 0);
                     for t in targets {
                         let Some(p) = self.clients.get(&t.conn) else {
@@ -1330,6 +1336,7 @@ impl CoreTask {
                     count(&st.delivered, delivered);
                     count(&st.dropped, dropped);
                     count(&st.slow_consumers, slow);
+                    self.encoded.clear();
                 }
                 Action::Event(e) => self.server.event(ServerEvent::Mesh(e)),
             }

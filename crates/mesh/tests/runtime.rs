@@ -1,5 +1,6 @@
 //! Server lifecycle (stopping when the last handle goes), the event stream,
-//! and the client's outbox while disconnected.
+//! the client's outbox while disconnected, and how the client reads
+//! deliveries.
 
 use std::time::Duration;
 
@@ -237,4 +238,82 @@ async fn outbox_is_bounded_and_queued_requests_time_out() {
     let c = Client::start(cc).unwrap();
     assert_eq!(c.send("r", "a", &b"x"[..]), Err(MeshError::Disconnected));
     c.close();
+}
+
+/// A fake server: deliveries in the plain shape, one the client's fast path
+/// leaves to prost, enough for several batches, then a malformed frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reads_deliveries_in_order_and_closes_on_a_malformed_frame() {
+    use proto::{frame::Body, CloseCode, Frame};
+    let listener = transport::listen("tcp://127.0.0.1:0", &transport::Config::default())
+        .await
+        .unwrap();
+    let mut cfg = client_config(&listener.local_url());
+    cfg.reconnect = false;
+    let c = Client::start(cfg).unwrap();
+    let mut inbox = c.deliveries().unwrap();
+    let (sender, mut rx) = listener.accept().await.unwrap().split();
+    let hello = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert!(matches!(hello.body, Some(Body::Hello(_))));
+    sender
+        .send(&Frame::new(Body::Welcome(proto::Welcome {
+            version: proto::PROTOCOL_VERSION,
+            id: "fake".into(),
+            ..Default::default()
+        })))
+        .unwrap();
+    let deliver = |group: &str, from: &str, data: String| {
+        Frame::new(Body::Deliver(proto::Deliver {
+            group: group.into(),
+            from: from.into(),
+            data: data.into(),
+        }))
+    };
+    const N: usize = 1000;
+    for i in 0..N {
+        sender
+            .send(&deliver(["a", "b", "c"][i % 3], "pub", i.to_string()))
+            .unwrap();
+    }
+    // `group` twice (the last one counts)
+    let mut twice = deliver("first", "", "twice".into())
+        .encode_to_bytes()
+        .to_vec();
+    twice.extend_from_slice(&[0x0a, 1, b'z']);
+    twice[2] += 3;
+    sender.send_encoded(twice.into()).unwrap();
+    // not UTF-8: refused
+    sender
+        .send_encoded(vec![0x82, 0x01, 0x03, 0x0a, 0x01, 0xff].into())
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < N + 1 {
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(T, inbox.recv_many(&mut buf, 7))
+            .await
+            .unwrap();
+        assert!((1..=7).contains(&n) && n == buf.len(), "{n}");
+        got.extend(buf);
+    }
+    for (i, d) in got[..N].iter().enumerate() {
+        assert_eq!(d.group, ["a", "b", "c"][i % 3]);
+        assert_eq!(
+            (d.from.as_str(), &d.data[..]),
+            ("pub", i.to_string().as_bytes())
+        );
+    }
+    assert_eq!((got[N].group.as_str(), got[N].from.as_str()), ("z", ""));
+    assert_eq!(&got[N].data[..], b"twice");
+    // the malformed frame closed the connection as a protocol error
+    loop {
+        match tokio::time::timeout(T, rx.recv()).await.unwrap() {
+            Ok(_) => continue,
+            Err(transport::RecvError::Closed { code, .. }) => {
+                assert_eq!(code, CloseCode::ProtocolError as u32);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(inbox.try_recv(), None);
 }
