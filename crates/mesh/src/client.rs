@@ -101,7 +101,8 @@ pub struct Deliveries {
 }
 
 impl Deliveries {
-    /// The next delivery; `None` once the client is closed.
+    /// The next delivery; `None` once the client has stopped (closed, or
+    /// no longer reconnecting) and everything that arrived was handed out.
     ///
     /// # Cancel safety
     /// Cancel safe.
@@ -125,7 +126,8 @@ impl Deliveries {
     }
 
     /// Waits for at least one delivery and appends up to `limit` to `buf`;
-    /// returns how many (0 once the client is closed, or when `limit` is 0).
+    /// returns how many (0 once the client has stopped and everything that
+    /// arrived was handed out, or when `limit` is 0).
     /// Cheaper than [`Deliveries::recv`] under load.
     ///
     /// # Cancel safety
@@ -257,8 +259,6 @@ struct Inner {
     config: ClientConfig,
     router: Router,
     state: Mutex<State>,
-    /// Batches of deliveries, one per read of the connection.
-    deliveries: mpsc::UnboundedSender<Vec<Delivery>>,
     deliveries_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Delivery>>>>,
     connected: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
@@ -317,13 +317,13 @@ impl Client {
             }),
             config,
             router: Router::default(),
-            deliveries: tx,
             deliveries_rx: Mutex::new(Some(rx)),
             connected,
             shutdown,
         });
         let c = Client { inner };
-        tokio::spawn(run(c.clone()));
+        // the inbox's sender lives in the task: the inbox ends when it does
+        tokio::spawn(run(c.clone(), tx));
         Ok(c)
     }
 
@@ -650,7 +650,10 @@ async fn handshake(c: &Client, url: &str) -> Result<(Peer, transport::Receiver),
     ))
 }
 
-async fn run(c: Client) {
+/// Batches of deliveries, one per read of the connection.
+type Inbox = mpsc::UnboundedSender<Vec<Delivery>>;
+
+async fn run(c: Client, inbox: Inbox) {
     let mut stop = c.inner.shutdown.subscribe();
     let mut failures: u32 = 0;
     loop {
@@ -692,7 +695,7 @@ async fn run(c: Client) {
                 }
                 c.inner.connected.send_modify(|n| *n += 1);
                 tokio::select! {
-                    _ = read_loop(&c, &peer, rx) => {}
+                    _ = read_loop(&c, &peer, rx, &inbox) => {}
                     _ = stop.changed() => {}
                 }
                 peer.fail_all();
@@ -734,7 +737,7 @@ const READ_BATCH: usize = 256;
 /// Reads the connection: deliveries go to the inbox in batches (whatever has
 /// arrived, up to [`READ_BATCH`] frames, without waiting for more);
 /// responses resolve requests; requests and sends go to the router.
-async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver) {
+async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver, inbox: &Inbox) {
     use futures_util::FutureExt;
     let mut names = NameCache::default();
     let mut batch = Vec::new();
@@ -746,7 +749,7 @@ async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver) {
         let mut next = Some(body);
         let mut taken = 0;
         while let Some(body) = next.take() {
-            if !on_frame(c, peer, &mut names, &mut batch, body) {
+            if !on_frame(c, peer, inbox, &mut names, &mut batch, body) {
                 open = false;
                 break;
             }
@@ -765,7 +768,7 @@ async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver) {
             };
         }
         if !batch.is_empty() {
-            let _ = c.inner.deliveries.send(std::mem::take(&mut batch));
+            let _ = inbox.send(std::mem::take(&mut batch));
         }
     }
 }
@@ -775,6 +778,7 @@ async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver) {
 fn on_frame(
     c: &Client,
     peer: &Peer,
+    inbox: &Inbox,
     names: &mut NameCache,
     batch: &mut Vec<Delivery>,
     body: Bytes,
@@ -808,7 +812,7 @@ fn on_frame(
     // what arrived before a response or a request is in the inbox before
     // the caller or the handler runs
     if !batch.is_empty() {
-        let _ = c.inner.deliveries.send(std::mem::take(batch));
+        let _ = inbox.send(std::mem::take(batch));
     }
     match f.body {
         Some(Body::Response(r)) => peer.resolve(r),

@@ -315,5 +315,7 @@ async fn client_reads_deliveries_in_order_and_closes_on_a_malformed_frame() {
             Err(e) => panic!("{e}"),
         }
     }
+    // the client does not reconnect: it is over, and so is its inbox
+    assert_eq!(tokio::time::timeout(T, inbox.recv()).await.unwrap(), None);
     assert_eq!(inbox.try_recv(), None);
 }
