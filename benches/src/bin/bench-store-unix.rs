@@ -183,7 +183,17 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
         p["rate_per_s"] = json!(rate);
         p["samples"] = json!(samples);
         emit(scenario, "dispatch_to_committed_p50", p50, "ms", p.clone());
-        emit(scenario, "dispatch_to_committed_p99", p99, "ms", p);
+        emit(scenario, "dispatch_to_committed_p99", p99, "ms", p.clone());
+        // The floor: the same rate of bare round trips between two processes.
+        let raw_dir = TempDir::new("store-latency-raw")?;
+        let (raw50, raw99) = tokio::task::spawn_blocking(move || {
+            let r = raw_round_trips(&raw_dir, samples, rate);
+            drop(raw_dir);
+            r
+        })
+        .await??;
+        emit(scenario, "raw_round_trip_p50", raw50, "ms", p.clone());
+        emit(scenario, "raw_round_trip_p99", raw99, "ms", p);
     } else {
         let mut rates = Vec::new();
         for r in 1..=nrounds {
@@ -247,6 +257,15 @@ async fn read_line(c: &mut Child) -> Result<String> {
 }
 
 async fn child(args: &[String]) -> Result<()> {
+    if let [kind, path] = args {
+        if kind == "raw-echo" {
+            return tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || raw_echo(&path)
+            })
+            .await?;
+        }
+    }
     let [kind, url, role, per, nrounds, samples, rate] = args else {
         bail!("bad child arguments {args:?}");
     };
@@ -304,6 +323,58 @@ async fn child(args: &[String]) -> Result<()> {
     // Stay connected until the parent closes our stdin.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// Bytes of one raw round trip (about a dispatch's size).
+const RAW_MSG: usize = 32;
+
+/// The raw baseline's child: echoes what it reads on a Unix socket until EOF.
+fn raw_echo(path: &str) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    tell_parent("ready");
+    let mut buf = [0u8; RAW_MSG];
+    loop {
+        match s.read_exact(&mut buf) {
+            Ok(()) => s.write_all(&buf)?,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The platform's floor for `store-latency`: round trips of 32 bytes between
+/// this process and a child over a Unix socket, with blocking reads, at the
+/// same rate as the probe's dispatches (both processes sleep in between, as
+/// the authority and the probe do). Returns (p50, p99) in ms.
+fn raw_round_trips(dir: &TempDir, samples: u64, rate: u64) -> Result<(f64, f64)> {
+    use std::io::{Read, Write};
+    let path = dir.path().join("raw.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    let path = path.to_str().context("socket path")?.to_owned();
+    let mut child = ChildRole::spawn(&["raw-echo", &path])?;
+    let (mut s, _) = listener.accept()?;
+    if child.read_line()? != "ready" {
+        bail!("raw echo child did not start");
+    }
+    let period = Duration::from_micros(1_000_000 / rate);
+    let mut buf = [7u8; RAW_MSG];
+    let mut lat = Vec::with_capacity(samples as usize);
+    let mut next = Instant::now();
+    for _ in 0..samples {
+        next += period;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        let t = Instant::now();
+        s.write_all(&buf)?;
+        s.read_exact(&mut buf)?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(s);
+    child.finish()?;
+    lat.sort_by(f64::total_cmp);
+    let p50 = lat[lat.len() / 2];
+    let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    Ok((p50, p99))
 }
 
 #[allow(dead_code)]
