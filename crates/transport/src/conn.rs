@@ -1556,11 +1556,10 @@ mod tests {
     /// Where a direct write stops (in bytes; 0: nowhere), for the test below.
     pub(super) static CUT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-    /// Direct writes cut short (inside the length prefix, inside the body)
-    /// are completed by the writer task before anything else, so every frame
-    /// arrives whole and in order.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn partial_direct_writes_are_completed_by_the_writer() {
+    /// A connection over a Unix socket pair whose sending side makes direct
+    /// writes: its sender, the sender's shared state, the other end's
+    /// receiver, and what must stay alive meanwhile.
+    fn direct_pair() -> (Sender, Arc<Shared>, Receiver, (Receiver, Sender)) {
         use std::os::fd::AsFd;
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         let direct = a.as_fd().try_clone_to_owned().ok();
@@ -1568,8 +1567,17 @@ mod tests {
         let config = Config::default();
         let sender = spawn_stream(ar, aw, PeerAddr::Memory, &config, direct);
         let shared = sender.sender.shared.clone();
-        let (tx, _rx) = sender.split();
-        let (_btx, mut rx) = crate::from_unix_stream(b, &config).split();
+        let (tx, rx_a) = sender.split();
+        let (tx_b, rx) = crate::from_unix_stream(b, &config).split();
+        (tx, shared, rx, (rx_a, tx_b))
+    }
+
+    /// Direct writes cut short (inside the length prefix, inside the body)
+    /// are completed by the writer task before anything else, so every frame
+    /// arrives whole and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partial_direct_writes_are_completed_by_the_writer() {
+        let (tx, shared, mut rx, _keep) = direct_pair();
         let n = 300u32;
         let body = |i: u32| {
             let mut p = vec![(i % 251) as u8; 100 + (i as usize * 13) % 3900];
@@ -1603,24 +1611,12 @@ mod tests {
 
     #[tokio::test]
     async fn send_all_on_an_idle_connection_is_one_write() {
-        use std::os::fd::AsFd;
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let direct = a.as_fd().try_clone_to_owned().ok();
-        let (ar, aw) = a.into_split();
-        let config = Config::default();
-        let sender = spawn_stream(ar, aw, PeerAddr::Memory, &config, direct);
-        let shared = sender.sender.shared.clone();
-        let (tx, _rx) = sender.split();
-        let (_btx, mut rx) = crate::from_unix_stream(b, &config).split();
+        let (tx, shared, mut rx, _keep) = direct_pair();
         let frames: Vec<Frame> = (0..3u8).map(|i| Frame::data(vec![i; 100])).collect();
         tokio::time::sleep(DIRECT_QUIET * 2).await;
         tx.send_all(&frames).unwrap();
         for (i, want) in frames.iter().enumerate() {
-            let f = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .expect("frame in time")
-                .unwrap();
-            assert_eq!(&f, want, "frame {i}");
+            assert_eq!(Frame::data(recv_payload(&mut rx, i as u32).await), *want);
         }
         // Another test may cut direct writes short: whole or partial, one write.
         let ((whole, partial), frames) = {
@@ -1637,11 +1633,7 @@ mod tests {
         tokio::time::sleep(DIRECT_QUIET * 2).await;
         tx.send_all(&big).unwrap();
         for (i, want) in big.iter().enumerate() {
-            let f = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .expect("frame in time")
-                .unwrap();
-            assert_eq!(&f, want, "big frame {i}");
+            assert_eq!(Frame::data(recv_payload(&mut rx, i as u32).await), *want);
         }
     }
 
