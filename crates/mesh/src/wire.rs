@@ -300,7 +300,11 @@ fn read_varint(buf: &[u8], pos: &mut usize) -> Option<usize> {
     for i in 0..10 {
         let b = *buf.get(*pos)?;
         *pos += 1;
-        v |= u64::from(b & 0x7f).checked_shl(7 * i)?;
+        // The 10th byte holds bit 63 only; more would overflow (prost refuses).
+        if i == 9 && b > 1 {
+            return None;
+        }
+        v |= u64::from(b & 0x7f) << (7 * i);
         if b < 0x80 {
             return usize::try_from(v).ok();
         }
@@ -326,6 +330,23 @@ mod tests {
         let p = deliver_parts(body)?;
         let text = |r: Range<usize>| std::str::from_utf8(&body[r]).ok();
         Some(deliver(text(p.group)?, text(p.from)?, &body[p.data]))
+    }
+
+    #[test]
+    fn varints_that_overflow_64_bits_are_refused_as_prost_does() {
+        let mut max = vec![0xffu8; 9];
+        max.push(0x01);
+        let mut over = vec![0xffu8; 9];
+        over.push(0x02);
+        let mut pos = 0;
+        assert_eq!(read_varint(&max, &mut pos), usize::try_from(u64::MAX).ok());
+        assert_eq!(pos, 10);
+        assert_eq!(read_varint(&over, &mut 0), None);
+        let mut frame = DELIVER_KEY.to_vec();
+        frame.extend_from_slice(&over);
+        assert!(deliver_parts(&frame).is_none());
+        assert!(Frame::decode(&frame[..]).is_err(), "prost refuses it too");
+        assert_eq!(read_varint(&[0x80; 11], &mut 0), None);
     }
 
     #[test]

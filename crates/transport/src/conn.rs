@@ -100,17 +100,29 @@ const DIRECT_MAX: usize = 4096;
 /// the writer task (one write for many), a lone frame saves the hand-off.
 const DIRECT_QUIET: Duration = Duration::from_micros(20);
 
+/// What a direct write did.
+enum Direct {
+    /// The socket took nothing: queue the frames.
+    NotSent,
+    /// The socket took everything.
+    Sent,
+    /// The socket took part: the rest, to be sent first by the writer task.
+    Partial(Bytes),
+}
+
 /// Writes `bodies`, each with its length prefix, straight to the socket in
-/// one `send`, without blocking. Their framed size must be at most
-/// [`DIRECT_MAX`]. Returns the framed bytes and how many of them the socket
-/// took (`None`: none, queue them).
-fn write_direct(fd: &OwnedFd, bodies: &[&Bytes]) -> Option<(Vec<u8>, usize)> {
-    let mut buf = Vec::with_capacity(DIRECT_MAX);
+/// one `send`, without blocking, from a buffer on the stack. Their framed
+/// size must be at most [`DIRECT_MAX`].
+fn write_direct(fd: &OwnedFd, bodies: &[Bytes]) -> Direct {
+    let mut buf = [0u8; DIRECT_MAX];
+    let mut total = 0;
     for b in bodies {
-        buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
-        buf.extend_from_slice(b);
+        buf[total..total + LENGTH_PREFIX].copy_from_slice(&(b.len() as u32).to_be_bytes());
+        total += LENGTH_PREFIX;
+        buf[total..total + b.len()].copy_from_slice(b);
+        total += b.len();
     }
-    let total = buf.len();
+    let framed = &buf[..total];
     let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
     // Tests cut direct writes short at chosen points (sockets rarely do it
     // on demand).
@@ -119,9 +131,10 @@ fn write_direct(fd: &OwnedFd, bodies: &[&Bytes]) -> Option<(Vec<u8>, usize)> {
         0 => total,
         cut => total.min(cut),
     };
-    match rustix::net::send(fd, &buf[..total], flags) {
-        Ok(n) if n > 0 => Some((buf, n)),
-        _ => None,
+    match rustix::net::send(fd, &framed[..total], flags) {
+        Ok(n) if n == framed.len() => Direct::Sent,
+        Ok(n) if n > 0 => Direct::Partial(Bytes::copy_from_slice(&framed[n..])),
+        _ => Direct::NotSent,
     }
 }
 
@@ -219,7 +232,7 @@ impl Shared {
     /// no direct write in the last [`DIRECT_QUIET`], and all of them framed
     /// within [`DIRECT_MAX`]. What the socket does not take is left for the
     /// writer task to send first. `false`: nothing was written, queue them.
-    fn try_direct(&self, q: &mut Queue, bodies: &[&Bytes]) -> bool {
+    fn try_direct(&self, q: &mut Queue, bodies: &[Bytes]) -> bool {
         let framed: usize = bodies.iter().map(|b| LENGTH_PREFIX + b.len()).sum();
         if q.direct.is_none()
             || !q.frames.is_empty()
@@ -240,22 +253,26 @@ impl Shared {
             return false;
         }
         q.last_direct = Some(now);
-        let Some((buf, n)) = q.direct.as_ref().and_then(|fd| write_direct(fd, bodies)) else {
+        let Some(fd) = q.direct.as_ref() else {
             return false;
+        };
+        let rest = match write_direct(fd, bodies) {
+            Direct::NotSent => return false,
+            Direct::Sent => None,
+            Direct::Partial(rest) => Some(rest),
         };
         #[cfg(test)]
         {
             q.direct_frames += bodies.len() as u64;
             let c = &mut q.direct_writes;
-            *c = if n < buf.len() {
+            *c = if rest.is_some() {
                 (c.0, c.1 + 1)
             } else {
                 (c.0 + 1, c.1)
             };
         }
-        if n < buf.len() {
+        if let Some(rest) = rest {
             // The rest goes first, from the writer task.
-            let rest = Bytes::copy_from_slice(&buf[n..]);
             q.bytes += rest.len();
             q.partial = Some(rest);
             self.writer_wake.notify_one();
@@ -274,9 +291,8 @@ impl Shared {
             && !self.done.is_cancelled()
             && !self.closing.load(Ordering::Relaxed)
         {
-            let refs: Vec<&Bytes> = bodies.iter().collect();
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if self.try_direct(&mut q, &refs) {
+            if self.try_direct(&mut q, bodies) {
                 return Ok(());
             }
         }
@@ -327,7 +343,7 @@ impl Shared {
             }
         }
         let was_empty = q.frames.is_empty() && q.urgent.is_empty();
-        if was_empty && self.try_direct(&mut q, &[body]) {
+        if was_empty && self.try_direct(&mut q, std::slice::from_ref(body)) {
             return Ok(true);
         }
         q.bytes += len;
