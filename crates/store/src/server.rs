@@ -78,6 +78,9 @@ pub(crate) fn queue_limited(mut c: transport::Config) -> transport::Config {
     // Received batches waiting for the store: a few keep the socket busy;
     // more only hold decoded dispatches in memory.
     c.recv_batches = 16;
+    // The store's tasks always wait in `recv`: frames reach them without a
+    // hand-off from a reader task (see `store-latency` in docs/store.md).
+    c.inline_reads = true;
     c
 }
 

@@ -112,6 +112,15 @@ pub struct Config {
     /// How many received frames may wait for [`crate::Receiver::recv`] before
     /// the reader stops reading the socket (backpressure), counted in reads.
     pub recv_batches: usize,
+    /// TCP, TLS and Unix connections: read the socket from
+    /// [`crate::Receiver::recv`] itself instead of from a reader task
+    /// (default `false`). A frame then reaches its consumer without a hand-off
+    /// between tasks, which saves latency, but the connection is read only
+    /// while a `recv` is waiting: pings are answered, the peer's `Close` and
+    /// the idle timeout are noticed only then (dropping the receiver starts a
+    /// task that reads on). For consumers that always wait in `recv`.
+    /// `recv_batches` does not apply; WebSocket connections ignore it.
+    pub inline_reads: bool,
     /// After a local `close`, how long to wait for the peer to close its side.
     pub linger: Duration,
     /// TLS settings for `tls://` and `wss://`.
@@ -136,6 +145,7 @@ impl Default for Config {
             ping_interval: Some(Duration::from_secs(10)),
             idle_timeout: Some(Duration::from_secs(30)),
             recv_batches: 64,
+            inline_reads: false,
             linger: Duration::from_secs(2),
             tls: TlsConfig::default(),
             ws_json: false,

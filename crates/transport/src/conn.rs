@@ -517,12 +517,23 @@ impl Sender {
 /// `Ping`, `Pong` and `Close` frames are handled by the transport and never
 /// returned. Dropping the receiver does not close the connection while
 /// senders are alive; the reader stops reading (backpressure) once
-/// [`Config::recv_batches`] reads are waiting.
+/// [`Config::recv_batches`] reads are waiting. With [`Config::inline_reads`]
+/// the receiver reads the socket itself, only while [`Receiver::recv`] (or
+/// [`Receiver::try_recv`]) is called.
 pub struct Receiver {
     shared: Arc<Shared>,
-    rx: mpsc::Receiver<Vec<Bytes>>,
+    source: Source,
     current: std::vec::IntoIter<Bytes>,
     failed: bool,
+}
+
+/// Where a [`Receiver`] gets its frames.
+enum Source {
+    /// From the connection's reader task.
+    Task(mpsc::Receiver<Vec<Bytes>>),
+    /// From the socket, read by the receiver itself ([`Config::inline_reads`]).
+    /// `None` once the stream has ended.
+    Inline(Option<Box<InlineReader>>),
 }
 
 impl fmt::Debug for Receiver {
@@ -536,8 +547,34 @@ impl fmt::Debug for Receiver {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
+        if let Source::Inline(reader) = &mut self.source {
+            if let Some(reader) = reader.take() {
+                keep_reading(reader);
+            }
+        }
         release(&self.shared);
     }
+}
+
+/// An inline connection's receiver is gone while its senders live on: a
+/// task goes on reading, for the control frames and the end of the stream
+/// (data frames are dropped, as the reader task does when nobody receives).
+fn keep_reading(mut reader: Box<InlineReader>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        // No runtime left to read on: the connection ends here.
+        reader.shared.finish(RecvError::Eof);
+        return;
+    };
+    rt.spawn(async move {
+        let reason = loop {
+            if let Err(reason) = reader.next_batch().await {
+                break reason;
+            }
+        };
+        let shared = reader.shared.clone();
+        drop(reader);
+        finish_reader(shared, reason).await;
+    });
 }
 
 impl Receiver {
@@ -563,11 +600,43 @@ impl Receiver {
             if let Some(b) = self.current.next() {
                 return Ok(b);
             }
-            match self.rx.recv().await {
-                Some(batch) => self.current = batch.into_iter(),
-                None => return Err(self.shared.end_reason()),
+            match &mut self.source {
+                Source::Task(rx) => match rx.recv().await {
+                    Some(batch) => self.current = batch.into_iter(),
+                    None => return Err(self.shared.end_reason()),
+                },
+                Source::Inline(reader) => {
+                    let Some(r) = reader else {
+                        return Err(self.shared.end_reason());
+                    };
+                    match r.next_batch().await {
+                        Ok(batch) => self.current = batch.into_iter(),
+                        Err(reason) => return Err(self.end_inline(reason)),
+                    }
+                }
             }
         }
+    }
+
+    /// The inline reader stopped for `reason`: the connection ends (after a
+    /// moment for our `Close` frame when we refused the peer's input), and
+    /// the reason every later call returns is the connection's.
+    fn end_inline(&mut self, reason: RecvError) -> RecvError {
+        if let Source::Inline(reader) = &mut self.source {
+            *reader = None;
+        }
+        let refused = matches!(
+            reason,
+            RecvError::FrameTooLarge { .. } | RecvError::Malformed(_)
+        );
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if refused => {
+                self.shared.set_end(reason.clone());
+                rt.spawn(finish_reader(self.shared.clone(), reason));
+            }
+            _ => self.shared.finish(reason),
+        }
+        self.shared.end_reason()
     }
 
     /// The next frame if one has already arrived, without waiting.
@@ -579,14 +648,27 @@ impl Receiver {
         if let Some(b) = self.current.next() {
             return Some(self.decode(b));
         }
-        match self.rx.try_recv() {
-            Ok(batch) => {
-                self.current = batch.into_iter();
-                self.current.next().map(|b| self.decode(b))
+        let batch = match &mut self.source {
+            Source::Task(rx) => match rx.try_recv() {
+                Ok(batch) => batch,
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Some(Err(self.shared.end_reason()))
+                }
+            },
+            Source::Inline(reader) => {
+                let Some(r) = reader else {
+                    return Some(Err(self.shared.end_reason()));
+                };
+                // A read that is not ready is dropped (reading is cancel safe).
+                match r.next_batch().now_or_never()? {
+                    Ok(batch) => batch,
+                    Err(reason) => return Some(Err(self.end_inline(reason))),
+                }
             }
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(self.shared.end_reason())),
-        }
+        };
+        self.current = batch.into_iter();
+        self.current.next().map(|b| self.decode(b))
     }
 
     /// Frames are decoded here, in the consumer's task, so the reader task
@@ -677,7 +759,7 @@ fn new_connection(
         },
         receiver: Receiver {
             shared: shared.clone(),
-            rx,
+            source: Source::Task(rx),
             current: Vec::new().into_iter(),
             failed: false,
         },
@@ -817,7 +899,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (conn, shared, tx) = new_connection(peer, config);
+    let (mut conn, shared, tx) = new_connection(peer, config);
     shared
         .queue
         .lock()
@@ -825,10 +907,17 @@ where
         .direct = direct;
     let span = tracing::debug_span!("conn", id = shared.id, peer = %shared.peer);
     let codec = FrameCodec::new(config.max_frame);
-    tokio::spawn(tracing::Instrument::instrument(
-        stream_reader(reader, shared.clone(), tx, codec, config.clone()),
-        span.clone(),
-    ));
+    if config.inline_reads {
+        let reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(reader);
+        let reader = StreamReader::new(reader, shared.clone(), codec, config);
+        conn.receiver.source = Source::Inline(Some(Box::new(reader)));
+    } else {
+        let reader = StreamReader::new(reader, shared.clone(), codec, config);
+        tokio::spawn(tracing::Instrument::instrument(
+            stream_reader(reader, tx),
+            span.clone(),
+        ));
+    }
     tokio::spawn(tracing::Instrument::instrument(
         stream_writer(writer, shared, codec, config.clone()),
         span,
@@ -836,131 +925,182 @@ where
     conn
 }
 
-async fn stream_reader<R: AsyncRead + Unpin>(
-    mut reader: R,
+/// The reading side of a byte-stream connection: reads the socket, splits
+/// frames off it, answers control frames. Driven by its own task
+/// ([`stream_reader`]), or by the [`Receiver`] itself when the connection
+/// reads inline ([`Config::inline_reads`]).
+struct StreamReader<R> {
+    reader: R,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Vec<Bytes>>,
-    codec: FrameCodec,
-    config: Config,
-) {
-    const READ_CHUNK: usize = 128 * 1024;
-    let max = codec.max_frame();
-    // Reads go here while frames are small,
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    // and here while large frames follow each other (see `BigBuf`).
-    let mut big: Option<BigBuf> = None;
-    // The length of the incomplete frame at the end of what was read, if known.
-    let mut next: Option<usize> = None;
-    let mut timers = Timers::new(&config);
-    let mut last = Instant::now();
-    let reason = 'outer: loop {
-        if big.is_none() && buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+    max: usize,
+    /// Reads go here while frames are small,
+    buf: BytesMut,
+    /// and here while large frames follow each other (see `BigBuf`).
+    big: Option<BigBuf>,
+    /// The length of the incomplete frame at the end of what was read, if known.
+    next: Option<usize>,
+    timers: Timers,
+    last: Instant,
+    /// The end met after frames that were returned first.
+    end: Option<RecvError>,
+}
+
+/// A reader whose stream type is erased, for the [`Receiver`] of an inline
+/// connection.
+type InlineReader = StreamReader<Box<dyn AsyncRead + Send + Unpin>>;
+
+const READ_CHUNK: usize = 128 * 1024;
+
+impl<R: AsyncRead + Unpin> StreamReader<R> {
+    fn new(reader: R, shared: Arc<Shared>, codec: FrameCodec, config: &Config) -> Self {
+        StreamReader {
+            reader,
+            shared,
+            max: codec.max_frame(),
+            buf: BytesMut::new(),
+            big: None,
+            next: None,
+            timers: Timers::new(config),
+            last: Instant::now(),
+            end: None,
         }
-        let read = async {
-            match &mut big {
-                Some(b) => {
-                    let want = b.want(next);
-                    (&mut reader)
-                        .take(want as u64)
-                        .read_buf(&mut b.cur.buf)
-                        .await
-                }
-                None => reader.read_buf(&mut buf).await,
+    }
+
+    /// The next non-empty batch of data frames, or why the stream ended.
+    /// After an error the connection is being refused or is over; the
+    /// caller ends it with [`finish_reader`].
+    ///
+    /// Cancel safe: what was read is kept for the next call.
+    async fn next_batch(&mut self) -> Result<Vec<Bytes>, RecvError> {
+        loop {
+            if let Some(end) = self.end.take() {
+                return Err(end);
             }
-        };
-        tokio::select! {
-            r = read => match r {
-                Ok(0) => break RecvError::Eof,
-                Ok(_) => {}
-                Err(e) => break io_reason(e),
-            },
-            limit = tick_idle(&mut timers.idle) => {
-                if last.elapsed() >= limit {
-                    break RecvError::TimedOut;
-                }
-                continue;
+            let shared = &self.shared;
+            if self.big.is_none() && self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
             }
-            _ = shared.done.cancelled() => break shared.end_reason(),
+            let read = async {
+                match &mut self.big {
+                    Some(b) => {
+                        let want = b.want(self.next);
+                        (&mut self.reader)
+                            .take(want as u64)
+                            .read_buf(&mut b.cur.buf)
+                            .await
+                    }
+                    None => self.reader.read_buf(&mut self.buf).await,
+                }
+            };
+            tokio::select! {
+                r = read => match r {
+                    Ok(0) => return Err(RecvError::Eof),
+                    Ok(_) => {}
+                    Err(e) => return Err(io_reason(e)),
+                },
+                limit = tick_idle(&mut self.timers.idle) => {
+                    if self.last.elapsed() >= limit {
+                        return Err(RecvError::TimedOut);
+                    }
+                    continue;
+                }
+                _ = shared.done.cancelled() => return Err(shared.end_reason()),
+            }
+            self.last = Instant::now();
+            let mut bodies = Vec::new();
+            let from = match &mut self.big {
+                Some(b) => &mut b.cur.buf,
+                None => &mut self.buf,
+            };
+            // The frames before an oversized one are still delivered.
+            let mut end = None;
+            match split_frames(from, self.max, &mut bodies) {
+                Ok(next) => {
+                    self.next = next;
+                    self.place_next(&bodies);
+                }
+                Err(len) => {
+                    let max = self.max;
+                    refuse(
+                        &self.shared,
+                        CloseCode::FrameTooLarge,
+                        &format!("frame of {len} bytes exceeds {max}"),
+                    );
+                    end = Some(RecvError::FrameTooLarge { len, max });
+                }
+            }
+            let shared = &self.shared;
+            let mut batch = Vec::with_capacity(bodies.len());
+            for body in bodies {
+                match handle_body(shared, body) {
+                    Incoming::Deliver(b) => batch.push(b),
+                    Incoming::Handled => {}
+                    Incoming::End(r) => {
+                        end = Some(r);
+                        break;
+                    }
+                    Incoming::Malformed(why) => {
+                        refuse(shared, CloseCode::ProtocolError, &why);
+                        end = Some(RecvError::Malformed(why));
+                        break;
+                    }
+                }
+            }
+            match (batch.is_empty(), end) {
+                (true, Some(end)) => return Err(end),
+                (false, end) => {
+                    self.end = end;
+                    return Ok(batch);
+                }
+                (true, None) => {}
+            }
         }
-        last = Instant::now();
-        let mut bodies = Vec::new();
-        let from = match &mut big {
-            Some(b) => &mut b.cur.buf,
-            None => &mut buf,
-        };
-        next = match split_frames(from, max, &mut bodies) {
-            Ok(next) => next,
-            Err(len) => {
-                refuse(
-                    &shared,
-                    CloseCode::FrameTooLarge,
-                    &format!("frame of {len} bytes exceeds {max}"),
-                );
-                break 'outer RecvError::FrameTooLarge { len, max };
-            }
-        };
-        // Large frames are read into `big` while they follow each other: the
-        // next frame is large, or not known yet and the last one was.
+    }
+
+    /// Picks the buffer the next read goes to. Large frames are read into
+    /// `big` while they follow each other: the next frame is large, or not
+    /// known yet and the last one was.
+    fn place_next(&mut self, bodies: &[Bytes]) {
         let last_big = bodies.last().map(|b| b.len()).filter(|&n| n >= LARGE_FRAME);
-        let big_next = match next {
+        let big_next = match self.next {
             Some(len) => len >= LARGE_FRAME,
-            None => last_big.is_some() || big.is_some() && bodies.is_empty(),
+            None => last_big.is_some() || self.big.is_some() && bodies.is_empty(),
         };
-        match (&mut big, big_next) {
+        match (&mut self.big, big_next) {
             (None, false) => {
-                if let Some(len) = next {
-                    buf.reserve(LENGTH_PREFIX + len - buf.len());
+                if let Some(len) = self.next {
+                    self.buf.reserve(LENGTH_PREFIX + len - self.buf.len());
                 }
             }
             (None, true) => {
-                let mut b = BigBuf::new(last_big.or(next).unwrap_or(LARGE_FRAME), next);
-                b.cur.buf.extend_from_slice(&buf);
-                buf.clear();
-                big = Some(b);
+                let mut b = BigBuf::new(last_big.or(self.next).unwrap_or(LARGE_FRAME), self.next);
+                b.cur.buf.extend_from_slice(&self.buf);
+                self.buf.clear();
+                self.big = Some(b);
             }
             (Some(b), true) => {
                 if let Some(n) = last_big {
                     b.last = n;
                 }
-                b.make_room(next);
+                b.make_room(self.next);
             }
             (Some(b), false) => {
-                buf.extend_from_slice(&b.cur.buf);
+                self.buf.extend_from_slice(&b.cur.buf);
                 // Back to small frames: the large-frame memory is freed once
                 // the consumer is done with it.
-                big = None;
+                self.big = None;
             }
         }
         #[cfg(test)]
-        if let Some(b) = &mut big {
+        if let Some(b) = &mut self.big {
             let n = std::mem::take(&mut b.allocs);
-            shared.big_buffers.fetch_add(n, Ordering::Relaxed);
+            self.shared.big_buffers.fetch_add(n, Ordering::Relaxed);
         }
-        let mut batch = Vec::with_capacity(bodies.len());
-        for body in bodies {
-            match handle_body(&shared, body) {
-                Incoming::Deliver(b) => batch.push(b),
-                Incoming::Handled => {}
-                Incoming::End(r) => {
-                    if !batch.is_empty() {
-                        let _ = tx.send(std::mem::take(&mut batch)).await;
-                    }
-                    break 'outer r;
-                }
-                Incoming::Malformed(why) => {
-                    refuse(&shared, CloseCode::ProtocolError, &why);
-                    break 'outer RecvError::Malformed(why);
-                }
-            }
-        }
-        if !batch.is_empty() {
-            tokio::select! {
-                r = tx.send(batch) => { if r.is_err() { /* receiver gone: keep draining for control frames */ } }
-                _ = shared.done.cancelled() => break shared.end_reason(),
-            }
-        }
-    };
+    }
+}
+
+/// Ends a connection whose reader stopped for `reason`.
+async fn finish_reader(shared: Arc<Shared>, reason: RecvError) {
     tracing::debug!(conn = shared.id, reason = %reason, "reader finished");
     // After an error we still give the writer a moment to send our Close frame.
     if matches!(
@@ -970,6 +1110,28 @@ async fn stream_reader<R: AsyncRead + Unpin>(
         let _ = tokio::time::timeout(Duration::from_millis(200), shared.done.cancelled()).await;
     }
     shared.finish(reason);
+}
+
+/// The reader task of a connection that does not read inline: hands the
+/// batches to the [`Receiver`] through `tx`.
+async fn stream_reader<R: AsyncRead + Unpin>(
+    mut reader: StreamReader<R>,
+    tx: mpsc::Sender<Vec<Bytes>>,
+) {
+    let shared = reader.shared.clone();
+    let reason = loop {
+        match reader.next_batch().await {
+            Ok(batch) => {
+                tokio::select! {
+                    r = tx.send(batch) => { if r.is_err() { /* receiver gone: keep draining for control frames */ } }
+                    _ = shared.done.cancelled() => break shared.end_reason(),
+                }
+            }
+            Err(reason) => break reason,
+        }
+    };
+    drop(reader);
+    finish_reader(shared, reason).await;
 }
 
 /// Splits the complete length-prefixed frames at the start of `buf` off it

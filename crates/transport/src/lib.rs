@@ -14,7 +14,9 @@
 //! shared with a child process) the same way.
 //!
 //! A [`Connection`] has a cloneable [`Sender`] and a [`Receiver`]. Each
-//! connection runs a reader task and a writer task. The writer drains
+//! connection runs a reader task and a writer task (or, with
+//! [`Config::inline_reads`], the receiver reads the socket itself inside
+//! [`Receiver::recv`], which saves a task hand-off per read). The writer drains
 //! everything queued into one buffer per write (write coalescing); on plain
 //! TCP and Unix sockets a lone small frame (the connection quiet for 20 µs)
 //! is written by the sending task itself, which saves a task hand-off on

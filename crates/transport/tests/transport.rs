@@ -67,19 +67,22 @@ async fn round_trip(url: &str, config: &Config) {
         }
         other => panic!("expected Closed, got {other:?}"),
     }
-    match tokio::time::timeout(T, client.sender().closed())
-        .await
-        .unwrap()
-    {
-        RecvError::Local(CloseReason::Requested { code, .. }) => {
-            assert_eq!(code, CloseCode::GoingAway as u32)
+    // Both halves learn the close is done (an inline connection learns it by
+    // reading the peer's answer, so the receiver waits in `recv` meanwhile).
+    let (tx, mut rx) = client.split();
+    let (closed, received) =
+        tokio::time::timeout(T, async { tokio::join!(tx.closed(), rx.recv()) })
+            .await
+            .unwrap();
+    for end in [closed, received.unwrap_err()] {
+        match end {
+            RecvError::Local(CloseReason::Requested { code, .. }) => {
+                assert_eq!(code, CloseCode::GoingAway as u32)
+            }
+            other => panic!("expected a local close, got {other:?}"),
         }
-        other => panic!("expected a local close, got {other:?}"),
     }
-    assert!(matches!(
-        client.send(&Frame::ping(1)),
-        Err(SendError::Closed)
-    ));
+    assert!(matches!(tx.send(&Frame::ping(1)), Err(SendError::Closed)));
 }
 
 #[tokio::test]
@@ -92,6 +95,34 @@ async fn unix_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}", dir.path().join("t.sock").display());
     round_trip(&url, &Config::default()).await;
+}
+
+fn inline() -> Config {
+    Config {
+        inline_reads: true,
+        ..Config::default()
+    }
+}
+
+#[tokio::test]
+async fn tcp_round_trip_inline() {
+    round_trip("tcp://127.0.0.1:0", &inline()).await;
+}
+
+#[tokio::test]
+async fn unix_round_trip_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("unix://{}", dir.path().join("t.sock").display());
+    round_trip(&url, &inline()).await;
+}
+
+#[tokio::test]
+async fn tls_round_trip_inline() {
+    let config = Config {
+        inline_reads: true,
+        ..tls_config()
+    };
+    round_trip("tls://127.0.0.1:0", &config).await;
 }
 
 #[tokio::test]
@@ -161,13 +192,7 @@ async fn frames_at_exactly_the_maximum_pass_on_every_stream_scheme() {
 async fn oversized_length_closes_with_clear_error() {
     let mut config = Config::default();
     config.max_frame = 1024;
-    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
-    let addr = listener
-        .local_url()
-        .trim_start_matches("tcp://")
-        .to_string();
-    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut server = listener.accept().await.unwrap();
+    let (mut raw, mut server) = raw_peer(&config).await;
     // Claim a 4 GiB frame.
     raw.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     match tokio::time::timeout(T, server.recv()).await.unwrap() {
@@ -178,17 +203,8 @@ async fn oversized_length_closes_with_clear_error() {
         other => panic!("expected FrameTooLarge, got {other:?}"),
     }
     // The raw peer receives a Close frame with the matching code, then EOF.
-    let mut got = Vec::new();
-    tokio::time::timeout(T, raw.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    let mut buf = bytes::BytesMut::from(&got[..]);
-    let mut codec = proto::FrameCodec::default();
-    let frame = tokio_util::codec::Decoder::decode(&mut codec, &mut buf)
-        .unwrap()
-        .unwrap();
-    match frame.body {
+    let frames = frames_until_eof(&mut raw).await;
+    match frames.first().and_then(|f| f.body.as_ref()) {
         Some(proto::frame::Body::Close(c)) => {
             assert_eq!(c.code, CloseCode::FrameTooLarge as u32);
             assert!(c.reason.contains("exceeds"), "{}", c.reason);
@@ -527,10 +543,16 @@ async fn ping_flood_from_a_peer_that_never_reads_stays_bounded() {
 
 #[tokio::test]
 async fn mixed_small_and_large_frames_arrive_intact_in_order() {
+    for config in [Config::default(), inline()] {
+        mixed_frames(&config).await;
+    }
+}
+
+async fn mixed_frames(config: &Config) {
     // Exercises the reader's switch between batched reads and reading large
     // frames straight into their own buffers, over a small in-memory pipe that
     // splits frames at arbitrary points.
-    let (a, mut b) = replimesh_transport::pair(&Config::default(), 7 * 1024);
+    let (a, mut b) = replimesh_transport::pair(config, 7 * 1024);
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut sizes = Vec::new();
     for _ in 0..400 {
@@ -561,4 +583,154 @@ async fn mixed_small_and_large_frames_arrive_intact_in_order() {
         assert_eq!(&recv(&mut b).await, f);
     }
     drop(sender.await.unwrap());
+}
+
+// ---- both modes and inline reads (`Config::inline_reads`) ----
+
+/// A raw TCP peer of a server connection.
+async fn raw_peer(config: &Config) -> (tokio::net::TcpStream, Connection) {
+    let listener = listen("tcp://127.0.0.1:0", config).await.unwrap();
+    let addr = listener
+        .local_url()
+        .trim_start_matches("tcp://")
+        .to_string();
+    let raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let server = listener.accept().await.unwrap();
+    (raw, server)
+}
+
+/// Reads frames from a raw peer until EOF.
+async fn frames_until_eof(raw: &mut tokio::net::TcpStream) -> Vec<Frame> {
+    let mut got = Vec::new();
+    tokio::time::timeout(T, raw.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut buf = bytes::BytesMut::from(&got[..]);
+    let mut codec = proto::FrameCodec::default();
+    let mut frames = Vec::new();
+    while let Some(f) = tokio_util::codec::Decoder::decode(&mut codec, &mut buf).unwrap() {
+        frames.push(f);
+    }
+    frames
+}
+
+fn close_code(frames: &[Frame]) -> Option<u32> {
+    frames.iter().find_map(|f| match &f.body {
+        Some(proto::frame::Body::Close(c)) => Some(c.code),
+        _ => None,
+    })
+}
+
+#[tokio::test]
+async fn pings_are_answered_and_bad_input_is_refused_with_a_close_frame() {
+    // Inline, and with a reader task (the frames before the oversized one
+    // were once dropped there).
+    for inline_reads in [true, false] {
+        let config = Config {
+            max_frame: 1024,
+            inline_reads,
+            ..Config::default()
+        };
+        refuse_bad_input(&config).await;
+    }
+}
+
+async fn refuse_bad_input(config: &Config) {
+    // A ping between two data frames: the data arrives, the pong goes back.
+    let (mut raw, mut server) = raw_peer(config).await;
+    let mut wire = bytes::BytesMut::new();
+    let mut codec = proto::FrameCodec::default();
+    for f in [
+        Frame::data(&b"a"[..]),
+        Frame::ping(77),
+        Frame::data(&b"b"[..]),
+    ] {
+        tokio_util::codec::Encoder::encode(&mut codec, &f, &mut wire).unwrap();
+    }
+    // Then a frame over the limit.
+    wire.extend_from_slice(&4096u32.to_be_bytes());
+    raw.write_all(&wire).await.unwrap();
+    assert_eq!(recv(&mut server).await, Frame::data(&b"a"[..]));
+    assert_eq!(recv(&mut server).await, Frame::data(&b"b"[..]));
+    match tokio::time::timeout(T, server.recv()).await.unwrap() {
+        Err(RecvError::FrameTooLarge { len, max }) => assert_eq!((len, max), (4096, 1024)),
+        other => panic!("expected FrameTooLarge, got {other:?}"),
+    }
+    let frames = frames_until_eof(&mut raw).await;
+    assert!(frames.contains(&Frame::pong(77)), "no pong in {frames:?}");
+    assert_eq!(close_code(&frames), Some(CloseCode::FrameTooLarge as u32));
+    // The end stays the connection's answer.
+    assert!(matches!(
+        server.recv().await,
+        Err(RecvError::FrameTooLarge { .. })
+    ));
+
+    // A frame that is not protobuf.
+    let (mut raw, mut server) = raw_peer(config).await;
+    raw.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    assert!(matches!(
+        tokio::time::timeout(T, server.recv()).await.unwrap(),
+        Err(RecvError::Malformed(_))
+    ));
+    let frames = frames_until_eof(&mut raw).await;
+    assert_eq!(close_code(&frames), Some(CloseCode::ProtocolError as u32));
+}
+
+#[tokio::test]
+async fn a_silent_peer_times_out_while_waiting_in_recv() {
+    let config = Config {
+        ping_interval: None,
+        idle_timeout: Some(Duration::from_millis(100)),
+        ..inline()
+    };
+    let (_raw, mut server) = raw_peer(&config).await;
+    assert!(matches!(
+        tokio::time::timeout(T, server.recv()).await.unwrap(),
+        Err(RecvError::TimedOut)
+    ));
+}
+
+#[tokio::test]
+async fn a_dropped_receiver_still_notices_the_peers_close() {
+    let (_l, mut client, server) = pair("tcp://127.0.0.1:0", &inline()).await;
+    let (tx, rx) = server.split();
+    drop(rx);
+    // Nobody receives on the server side: a task reads on and answers pings.
+    client.send(&Frame::data(&b"dropped"[..])).unwrap();
+    client.send(&Frame::ping(5)).unwrap();
+    tx.send(&Frame::data(&b"still sending"[..])).unwrap();
+    assert_eq!(recv(&mut client).await, Frame::data(&b"still sending"[..]));
+    client.sender().close(CloseCode::Normal, "done");
+    match tokio::time::timeout(T, tx.closed()).await.unwrap() {
+        RecvError::Closed { reason, .. } => assert_eq!(reason, "done"),
+        other => panic!("expected the peer's close, got {other:?}"),
+    }
+    assert!(tx.is_closed());
+}
+
+#[tokio::test]
+async fn try_recv_reads_what_has_arrived() {
+    let (a, b) = replimesh_transport::pair(&inline(), 64 * 1024);
+    let (_tx, mut rx) = b.split();
+    assert!(rx.try_recv().is_none());
+    a.send(&Frame::data(&b"one"[..])).unwrap();
+    a.send(&Frame::data(&b"two"[..])).unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + T;
+    while got.len() < 2 && tokio::time::Instant::now() < deadline {
+        match rx.try_recv() {
+            Some(f) => got.push(f.unwrap()),
+            None => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    assert_eq!(
+        got,
+        vec![Frame::data(&b"one"[..]), Frame::data(&b"two"[..])]
+    );
+    drop(a);
+    let end = tokio::time::timeout(T, rx.recv()).await.unwrap();
+    assert!(end.is_err(), "{end:?}");
 }
