@@ -992,7 +992,13 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
                     None => self.reader.read_buf(&mut self.buf).await,
                 }
             };
+            // In this order: a connection ended locally stops reading even
+            // under a flood, and the idle timer counts only when nothing is
+            // waiting to be read (a consumer that was away longer than the
+            // timeout finds its frames, not a timeout).
             tokio::select! {
+                biased;
+                _ = shared.done.cancelled() => return Err(shared.end_reason()),
                 r = read => match r {
                     Ok(0) => return Err(RecvError::Eof),
                     Ok(_) => {}
@@ -1004,7 +1010,6 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
                     }
                     continue;
                 }
-                _ = shared.done.cancelled() => return Err(shared.end_reason()),
             }
             self.last = Instant::now();
             let mut bodies = Vec::new();

@@ -694,6 +694,49 @@ async fn a_silent_peer_times_out_while_waiting_in_recv() {
 }
 
 #[tokio::test]
+async fn a_consumer_away_longer_than_the_idle_timeout_finds_its_frames() {
+    // The peer keeps sending while the consumer is away: inline, the frames
+    // wait in the socket; with a reader task, the reader waits for room in
+    // its channel. Either way the connection is not idle.
+    for inline_reads in [true, false] {
+        let config = Config {
+            ping_interval: None,
+            idle_timeout: Some(Duration::from_millis(100)),
+            recv_batches: 1,
+            inline_reads,
+            ..Config::default()
+        };
+        let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
+        let url = listener.local_url();
+        // The client itself hears nothing back: no idle timeout there.
+        let quiet = Config {
+            idle_timeout: None,
+            ..config
+        };
+        let (client, server) = tokio::join!(connect(&url, &quiet), listener.accept());
+        let (mut server, (tx, _rx)) = (server.unwrap(), client.unwrap().split());
+        let sending = tokio::spawn(async move {
+            for i in 0..40u32 {
+                tx.send(&Frame::data(i.to_be_bytes().to_vec())).unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tx
+        });
+        for i in 0..40u32 {
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            assert_eq!(
+                recv(&mut server).await,
+                Frame::data(i.to_be_bytes().to_vec()),
+                "inline_reads {inline_reads}"
+            );
+        }
+        drop(sending.await.unwrap());
+    }
+}
+
+#[tokio::test]
 async fn a_dropped_receiver_still_notices_the_peers_close() {
     let (_l, mut client, server) = pair("tcp://127.0.0.1:0", &inline()).await;
     let (tx, rx) = server.split();
