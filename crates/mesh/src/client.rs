@@ -43,7 +43,8 @@ pub struct ClientConfig {
     /// off: calls made while disconnected fail with
     /// [`MeshError::Disconnected`].
     pub outbox: usize,
-    /// Transport settings.
+    /// Transport settings (`inline_reads` is always on: the client's read
+    /// loop waits in `recv`).
     pub transport: transport::Config,
 }
 
@@ -297,7 +298,10 @@ impl Client {
     }
 
     /// Starts a client in the background without waiting for a connection.
-    pub fn start(config: ClientConfig) -> Result<Client, MeshError> {
+    pub fn start(mut config: ClientConfig) -> Result<Client, MeshError> {
+        // The read loop always waits in `recv`: frames reach it without a
+        // hand-off from a reader task.
+        config.transport.inline_reads = true;
         if config.urls.is_empty() {
             return Err(MeshError::Config("no server url".into()));
         }

@@ -61,7 +61,8 @@ pub struct ServerConfig {
     pub response_timeout: Duration,
     /// Time a new connection has to say `Hello` (default 10 s).
     pub hello_timeout: Duration,
-    /// Transport settings for listeners and dials.
+    /// Transport settings for listeners and dials (`inline_reads` is always
+    /// on: every connection is read by a loop that waits in `recv`).
     pub transport: transport::Config,
 }
 
@@ -478,7 +479,10 @@ impl Events {
 
 impl Server {
     /// Binds the listeners and starts the clone.
-    pub async fn start(config: ServerConfig) -> Result<Server, MeshError> {
+    pub async fn start(mut config: ServerConfig) -> Result<Server, MeshError> {
+        // Every connection's loop always waits in `recv`: frames reach it
+        // without a hand-off from a reader task.
+        config.transport.inline_reads = true;
         let id = config.id.clone().unwrap_or_else(|| random_id("clone"));
         let mut listeners = Vec::new();
         for u in &config.listen {

@@ -23,7 +23,8 @@ use crate::{worker, Reducer};
 /// Settings of a [`Client`].
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Transport settings (trusted roots for `tls://` and `wss://`).
+    /// Transport settings (trusted roots for `tls://` and `wss://`). The
+    /// default bounds the outbound queue to 1 MiB and reads inline.
     pub transport: transport::Config,
     /// Login name.
     pub login: String,

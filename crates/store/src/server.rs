@@ -30,7 +30,8 @@ const ACK_BACKLOG: usize = 1 << 18;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Transport settings (TLS certificates for `tls://` and `wss://`).
-    /// The default bounds each connection's outbound queue to 1 MiB.
+    /// The default bounds each connection's outbound queue to 1 MiB and
+    /// reads inline (`inline_reads`: no reader task per connection).
     pub transport: transport::Config,
     /// Who may connect.
     pub logins: Logins,
