@@ -227,6 +227,9 @@ impl NodeConfig {
         c.handshake_timeout = self.limits.handshake_timeout;
         c.ping_interval = self.limits.ping_interval;
         c.idle_timeout = self.limits.idle_timeout;
+        // The node's front, the mesh and the stores all read each connection
+        // from a loop that waits in `recv`: no reader task needed.
+        c.inline_reads = true;
         if let Some(ca) = &self.tls_ca {
             // Read and checked when the file was parsed.
             let roots = std::fs::read(ca).ok();
