@@ -701,7 +701,7 @@ async fn a_consumer_away_longer_than_the_idle_timeout_finds_its_frames() {
     for inline_reads in [true, false] {
         let config = Config {
             ping_interval: None,
-            idle_timeout: Some(Duration::from_millis(100)),
+            idle_timeout: Some(Duration::from_millis(200)),
             recv_batches: 1,
             inline_reads,
             ..Config::default()
@@ -723,8 +723,8 @@ async fn a_consumer_away_longer_than_the_idle_timeout_finds_its_frames() {
             tx
         });
         for i in 0..40u32 {
-            if i % 10 == 0 {
-                tokio::time::sleep(Duration::from_millis(150)).await;
+            if i % 5 == 0 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
             assert_eq!(
                 recv(&mut server).await,
