@@ -674,6 +674,35 @@ pub mod transport_scenario {
     }
 }
 
+/// The CPUs this process may run on (sorted).
+pub fn allowed_cpus() -> Result<Vec<usize>> {
+    let set = rustix::thread::sched_getaffinity(None)?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&c| set.is_set(c))
+        .collect())
+}
+
+/// Restricts every thread of this process (and the threads they start
+/// later) to `cpus`.
+pub fn pin_process(cpus: &[usize]) -> Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    for &c in cpus {
+        set.set(c);
+    }
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let tid: i32 = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse().ok())
+            .context("thread id in /proc/self/task")?;
+        // A thread that ended meanwhile is no longer there to pin.
+        if let Some(pid) = rustix::thread::Pid::from_raw(tid) {
+            let _ = rustix::thread::sched_setaffinity(Some(pid), &set);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use replimesh_benches::{
-    emit, exit_when_parent_goes, median, rounds, tell_parent, watchdog, ChildRole, TempDir,
-    CHILD_FLAG,
+    allowed_cpus, emit, exit_when_parent_goes, median, pin_process, rounds, tell_parent, watchdog,
+    ChildRole, TempDir, CHILD_FLAG,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -172,13 +172,7 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
         json!({"replicas": REPLICAS, "transport": scheme, "mode": "action", "resync": 1000});
     if latency {
         authority.dispatch(BenchAction::Start(1)).await?;
-        let line = read_line(&mut children[0]).await?;
-        let mut it = line.split_whitespace();
-        let (Some("lat"), Some(p50), Some(p99)) = (it.next(), it.next(), it.next()) else {
-            bail!("probe said {line:?}");
-        };
-        let p50: f64 = p50.parse()?;
-        let p99: f64 = p99.parse()?;
+        let (p50, p99) = read_latency(&mut children[0]).await?;
         let mut p = params.clone();
         p["rate_per_s"] = json!(rate);
         p["samples"] = json!(samples);
@@ -193,7 +187,24 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
         })
         .await??;
         emit(scenario, "raw_round_trip_p50", raw50, "ms", p.clone());
-        emit(scenario, "raw_round_trip_p99", raw99, "ms", p);
+        emit(scenario, "raw_round_trip_p99", raw99, "ms", p.clone());
+        // Again with the authority and the probe on one CPU (the other
+        // replicas on the others): their wake-ups no longer cross vCPUs.
+        let (one, _) = cpu_split()?;
+        if let Some(one) = one {
+            pin_process(&[one])?;
+            authority.dispatch(BenchAction::Start(2)).await?;
+            let (p50, p99) = read_latency(&mut children[0]).await?;
+            p["pinned"] = json!("authority and probe on one CPU");
+            emit(
+                scenario,
+                "pinned_dispatch_to_committed_p50",
+                p50,
+                "ms",
+                p.clone(),
+            );
+            emit(scenario, "pinned_dispatch_to_committed_p99", p99, "ms", p);
+        }
     } else {
         let mut rates = Vec::new();
         for r in 1..=nrounds {
@@ -244,6 +255,59 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
 }
 
 type Child = Arc<Mutex<ChildRole>>;
+
+/// The probe's answer: `lat <p50> <p99>`.
+async fn read_latency(probe: &mut Child) -> Result<(f64, f64)> {
+    let line = read_line(probe).await?;
+    let mut it = line.split_whitespace();
+    let (Some("lat"), Some(p50), Some(p99)) = (it.next(), it.next(), it.next()) else {
+        bail!("probe said {line:?}");
+    };
+    Ok((p50.parse()?, p99.parse()?))
+}
+
+/// For the pinned round of `store-latency`: the CPU of the authority and the
+/// probe (`None` with fewer than 2 CPUs), and the CPUs of the others.
+fn cpu_split() -> Result<(Option<usize>, Vec<usize>)> {
+    let mut cpus = allowed_cpus()?;
+    if cpus.len() < 2 {
+        return Ok((None, cpus));
+    }
+    let one = cpus.pop();
+    Ok((one, cpus))
+}
+
+/// Waits until the authority has started round `round`.
+async fn wait_round(store: &Store<Bench>, round: u32) {
+    while store.state().round < round {
+        store.wait_for(store.seq() + 1).await;
+    }
+}
+
+/// The probe's measurement: `samples` dispatches at `rate` per second.
+async fn probe(store: &Store<Bench>, samples: u64, rate: u64) -> Result<()> {
+    // In a task, as an application's code runs: waking the runtime's
+    // `block_on` future instead costs an extra eventfd write and read per
+    // dispatch.
+    let probe = store.clone();
+    let mut lat = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(samples as usize);
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+        for _ in 0..samples {
+            tick.tick().await;
+            let t = Instant::now();
+            probe.dispatch(BenchAction::Inc).await?;
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        anyhow::Ok(lat)
+    })
+    .await??;
+    lat.sort_by(f64::total_cmp);
+    let p50 = lat[lat.len() / 2];
+    let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    tell_parent(&format!("lat {p50} {p99}"));
+    Ok(())
+}
 
 /// Reads a child's line on the blocking pool (the runtime has one thread).
 async fn read_line(c: &mut Child) -> Result<String> {
@@ -305,26 +369,20 @@ async fn child(args: &[String]) -> Result<()> {
         }
         "probe" => {
             store.wait_for(1).await;
-            // In a task, as an application's code runs: waking the runtime's
-            // `block_on` future instead costs an extra eventfd write and read
-            // per dispatch.
-            let probe = store.clone();
-            let mut lat = tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(samples as usize);
-                let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-                for _ in 0..samples {
-                    tick.tick().await;
-                    let t = Instant::now();
-                    probe.dispatch(BenchAction::Inc).await?;
-                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                }
-                anyhow::Ok(lat)
-            })
-            .await??;
-            lat.sort_by(f64::total_cmp);
-            let p50 = lat[lat.len() / 2];
-            let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
-            tell_parent(&format!("lat {p50} {p99}"));
+            probe(&store, samples, rate).await?;
+            let (one, _) = cpu_split()?;
+            if let Some(one) = one {
+                wait_round(&store, 2).await;
+                pin_process(&[one])?;
+                probe(&store, samples, rate).await?;
+            }
+        }
+        "idle" => {
+            let (one, others) = cpu_split()?;
+            if one.is_some() {
+                wait_round(&store, 2).await;
+                pin_process(&others)?;
+            }
         }
         _ => {}
     }
