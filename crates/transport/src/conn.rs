@@ -992,18 +992,22 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
                     None => self.reader.read_buf(&mut self.buf).await,
                 }
             };
-            // In this order: a connection ended locally stops reading even
-            // under a flood, and the idle timer counts only when nothing is
+            // A connection ended locally stops reading even under a flood.
+            if shared.done.is_cancelled() {
+                return Err(shared.end_reason());
+            }
+            // The socket first: the idle timer counts only when nothing is
             // waiting to be read (a consumer that was away longer than the
-            // timeout finds its frames, not a timeout).
+            // timeout finds its frames, not a timeout), and a ready read
+            // costs no registration with the other two.
             tokio::select! {
                 biased;
-                _ = shared.done.cancelled() => return Err(shared.end_reason()),
                 r = read => match r {
                     Ok(0) => return Err(RecvError::Eof),
                     Ok(_) => {}
                     Err(e) => return Err(io_reason(e)),
                 },
+                _ = shared.done.cancelled() => return Err(shared.end_reason()),
                 limit = tick_idle(&mut self.timers.idle) => {
                     if self.last.elapsed() >= limit {
                         return Err(RecvError::TimedOut);
