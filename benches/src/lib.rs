@@ -674,6 +674,15 @@ pub mod transport_scenario {
     }
 }
 
+/// Percentile (0..=100) of sorted values (`NaN` when there are none).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 /// The CPUs this process may run on (sorted).
 pub fn allowed_cpus() -> Result<Vec<usize>> {
     let set = rustix::thread::sched_getaffinity(None)?;

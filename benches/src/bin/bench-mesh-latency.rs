@@ -84,14 +84,14 @@ async fn run() -> Result<()> {
         emit(
             SCENARIO,
             &format!("{name}_p50"),
-            common::percentile(&v, 50.0),
+            replimesh_benches::percentile(&v, 50.0),
             "ms",
             params.clone(),
         );
         emit(
             SCENARIO,
             &format!("{name}_p99"),
-            common::percentile(&v, 99.0),
+            replimesh_benches::percentile(&v, 99.0),
             "ms",
             params,
         );

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use replimesh_benches::{
-    allowed_cpus, emit, exit_when_parent_goes, median, pin_process, rounds, tell_parent, watchdog,
-    ChildRole, TempDir, CHILD_FLAG,
+    allowed_cpus, emit, exit_when_parent_goes, median, percentile, pin_process, rounds,
+    tell_parent, watchdog, ChildRole, TempDir, CHILD_FLAG,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -303,8 +303,7 @@ async fn probe(store: &Store<Bench>, samples: u64, rate: u64) -> Result<()> {
     })
     .await??;
     lat.sort_by(f64::total_cmp);
-    let p50 = lat[lat.len() / 2];
-    let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
     tell_parent(&format!("lat {p50} {p99}"));
     Ok(())
 }
@@ -438,8 +437,7 @@ fn raw_round_trips(dir: &TempDir, samples: u64, rate: u64) -> Result<(f64, f64)>
     drop(s);
     child.finish()?;
     lat.sort_by(f64::total_cmp);
-    let p50 = lat[lat.len() / 2];
-    let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
     Ok((p50, p99))
 }
 

@@ -238,14 +238,7 @@ async fn malformed_frame_closes_connection_and_listener_keeps_serving() {
 
 #[tokio::test]
 async fn abrupt_close_is_noticed() {
-    let config = Config::default();
-    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
-    let addr = listener
-        .local_url()
-        .trim_start_matches("tcp://")
-        .to_string();
-    let raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut server = listener.accept().await.unwrap();
+    let (raw, mut server) = raw_peer(&Config::default()).await;
     drop(raw);
     assert!(matches!(
         tokio::time::timeout(T, server.recv()).await.unwrap(),
@@ -255,21 +248,21 @@ async fn abrupt_close_is_noticed() {
 
 #[tokio::test]
 async fn half_open_peer_that_stops_answering_pings_times_out() {
-    let mut config = Config::default();
-    config.ping_interval = Some(Duration::from_millis(50));
-    config.idle_timeout = Some(Duration::from_millis(300));
-    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
-    let addr = listener
-        .local_url()
-        .trim_start_matches("tcp://")
-        .to_string();
-    // The raw peer keeps its socket open but never sends anything (like a host that vanished).
-    let _raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut server = listener.accept().await.unwrap();
-    assert!(matches!(
-        tokio::time::timeout(T, server.recv()).await.unwrap(),
-        Err(RecvError::TimedOut)
-    ));
+    // With a reader task, and inline while waiting in `recv`.
+    for inline_reads in [false, true] {
+        let config = Config {
+            ping_interval: Some(Duration::from_millis(50)),
+            idle_timeout: Some(Duration::from_millis(300)),
+            inline_reads,
+            ..Config::default()
+        };
+        // The raw peer keeps its socket open but never sends anything (like a host that vanished).
+        let (_raw, mut server) = raw_peer(&config).await;
+        assert!(matches!(
+            tokio::time::timeout(T, server.recv()).await.unwrap(),
+            Err(RecvError::TimedOut)
+        ));
+    }
 }
 
 #[tokio::test]
@@ -521,14 +514,7 @@ async fn in_memory_pair_round_trip() {
 
 #[tokio::test]
 async fn ping_flood_from_a_peer_that_never_reads_stays_bounded() {
-    let config = Config::default();
-    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
-    let addr = listener
-        .local_url()
-        .trim_start_matches("tcp://")
-        .to_string();
-    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let server = listener.accept().await.unwrap();
+    let (mut raw, server) = raw_peer(&Config::default()).await;
     // 200,000 pings, never reading a pong.
     let mut wire = bytes::BytesMut::new();
     let mut codec = proto::FrameCodec::default();
@@ -677,20 +663,6 @@ async fn refuse_bad_input(config: &Config) {
     ));
     let frames = frames_until_eof(&mut raw).await;
     assert_eq!(close_code(&frames), Some(CloseCode::ProtocolError as u32));
-}
-
-#[tokio::test]
-async fn a_silent_peer_times_out_while_waiting_in_recv() {
-    let config = Config {
-        ping_interval: None,
-        idle_timeout: Some(Duration::from_millis(100)),
-        ..inline()
-    };
-    let (_raw, mut server) = raw_peer(&config).await;
-    assert!(matches!(
-        tokio::time::timeout(T, server.recv()).await.unwrap(),
-        Err(RecvError::TimedOut)
-    ));
 }
 
 #[tokio::test]

@@ -143,12 +143,3 @@ pub(crate) async fn wait_full_mesh(clones: &[CloneProc], limit: Duration) -> Res
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
 }
-
-/// Percentile (0..=100) of sorted values.
-pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
