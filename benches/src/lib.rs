@@ -704,9 +704,13 @@ pub fn pin_process(cpus: &[usize]) -> Result<()> {
             .to_str()
             .and_then(|n| n.parse().ok())
             .context("thread id in /proc/self/task")?;
-        // A thread that ended meanwhile is no longer there to pin.
-        if let Some(pid) = rustix::thread::Pid::from_raw(tid) {
-            let _ = rustix::thread::sched_setaffinity(Some(pid), &set);
+        let Some(pid) = rustix::thread::Pid::from_raw(tid) else {
+            continue;
+        };
+        match rustix::thread::sched_setaffinity(Some(pid), &set) {
+            // A thread that ended meanwhile is no longer there to pin.
+            Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+            Err(e) => bail!("pinning thread {tid} to CPUs {cpus:?}: {e}"),
         }
     }
     Ok(())
