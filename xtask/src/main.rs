@@ -5,6 +5,9 @@
 //!   processes, prints a table and writes `<target-dir>/bench/results.json`
 //!   (`target/bench/results.json` by default). See `docs/benchmarks.md`.
 //! - `cargo xtask bench --list`: prints the known scenarios.
+//! - `cargo xtask stress [N] [--only PATTERN] [--timeout S] [--jobs J]`: runs
+//!   every network test binary N times (default 30) with a deadline per run,
+//!   and names the tests that ever failed or hung (see `stress.rs`).
 //! - `cargo xtask ci`: the checks of `.ci/run` (fmt, clippy, test, doc), without
 //!   the installation steps.
 //!
@@ -23,6 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
+mod stress;
+
 /// How long one scenario may run before it is killed.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -34,6 +39,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
         Some("ci") => ci(),
+        Some("stress") => stress::stress(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print_help();
             Ok(true)
@@ -56,6 +62,8 @@ fn main() -> ExitCode {
 fn print_help() {
     eprintln!(
         "usage:\n  cargo xtask bench [--list] [SCENARIO...]   run benchmark scenarios (default: all)\n  \
+         cargo xtask stress [N] [--only PATTERN] [--timeout S] [--jobs J]\n      \
+         run each network test binary N times (default 30), name failures and hangs\n  \
          cargo xtask ci                             fmt, clippy, test and doc checks, as .ci/run"
     );
 }
