@@ -805,6 +805,8 @@ async fn serve_conn(server: Srv, conn: transport::Connection) {
         )));
         return;
     }
+    // A hello was accepted: frames up to the configured maximum from now on.
+    rx.raise_max_frame();
     if hello.kind == PeerKind::Clone as i32 {
         serve_clone(server, sender, rx, hello, addr).await
     } else {
@@ -1402,6 +1404,7 @@ impl Server {
                 sender.close(CloseCode::UnsupportedVersion, "unsupported version");
                 return;
             }
+            receiver.raise_max_frame();
             if hello.kind == PeerKind::Clone as i32 {
                 let addr = format!("{:?}", sender.peer_addr());
                 serve_clone(server, sender, receiver, hello, addr).await

@@ -115,7 +115,9 @@ impl Gate {
     }
 
     /// Reads the connection's first frame, which must be a `Hello` of this
-    /// protocol version, within the hello timeout. `None` when the
+    /// protocol version, within the hello timeout, and then raises the
+    /// connection's frame limit to the configured maximum (before the hello
+    /// the transport's small `max_frame_before_hello` applies). `None` when the
     /// connection ended, or was closed here (timeout, another frame, another
     /// version), or the gate stopped.
     pub async fn hello(
@@ -151,6 +153,9 @@ impl Gate {
             );
             return None;
         }
+        // A hello was accepted: frames up to the configured maximum from
+        // now on (before it, the transport's small pre-hello limit).
+        rx.raise_max_frame();
         Some(hello)
     }
 

@@ -97,6 +97,18 @@ pub struct Config {
     /// announcing a larger frame is disconnected before anything of that size
     /// is allocated.
     pub max_frame: usize,
+    /// Largest frame body accepted from a peer on a connection that
+    /// [`crate::listen`] accepted, until its consumer raises the limit with
+    /// [`crate::Receiver::set_max_frame`] or
+    /// [`crate::Receiver::raise_max_frame`] (default 64 KiB; never more than
+    /// `max_frame`). The mesh and store servers raise it to `max_frame` once
+    /// a `Hello` was accepted, before answering it, so an unknown peer cannot
+    /// make a node buffer a large frame. A larger frame before that is
+    /// refused like one above `max_frame` ([`crate::RecvError::FrameTooLarge`],
+    /// `Close{FRAME_TOO_LARGE}`), before anything of its size is allocated.
+    /// Connections from [`crate::connect`], [`crate::pair`] and
+    /// [`crate::from_unix_stream`] accept `max_frame` from the start.
+    pub max_frame_before_hello: usize,
     /// Bound of each connection's outbound queue, in bytes (default 64 MiB).
     /// One frame is always accepted into an empty queue, whatever its size.
     pub max_queue_bytes: usize,
@@ -139,6 +151,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             max_frame: proto::DEFAULT_MAX_FRAME,
+            max_frame_before_hello: 64 * 1024,
             max_queue_bytes: 64 * 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             handshake_timeout: Duration::from_secs(10),

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -142,6 +142,16 @@ struct Shared {
     id: u64,
     peer: PeerAddr,
     max_frame: usize,
+    /// The largest frame accepted from the peer now: `max_frame`, or
+    /// [`Config::max_frame_before_hello`] on an accepted connection until its
+    /// consumer raises it.
+    recv_max: AtomicUsize,
+    /// The pre-hello limit still applies (nobody called `set_max_frame`):
+    /// a reader task then reads ahead at most one batch.
+    limited: AtomicBool,
+    /// WebSocket connections accepted by a listener: counts the bytes of
+    /// the message being read against `recv_max`.
+    meter: std::sync::OnceLock<Arc<Meter>>,
     max_queue: usize,
     policy: SlowConsumerPolicy,
     queue: Mutex<Queue>,
@@ -686,6 +696,36 @@ impl Receiver {
         }
     }
 
+    /// The largest frame body accepted from the peer now.
+    pub fn max_frame(&self) -> usize {
+        self.shared.recv_max.load(Ordering::Relaxed)
+    }
+
+    /// Accepts frames of up to `max` bytes from the peer from now on (at
+    /// most 4 GiB − 1, what a length prefix can say).
+    ///
+    /// A connection accepted by a [`crate::Listener`] starts with
+    /// [`Config::max_frame_before_hello`], so that a peer nobody knows yet
+    /// cannot make this process buffer a large frame; call this (or
+    /// [`Receiver::raise_max_frame`]) once its `Hello` was accepted, before
+    /// answering it: the protocol has the peer wait for the answer before
+    /// it sends anything else. A frame larger than the limit in force when it
+    /// arrives ends the connection with [`RecvError::FrameTooLarge`].
+    pub fn set_max_frame(&self, max: usize) {
+        let max = max.min(u32::MAX as usize);
+        self.shared.recv_max.store(max, Ordering::Relaxed);
+        if let Some(m) = self.shared.meter.get() {
+            m.limit.store(max, Ordering::Relaxed);
+        }
+        self.shared.limited.store(false, Ordering::Release);
+    }
+
+    /// [`Receiver::set_max_frame`] with [`Config::max_frame`], the limit the
+    /// connection was configured with.
+    pub fn raise_max_frame(&self) {
+        self.set_max_frame(self.shared.max_frame);
+    }
+
     /// The peer's address.
     pub fn peer_addr(&self) -> &PeerAddr {
         &self.shared.peer
@@ -725,20 +765,54 @@ impl Connection {
         self.sender.send(frame)
     }
 
+    /// The receiving half.
+    pub fn receiver(&self) -> &Receiver {
+        &self.receiver
+    }
+
+    /// See [`Receiver::set_max_frame`].
+    pub fn set_max_frame(&self, max: usize) {
+        self.receiver.set_max_frame(max);
+    }
+
+    /// See [`Receiver::raise_max_frame`].
+    pub fn raise_max_frame(&self) {
+        self.receiver.raise_max_frame();
+    }
+
     /// The peer's address.
     pub fn peer_addr(&self) -> &PeerAddr {
         self.sender.peer_addr()
     }
 }
 
+/// How large the peer's frames may be at first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// [`Config::max_frame`].
+    Full,
+    /// [`Config::max_frame_before_hello`] until the consumer raises it
+    /// (connections accepted by a listener).
+    BeforeHello,
+}
+
 fn new_connection(
     peer: PeerAddr,
     config: &Config,
+    limit: Limit,
 ) -> (Connection, Arc<Shared>, mpsc::Sender<Vec<Bytes>>) {
+    let max_frame = config.max_frame.min(u32::MAX as usize);
+    let recv_max = match limit {
+        Limit::Full => max_frame,
+        Limit::BeforeHello => config.max_frame_before_hello.min(max_frame),
+    };
     let shared = Arc::new(Shared {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         peer,
         max_frame: config.max_frame,
+        recv_max: AtomicUsize::new(recv_max),
+        limited: AtomicBool::new(limit == Limit::BeforeHello),
+        meter: std::sync::OnceLock::new(),
         max_queue: config.max_queue_bytes.max(1),
         policy: config.slow_consumer,
         queue: Mutex::new(Queue::default()),
@@ -894,12 +968,13 @@ pub(crate) fn spawn_stream<R, W>(
     peer: PeerAddr,
     config: &Config,
     direct: Option<OwnedFd>,
+    limit: Limit,
 ) -> Connection
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut conn, shared, tx) = new_connection(peer, config);
+    let (mut conn, shared, tx) = new_connection(peer, config, limit);
     shared
         .queue
         .lock()
@@ -909,10 +984,10 @@ where
     let codec = FrameCodec::new(config.max_frame);
     if config.inline_reads {
         let reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(reader);
-        let reader = StreamReader::new(reader, shared.clone(), codec, config);
+        let reader = StreamReader::new(reader, shared.clone(), config);
         conn.receiver.source = Source::Inline(Some(Box::new(reader)));
     } else {
-        let reader = StreamReader::new(reader, shared.clone(), codec, config);
+        let reader = StreamReader::new(reader, shared.clone(), config);
         tokio::spawn(tracing::Instrument::instrument(
             stream_reader(reader, tx),
             span.clone(),
@@ -932,7 +1007,6 @@ where
 struct StreamReader<R> {
     reader: R,
     shared: Arc<Shared>,
-    max: usize,
     /// Reads go here while frames are small,
     buf: BytesMut,
     /// and here while large frames follow each other (see `BigBuf`).
@@ -952,11 +1026,10 @@ type InlineReader = StreamReader<Box<dyn AsyncRead + Send + Unpin>>;
 const READ_CHUNK: usize = 128 * 1024;
 
 impl<R: AsyncRead + Unpin> StreamReader<R> {
-    fn new(reader: R, shared: Arc<Shared>, codec: FrameCodec, config: &Config) -> Self {
+    fn new(reader: R, shared: Arc<Shared>, config: &Config) -> Self {
         StreamReader {
             reader,
             shared,
-            max: codec.max_frame(),
             buf: BytesMut::new(),
             big: None,
             next: None,
@@ -1009,8 +1082,16 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
                 },
                 _ = shared.done.cancelled() => return Err(shared.end_reason()),
                 limit = tick_idle(&mut self.timers.idle) => {
-                    if self.last.elapsed() >= limit {
+                    let quiet = self.last.elapsed();
+                    if quiet >= limit {
                         return Err(RecvError::TimedOut);
+                    }
+                    // Quiet between two frames for a quarter of the idle
+                    // timeout: the large-frame buffers go back (the next
+                    // large frame gets fresh ones).
+                    if quiet >= limit / 4 && self.big.as_ref().is_some_and(|b| b.cur.buf.is_empty()) {
+                        self.big = None;
+                        self.buf = BytesMut::new();
                     }
                     continue;
                 }
@@ -1023,13 +1104,13 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
             };
             // The frames before an oversized one are still delivered.
             let mut end = None;
-            match split_frames(from, self.max, &mut bodies) {
+            let max = self.shared.recv_max.load(Ordering::Relaxed);
+            match split_frames(from, max, &mut bodies) {
                 Ok(next) => {
                     self.next = next;
                     self.place_next(&bodies);
                 }
                 Err(len) => {
-                    let max = self.max;
                     refuse(
                         &self.shared,
                         CloseCode::FrameTooLarge,
@@ -1129,6 +1210,9 @@ async fn stream_reader<R: AsyncRead + Unpin>(
 ) {
     let shared = reader.shared.clone();
     let reason = loop {
+        if let Err(reason) = wait_while_limited(&shared, &tx).await {
+            break reason;
+        }
         match reader.next_batch().await {
             Ok(batch) => {
                 tokio::select! {
@@ -1141,6 +1225,24 @@ async fn stream_reader<R: AsyncRead + Unpin>(
     };
     drop(reader);
     finish_reader(shared, reason).await;
+}
+
+/// Before the hello (a connection accepted by a listener whose limit was not
+/// raised yet) a reader task reads ahead one batch at most: it waits until
+/// the consumer has taken every batch handed to it, so what a peer nobody
+/// knows yet can make us buffer stays at about two reads.
+async fn wait_while_limited(
+    shared: &Shared,
+    tx: &mpsc::Sender<Vec<Bytes>>,
+) -> Result<(), RecvError> {
+    if !shared.limited.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    tokio::select! {
+        // A closed channel (the receiver is gone) waits for nothing.
+        _ = tx.reserve_many(tx.max_capacity()) => Ok(()),
+        _ = shared.done.cancelled() => Err(shared.end_reason()),
+    }
 }
 
 /// Splits the complete length-prefixed frames at the start of `buf` off it
@@ -1486,11 +1588,19 @@ pub(crate) fn spawn_ws<S>(
     peer: PeerAddr,
     config: &Config,
     json: bool,
+    limit: Limit,
+    meter: Option<Arc<Meter>>,
 ) -> Connection
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (conn, shared, tx) = new_connection(peer, config);
+    let (conn, shared, tx) = new_connection(peer, config, limit);
+    if let Some(m) = meter {
+        m.message_done();
+        m.limit
+            .store(shared.recv_max.load(Ordering::Relaxed), Ordering::Relaxed);
+        let _ = shared.meter.set(m);
+    }
     let span = tracing::debug_span!("conn", id = shared.id, peer = %shared.peer, json);
     let (sink, stream) = ws.split();
     tokio::spawn(tracing::Instrument::instrument(
@@ -1502,6 +1612,133 @@ where
         span,
     ));
     conn
+}
+
+/// Counts the bytes an accepted WebSocket connection reads for the message
+/// being received, so that one larger than the connection's current limit
+/// ([`Receiver::set_max_frame`]) is refused while it arrives:
+/// tungstenite's own limit is fixed at the handshake, at
+/// [`Config::max_frame`]. What is counted is bytes on the wire (WebSocket
+/// framing included); `slack` allows for the next message's start that a
+/// read takes along.
+#[derive(Debug)]
+pub(crate) struct Meter {
+    since: AtomicUsize,
+    limit: AtomicUsize,
+    slack: usize,
+    over: AtomicBool,
+}
+
+impl Meter {
+    /// A meter for a connection accepted with `config`: the pre-hello limit
+    /// applies from the first byte (the upgrade request included).
+    pub(crate) fn new(config: &Config) -> Arc<Meter> {
+        Arc::new(Meter {
+            since: AtomicUsize::new(0),
+            limit: AtomicUsize::new(config.max_frame_before_hello.min(config.max_frame)),
+            slack: config.ws_read_buffer.max(1024) + 1024,
+            over: AtomicBool::new(false),
+        })
+    }
+
+    fn message_done(&self) {
+        self.since.store(0, Ordering::Relaxed);
+    }
+
+    fn over(&self) -> bool {
+        self.over.load(Ordering::Relaxed)
+    }
+
+    /// Bytes counted for the refused message, and the limit.
+    fn seen(&self) -> (usize, usize) {
+        (
+            self.since.load(Ordering::Relaxed),
+            self.limit.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count(&self, n: usize) -> std::io::Result<()> {
+        let since = self.since.fetch_add(n, Ordering::Relaxed) + n;
+        if since
+            > self
+                .limit
+                .load(Ordering::Relaxed)
+                .saturating_add(self.slack)
+        {
+            self.over.store(true, Ordering::Relaxed);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "WebSocket message larger than the connection's frame limit",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A stream whose reads are counted by a [`Meter`].
+pub(crate) struct Metered<S> {
+    inner: S,
+    meter: Arc<Meter>,
+}
+
+impl<S> Metered<S> {
+    pub(crate) fn new(inner: S, meter: Arc<Meter>) -> Self {
+        Metered { inner, meter }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                std::task::Poll::Ready(this.meter.count(n))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 fn ws_message(body: Bytes, json: bool) -> WsMessage {
@@ -1528,7 +1765,11 @@ async fn ws_reader<S>(
 {
     let mut timers = Timers::new(&config);
     let mut last = Instant::now();
+    let meter = shared.meter.get().cloned();
     let reason = 'outer: loop {
+        if let Err(reason) = wait_while_limited(&shared, &tx).await {
+            break reason;
+        }
         let first = tokio::select! {
             m = stream.next() => m,
             limit = tick_idle(&mut timers.idle) => {
@@ -1543,7 +1784,11 @@ async fn ws_reader<S>(
         let mut batch = Vec::new();
         let mut next = first;
         let mut taken = 0;
+        let mut batch_bytes = 0;
         loop {
+            if let (Some(m), Some(Ok(_))) = (&meter, &next) {
+                m.message_done();
+            }
             match next {
                 None => break 'outer RecvError::Eof,
                 Some(Err(e)) => {
@@ -1562,6 +1807,11 @@ async fn ws_reader<S>(
                         | WsError::AlreadyClosed
                         | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
                             RecvError::Eof
+                        }
+                        WsError::Io(_) if meter.as_ref().is_some_and(|m| m.over()) => {
+                            let (len, max) = meter.as_ref().map(|m| m.seen()).unwrap_or_default();
+                            refuse(&shared, CloseCode::FrameTooLarge, "message too large");
+                            RecvError::FrameTooLarge { len, max }
                         }
                         WsError::Io(e) => io_reason(e),
                         WsError::Protocol(p) => RecvError::Malformed(p.to_string()),
@@ -1587,7 +1837,10 @@ async fn ws_reader<S>(
                         ),
                     };
                     match incoming {
-                        Incoming::Deliver(b) => batch.push(b),
+                        Incoming::Deliver(b) => {
+                            batch_bytes += b.len();
+                            batch.push(b);
+                        }
                         Incoming::Handled => {}
                         Incoming::End(r) => {
                             if !batch.is_empty() {
@@ -1613,7 +1866,10 @@ async fn ws_reader<S>(
                 Some(Ok(_)) => {} // WebSocket-level ping/pong: answered by tungstenite.
             }
             taken += 1;
-            if taken >= 1024 {
+            // Before the hello one message at a time; after it, batches of
+            // at most 1024 messages or about one read's worth of bytes.
+            if taken >= 1024 || batch_bytes >= READ_CHUNK || shared.limited.load(Ordering::Relaxed)
+            {
                 break;
             }
             match stream.next().now_or_never() {
@@ -1718,7 +1974,7 @@ mod tests {
 
     #[tokio::test]
     async fn urgent_queue_is_bounded() {
-        let (conn, shared, _tx) = new_connection(PeerAddr::Memory, &Config::default());
+        let (conn, shared, _tx) = new_connection(PeerAddr::Memory, &Config::default(), Limit::Full);
         for i in 0..10_000 {
             shared.enqueue_urgent(Frame::pong(i).encode_to_bytes());
         }
@@ -1752,7 +2008,7 @@ mod tests {
         let direct = a.as_fd().try_clone_to_owned().ok();
         let (ar, aw) = a.into_split();
         let config = Config::default();
-        let sender = spawn_stream(ar, aw, PeerAddr::Memory, &config, direct);
+        let sender = spawn_stream(ar, aw, PeerAddr::Memory, &config, direct, Limit::Full);
         let shared = sender.sender.shared.clone();
         let (tx, rx_a) = sender.split();
         let (tx_b, rx) = crate::from_unix_stream(b, &config).split();

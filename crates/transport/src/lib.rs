@@ -27,7 +27,11 @@
 //! disconnected without affecting anyone else ([`SlowConsumerPolicy`]).
 //! Keep-alive pings, an idle timeout and a handshake timeout detect dead and
 //! half-open peers; frames larger than [`Config::max_frame`] are refused
-//! before anything of their size is allocated.
+//! before anything of their size is allocated. A connection a [`Listener`]
+//! accepted takes frames of at most [`Config::max_frame_before_hello`]
+//! (64 KiB) until its consumer accepts the peer's hello and calls
+//! [`Receiver::raise_max_frame`], so a peer nobody knows yet cannot make a
+//! server buffer large frames.
 //!
 //! # Example
 //!

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::conn::{spawn_stream, spawn_ws};
+use crate::conn::{spawn_stream, spawn_ws, Limit, Meter, Metered};
 use crate::{Config, Connection, Endpoint, Error, PeerAddr};
 
 fn ws_config(config: &Config) -> WebSocketConfig {
@@ -73,7 +73,7 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
             let (stream, peer) = dial_tcp(&host, port).await?;
             let direct = dup_fd(&stream);
             let (r, w) = stream.into_split();
-            Ok(spawn_stream(r, w, peer, config, direct))
+            Ok(spawn_stream(r, w, peer, config, direct, Limit::Full))
         }
         Endpoint::Tls { host, port } => {
             let (connector, name) = tls_connector(config, &host)?;
@@ -86,7 +86,7 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
             })
             .await?;
             let (r, w) = tokio::io::split(tls);
-            Ok(spawn_stream(r, w, peer, config, None))
+            Ok(spawn_stream(r, w, peer, config, None, Limit::Full))
         }
         Endpoint::Unix { path } => {
             let stream = UnixStream::connect(&path).await?;
@@ -98,6 +98,7 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
                 PeerAddr::Unix(Some(path)),
                 config,
                 direct,
+                Limit::Full,
             ))
         }
         Endpoint::Ws {
@@ -134,7 +135,7 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
                     Ok(ws)
                 })
                 .await?;
-                Ok(spawn_ws(ws, peer, config, json))
+                Ok(spawn_ws(ws, peer, config, json, Limit::Full, None))
             } else {
                 let ws = with_timeout(config, async {
                     let (ws, _resp) =
@@ -144,7 +145,7 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
                     Ok(ws)
                 })
                 .await?;
-                Ok(spawn_ws(ws, peer, config, json))
+                Ok(spawn_ws(ws, peer, config, json, Limit::Full, None))
             }
         }
     }
@@ -357,12 +358,12 @@ async fn handshake(accepted: Accepted, mode: &Mode, config: &Config) -> Result<C
         (Accepted::Unix(s, peer), _) => {
             let direct = dup_fd(&s);
             let (r, w) = s.into_split();
-            Ok(spawn_stream(r, w, peer, config, direct))
+            Ok(spawn_stream(r, w, peer, config, direct, Limit::BeforeHello))
         }
         (Accepted::Tcp(s, peer), Mode::Plain) => {
             let direct = dup_fd(&s);
             let (r, w) = s.into_split();
-            Ok(spawn_stream(r, w, peer, config, direct))
+            Ok(spawn_stream(r, w, peer, config, direct, Limit::BeforeHello))
         }
         (Accepted::Tcp(s, peer), Mode::Tls(acceptor)) => {
             let tls = acceptor
@@ -370,30 +371,47 @@ async fn handshake(accepted: Accepted, mode: &Mode, config: &Config) -> Result<C
                 .await
                 .map_err(|e| Error::Tls(e.to_string()))?;
             let (r, w) = tokio::io::split(tls);
-            Ok(spawn_stream(r, w, peer, config, None))
+            Ok(spawn_stream(r, w, peer, config, None, Limit::BeforeHello))
         }
         (Accepted::Tcp(s, peer), Mode::Ws { tls, path }) => {
             let wscfg = ws_config(config);
             let json = Arc::new(AtomicBool::new(false));
             let callback = ws_callback(path.clone(), json.clone());
+            let meter = Meter::new(config);
             match tls {
                 Some(acceptor) => {
                     let tls = acceptor
                         .accept(s)
                         .await
                         .map_err(|e| Error::Tls(e.to_string()))?;
+                    let tls = Metered::new(tls, meter.clone());
                     let ws =
                         tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(wscfg))
                             .await
                             .map_err(|e| Error::WebSocket(e.to_string()))?;
-                    Ok(spawn_ws(ws, peer, config, json.load(Ordering::Relaxed)))
+                    Ok(spawn_ws(
+                        ws,
+                        peer,
+                        config,
+                        json.load(Ordering::Relaxed),
+                        Limit::BeforeHello,
+                        Some(meter),
+                    ))
                 }
                 None => {
+                    let s = Metered::new(s, meter.clone());
                     let ws =
                         tokio_tungstenite::accept_hdr_async_with_config(s, callback, Some(wscfg))
                             .await
                             .map_err(|e| Error::WebSocket(e.to_string()))?;
-                    Ok(spawn_ws(ws, peer, config, json.load(Ordering::Relaxed)))
+                    Ok(spawn_ws(
+                        ws,
+                        peer,
+                        config,
+                        json.load(Ordering::Relaxed),
+                        Limit::BeforeHello,
+                        Some(meter),
+                    ))
                 }
             }
         }
@@ -453,7 +471,7 @@ pub fn from_unix_stream(stream: UnixStream, config: &Config) -> Connection {
         .and_then(|a| a.as_pathname().map(Path::to_path_buf));
     let direct = dup_fd(&stream);
     let (r, w) = stream.into_split();
-    spawn_stream(r, w, PeerAddr::Unix(path), config, direct)
+    spawn_stream(r, w, PeerAddr::Unix(path), config, direct, Limit::Full)
 }
 
 /// [`from_unix_stream`] for a standard-library stream (it is switched to
@@ -477,7 +495,7 @@ pub fn pair(config: &Config, buffer: usize) -> (Connection, Connection) {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
     (
-        spawn_stream(ar, aw, PeerAddr::Memory, config, None),
-        spawn_stream(br, bw, PeerAddr::Memory, config, None),
+        spawn_stream(ar, aw, PeerAddr::Memory, config, None, Limit::Full),
+        spawn_stream(br, bw, PeerAddr::Memory, config, None, Limit::Full),
     )
 }

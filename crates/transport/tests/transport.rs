@@ -29,7 +29,10 @@ async fn pair(url: &str, config: &Config) -> (Listener, Connection, Connection) 
     let listener = listen(url, config).await.unwrap();
     let local = listener.local_url();
     let (client, server) = tokio::join!(connect(&local, config), listener.accept());
-    (listener, client.unwrap(), server.unwrap())
+    let server = server.unwrap();
+    // As a server does once it accepted the peer's hello.
+    server.raise_max_frame();
+    (listener, client.unwrap(), server)
 }
 
 async fn recv(conn: &mut Connection) -> Frame {

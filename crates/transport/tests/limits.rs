@@ -1,0 +1,153 @@
+//! Limits a peer cannot get past: the small frame limit before the hello.
+
+use std::time::Duration;
+
+use replimesh_transport::proto::{self, CloseCode, Frame};
+use replimesh_transport::{connect, listen, Config, Connection, RecvError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(10);
+
+/// A raw TCP peer of a connection accepted with `config`.
+async fn raw_peer(config: &Config) -> (tokio::net::TcpStream, Connection) {
+    let listener = listen("tcp://127.0.0.1:0", config).await.unwrap();
+    let addr = listener
+        .local_url()
+        .trim_start_matches("tcp://")
+        .to_string();
+    let raw = tokio::time::timeout(T, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let server = tokio::time::timeout(T, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    (raw, server)
+}
+
+/// The close code in what a raw peer reads until EOF.
+async fn close_code(raw: &mut tokio::net::TcpStream) -> Option<u32> {
+    let mut got = Vec::new();
+    tokio::time::timeout(T, raw.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .ok()?;
+    let mut buf = bytes::BytesMut::from(&got[..]);
+    let mut codec = proto::FrameCodec::default();
+    while let Ok(Some(f)) = tokio_util::codec::Decoder::decode(&mut codec, &mut buf) {
+        if let Some(proto::frame::Body::Close(c)) = f.body {
+            return Some(c.code);
+        }
+    }
+    None
+}
+
+fn framed(frame: &Frame) -> Vec<u8> {
+    let mut wire = bytes::BytesMut::new();
+    let mut codec = proto::FrameCodec::default();
+    tokio_util::codec::Encoder::encode(&mut codec, frame, &mut wire).unwrap();
+    wire.to_vec()
+}
+
+/// Before the hello an accepted connection takes frames of at most
+/// `max_frame_before_hello`: a 1 MiB frame (announced only: nothing of its
+/// size is sent or allocated) is refused with a clear error and a Close.
+#[tokio::test]
+async fn a_large_frame_before_the_raise_is_refused() {
+    for inline_reads in [true, false] {
+        let config = Config {
+            inline_reads,
+            ..Config::default()
+        };
+        assert_eq!(config.max_frame_before_hello, 64 * 1024);
+        let (mut raw, mut server) = raw_peer(&config).await;
+        assert_eq!(server.receiver().max_frame(), 64 * 1024);
+        let mut wire = framed(&Frame::data(&b"hello"[..]));
+        wire.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        raw.write_all(&wire).await.unwrap();
+        let first = tokio::time::timeout(T, server.recv()).await.unwrap();
+        assert_eq!(first.unwrap(), Frame::data(&b"hello"[..]));
+        match tokio::time::timeout(T, server.recv()).await.unwrap() {
+            Err(RecvError::FrameTooLarge { len, max }) => {
+                assert_eq!((len, max), (1 << 20, 64 * 1024), "inline {inline_reads}")
+            }
+            other => panic!("inline {inline_reads}: expected FrameTooLarge, got {other:?}"),
+        }
+        assert_eq!(
+            close_code(&mut raw).await,
+            Some(CloseCode::FrameTooLarge as u32)
+        );
+    }
+}
+
+/// Once the consumer raised the limit (after the hello), frames up to
+/// `max_frame` pass; the dialing side takes `max_frame` from the start.
+#[tokio::test]
+async fn after_the_raise_large_frames_pass_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    for inline_reads in [true, false] {
+        for url in [
+            "tcp://127.0.0.1:0".to_string(),
+            format!("unix://{}", dir.path().join("r.sock").display()),
+            "ws://127.0.0.1:0".to_string(),
+        ] {
+            let config = Config {
+                inline_reads,
+                ..Config::default()
+            };
+            let listener = listen(&url, &config).await.unwrap();
+            let local = listener.local_url();
+            let (client, server) = tokio::time::timeout(T, async {
+                tokio::join!(connect(&local, &config), listener.accept())
+            })
+            .await
+            .unwrap();
+            let (mut client, mut server) = (client.unwrap(), server.unwrap());
+            assert_eq!(client.receiver().max_frame(), config.max_frame);
+            client.send(&Frame::data(&b"hello"[..])).unwrap();
+            let hello = tokio::time::timeout(T, server.recv()).await.unwrap();
+            assert_eq!(hello.unwrap(), Frame::data(&b"hello"[..]));
+            server.raise_max_frame();
+            assert_eq!(server.receiver().max_frame(), config.max_frame);
+            server.send(&Frame::data(&b"welcome"[..])).unwrap();
+            let welcome = tokio::time::timeout(T, client.recv()).await.unwrap();
+            assert_eq!(welcome.unwrap(), Frame::data(&b"welcome"[..]));
+            let big = Frame::data(vec![7u8; 1 << 20]);
+            client.send(&big).unwrap();
+            let got = tokio::time::timeout(T, server.recv()).await.unwrap();
+            assert!(got.unwrap() == big, "{url} inline {inline_reads}");
+            server.send(&big).unwrap();
+            let got = tokio::time::timeout(T, client.recv()).await.unwrap();
+            assert!(got.unwrap() == big, "{url} inline {inline_reads}");
+        }
+    }
+}
+
+/// A WebSocket message larger than the limit before the hello is refused
+/// while it arrives (tungstenite's own limit is `max_frame`).
+#[tokio::test]
+async fn a_large_websocket_message_before_the_raise_is_refused() {
+    let config = Config::default();
+    let listener = listen("ws://127.0.0.1:0", &config).await.unwrap();
+    let local = listener.local_url();
+    let (client, server) = tokio::time::timeout(T, async {
+        tokio::join!(connect(&local, &config), listener.accept())
+    })
+    .await
+    .unwrap();
+    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let big = Frame::data(vec![7u8; 1 << 20]);
+    client.send(&big).unwrap();
+    match tokio::time::timeout(T, server.recv()).await.unwrap() {
+        Err(RecvError::FrameTooLarge { len, max }) => {
+            assert_eq!(max, 64 * 1024);
+            assert!(len > max && len < 1 << 20, "{len}");
+        }
+        other => panic!("expected FrameTooLarge, got {other:?}"),
+    }
+    match tokio::time::timeout(T, client.recv()).await.unwrap() {
+        Err(RecvError::Closed { code, .. }) => assert_eq!(code, CloseCode::FrameTooLarge as u32),
+        other => panic!("expected a close, got {other:?}"),
+    }
+}
