@@ -2,9 +2,13 @@
 //! over `unix://`, all replicas dispatching increments; measures the time
 //! until every replica has applied every action (actions/s), and the
 //! authority's RSS at the end. The same code runs `store-tcp` and `store-ws`
-//! (they include this file) and `store-latency`.
+//! (they include this file), `store-latency`, and `store-durable` (over
+//! `unix://` with a persistent authority: `BackupPersistence`, journal
+//! `always`, in the bench's temporary directory; every acknowledged action
+//! is fsynced first; it also reports fsyncs/s and actions per fsync).
 //! Run it with `cargo xtask bench store-unix`; see `docs/store.md`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,8 +101,83 @@ pub(crate) fn run(scenario: &str, scheme: &str) -> Result<()> {
     rt.block_on(parent(scenario, scheme))
 }
 
-async fn serve(scheme: &str, dir: &TempDir) -> Result<(Store<Bench>, store::Server, String)> {
-    let authority = Store::authority(Bench, StoreConfig::default());
+/// Counts the journal's `record` calls and their actions: under the
+/// `always` policy each call is one journal record and one fsync.
+#[derive(Default)]
+struct Fsyncs {
+    calls: AtomicU64,
+    actions: AtomicU64,
+}
+
+struct Counted {
+    inner: store::BackupPersistence,
+    fsyncs: Arc<Fsyncs>,
+}
+
+impl store::Persistence for Counted {
+    fn load(&mut self) -> Result<store::Recovered, store::PersistError> {
+        self.inner.load()
+    }
+    fn record(
+        &mut self,
+        history_id: u64,
+        first_seq: u64,
+        actions: &[bytes::Bytes],
+        origins: &[store::Origin],
+    ) -> Result<bool, store::PersistError> {
+        self.fsyncs.calls.fetch_add(1, Ordering::Relaxed);
+        self.fsyncs
+            .actions
+            .fetch_add(actions.len() as u64, Ordering::Relaxed);
+        self.inner.record(history_id, first_seq, actions, origins)
+    }
+    fn snapshot(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &bytes::Bytes,
+        origins: &[store::Origin],
+    ) -> Result<(), store::PersistError> {
+        self.inner.snapshot(history_id, seq, state, origins)
+    }
+    fn deadline(&self) -> Option<std::time::Instant> {
+        self.inner.deadline()
+    }
+    fn shutdown(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: &bytes::Bytes,
+        origins: &[store::Origin],
+    ) -> Result<(), store::PersistError> {
+        self.inner.shutdown(history_id, seq, state, origins)
+    }
+}
+
+/// The authority: in memory, or (`store-durable`) with a backup whose
+/// journal is fsynced before each acknowledgement.
+fn authority(dir: &TempDir, durable: Option<Arc<Fsyncs>>) -> Result<Store<Bench>> {
+    let Some(fsyncs) = durable else {
+        return Ok(Store::authority(Bench, StoreConfig::default()));
+    };
+    let config = backup::BackupConfig::new(dir.path().join("bench.backup"))
+        .journal(backup::FsyncPolicy::Always)
+        .count(100_000);
+    let inner = store::BackupPersistence::open(config, "bench", Bench.schema())?;
+    let p = Box::new(Counted { inner, fsyncs });
+    Ok(Store::authority_with_persistence(
+        Bench,
+        StoreConfig::default(),
+        p,
+    )?)
+}
+
+async fn serve(
+    scheme: &str,
+    dir: &TempDir,
+    durable: Option<Arc<Fsyncs>>,
+) -> Result<(Store<Bench>, store::Server, String)> {
+    let authority = authority(dir, durable)?;
     let mut logins = Logins::new();
     if std::env::var("STORE_BENCH_CHEAP_LOGIN").is_ok() {
         let cheap = store::HashCost {
@@ -126,7 +205,8 @@ async fn serve(scheme: &str, dir: &TempDir) -> Result<(Store<Bench>, store::Serv
 async fn parent(scenario: &str, scheme: &str) -> Result<()> {
     let dir = TempDir::new(scenario)?;
     eprintln!("{scenario}: authority RSS at start: {:.1} MiB", rss_mib());
-    let (authority, _server, url) = serve(scheme, &dir).await?;
+    let fsyncs = (scenario == "store-durable").then(|| Arc::new(Fsyncs::default()));
+    let (authority, _server, url) = serve(scheme, &dir, fsyncs.clone()).await?;
     eprintln!(
         "{scenario}: authority RSS after serve: {:.1} MiB",
         rss_mib()
@@ -207,8 +287,16 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
         }
     } else {
         let mut rates = Vec::new();
+        let mut fsync_rates = Vec::new();
+        let mut per_fsync = Vec::new();
         for r in 1..=nrounds {
             let start = Instant::now();
+            let calls0 = fsyncs
+                .as_ref()
+                .map_or(0, |f| f.calls.load(Ordering::Relaxed));
+            let acts0 = fsyncs
+                .as_ref()
+                .map_or(0, |f| f.actions.load(Ordering::Relaxed));
             authority.dispatch(BenchAction::Start(r)).await?;
             for c in &mut children {
                 let line = read_line(c).await?;
@@ -221,10 +309,38 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
             let rate = total as f64 / secs;
             eprintln!("{scenario}: round {r}: {total} actions applied everywhere in {secs:.3} s = {rate:.0}/s");
             rates.push(rate);
+            if let Some(f) = &fsyncs {
+                let calls = f.calls.load(Ordering::Relaxed) - calls0;
+                let acts = f.actions.load(Ordering::Relaxed) - acts0;
+                let per = acts as f64 / calls.max(1) as f64;
+                eprintln!(
+                    "{scenario}: round {r}: {calls} fsyncs ({:.0}/s), {per:.0} actions per fsync",
+                    calls as f64 / secs
+                );
+                fsync_rates.push(calls as f64 / secs);
+                per_fsync.push(per);
+            }
         }
         let mut p = params.clone();
         p["actions_per_round"] = json!(per_replica * REPLICAS as u64);
         p["rounds"] = json!(nrounds);
+        if fsyncs.is_some() {
+            p["journal"] = json!("always");
+            emit(
+                scenario,
+                "fsyncs",
+                median(&fsync_rates),
+                "fsyncs/s",
+                p.clone(),
+            );
+            emit(
+                scenario,
+                "actions_per_fsync",
+                median(&per_fsync),
+                "actions",
+                p.clone(),
+            );
+        }
         emit(
             scenario,
             "actions_applied_everywhere",

@@ -443,6 +443,10 @@ impl Backup {
             return Err(Error::ActionTooLarge { len: action.len() });
         }
         if sh.policy == Some(FsyncPolicy::Always) {
+            // Actions appended before (`append`) go first.
+            if !lock(&sh.j).batch.is_empty() {
+                sh.flush_journal(false)?;
+            }
             // Encode, write and fsync under `w`: records reach the file in seq order.
             let mut w = lock(&sh.w);
             let due = sh.account(seq, None, action)?;
@@ -462,6 +466,42 @@ impl Backup {
             sh.flush_journal(false)?;
         }
         Ok(due)
+    }
+
+    /// Records the committed action `seq` without waiting for the disk (group commit): the
+    /// action is appended to an in-memory batch, as under the policies other than `Always`.
+    /// Under [`FsyncPolicy::Always`] the batch is written as one record and fsynced by the next
+    /// [`commit`](Self::commit) (call it once for a group of appended actions, before
+    /// acknowledging any of them); under the other policies the background thread writes it as
+    /// for [`record`](Self::record). Seqs must increase, as for [`record`](Self::record).
+    ///
+    /// Returns [`Due::Snapshot`] when the `count` policy wants a snapshot.
+    pub fn append(&self, seq: u64, action: &[u8]) -> Result<Due, Error> {
+        let sh = &*self.shared;
+        sh.check_failed()?;
+        if action.len() > MAX_ACTION_LEN {
+            return Err(Error::ActionTooLarge { len: action.len() });
+        }
+        let mut inline_flush = false;
+        let due = sh.account(seq, Some(&mut inline_flush), action)?;
+        if inline_flush {
+            sh.flush_journal(false)?;
+        }
+        Ok(due)
+    }
+
+    /// Makes the actions given to [`append`](Self::append) since the last call as durable as
+    /// the fsync policy promises: under [`FsyncPolicy::Always`] they are sealed into one
+    /// journal record, written and fsynced (one fsync for the whole group) before this
+    /// returns; under the other policies this returns at once (the background thread writes
+    /// them on its schedule). Blocks for the fsync: call it where blocking is allowed.
+    pub fn commit(&self) -> Result<(), Error> {
+        let sh = &*self.shared;
+        sh.check_failed()?;
+        if sh.policy == Some(FsyncPolicy::Always) {
+            sh.flush_journal(true)?;
+        }
+        Ok(())
     }
 
     /// Hands a snapshot to the background writer and returns at once. `snapshot.seq` is the
@@ -745,12 +785,15 @@ impl Shared {
             let r = old.enc.encode_batch(&j.batch, &mut w.out);
             j.batch.clear();
             r?;
-            if !w.out.is_empty() {
+            let wrote = !w.out.is_empty();
+            if wrote {
                 let mut file = &old.file;
                 file.write_all(&w.out)
                     .map_err(|e| self.fail(Error::io(&self.path, e)))?;
             }
-            if policy != FsyncPolicy::Always {
+            // Under `Always`, a batch of appended actions (`Backup::append`) written here is
+            // fsynced by the next `commit`.
+            if policy != FsyncPolicy::Always || wrote || w.unsynced {
                 w.to_sync.push(old.file);
             }
         }

@@ -458,3 +458,47 @@ fn new_history_replaces_the_old_one() {
     let (_b, r) = Backup::open(config(&path)).unwrap();
     assert_eq!(replay(&r.unwrap()), (3, 3, 0xbeef));
 }
+
+/// Group commit under `Always`: actions given to `append` are written as one
+/// journal record by `commit` (one fsync), survive a crash after it, and a
+/// snapshot switching segments in between keeps them; `record` after
+/// `append` writes the appended ones first.
+#[test]
+fn append_and_commit_write_one_record_per_group() {
+    let (_dir, path) = tmp();
+    let (b, _) = Backup::open(config(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    for seq in 1..=5 {
+        assert_eq!(b.append(seq, &1u64.to_le_bytes()).unwrap(), Due::No);
+    }
+    b.commit().unwrap();
+    let seg = list_segments(&path).unwrap().last().unwrap().1.clone();
+    let contents = replimesh_backup::journal::read_segment(
+        &seg,
+        Some(&replimesh_backup::KeyRing::new(
+            "pw",
+            KdfParams::insecure_fast(),
+        )),
+    )
+    .unwrap();
+    assert_eq!(contents.entries.len(), 5);
+    // One record: the segment is the header, one record head, 5 entries and one tag.
+    let len = std::fs::metadata(&seg).unwrap().len() as usize;
+    assert_eq!(
+        len,
+        replimesh_backup::HEADER_LEN
+            + replimesh_backup::journal::RECORD_HEAD_LEN
+            + 5 * (replimesh_backup::journal::ENTRY_OVERHEAD + 8)
+            + 16
+    );
+    // Appended, then a snapshot behind them switches segments, then record.
+    b.append(6, &1u64.to_le_bytes()).unwrap();
+    b.snapshot(snap(5, 5)).unwrap();
+    b.append(7, &1u64.to_le_bytes()).unwrap();
+    b.record(8, &1u64.to_le_bytes()).unwrap();
+    b.commit().unwrap();
+    drop(b); // a crash: no final snapshot
+    let (_b, r) = Backup::open(config(&path)).unwrap();
+    let (counter, last, _) = replay(&r.unwrap());
+    assert_eq!((counter, last), (8, 8));
+}

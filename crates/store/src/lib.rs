@@ -98,6 +98,7 @@ mod client;
 pub mod core;
 mod error;
 mod gate;
+mod journal;
 mod link;
 mod persist;
 mod reducer;

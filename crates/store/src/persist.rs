@@ -12,8 +12,13 @@ use proto::Message;
 
 /// Where an authority keeps its history so that it survives a restart.
 ///
-/// The store calls it synchronously while committing (keep `record` cheap:
-/// buffer and write in the background if needed). All payloads are the
+/// After [`Persistence::load`] (and, for a new history, the first
+/// [`Persistence::snapshot`]) the store calls it only from its journal
+/// thread, outside the store's lock and off the async runtime (see
+/// [`crate::Store::authority_with_persistence`]): blocking there (an fsync)
+/// is fine. [`Persistence::record`] gets every action committed since the
+/// previous call at once (group commit) and should make them durable before
+/// it returns: the store acknowledges them only then. All payloads are the
 /// binary (`postcard`) encodings of actions and states.
 pub trait Persistence: Send + 'static {
     /// What was persisted before (history id 0 when nothing).
@@ -381,10 +386,15 @@ impl Persistence for BackupPersistence {
             .map_err(|e| PersistError::new(e.to_string()))?;
             let d = self
                 .backup
-                .record(seq, &entry)
+                .append(seq, &entry)
                 .map_err(|e| PersistError::new(e.to_string()))?;
             due |= d == backup::Due::Snapshot;
         }
+        // Group commit: one journal record and one fsync (under `always`) for
+        // every action of this call.
+        self.backup
+            .commit()
+            .map_err(|e| PersistError::new(e.to_string()))?;
         self.recent
             .push(history_id, first_seq, actions.iter().cloned());
         // The `timeout` policy: a deadline already passed is honoured here;

@@ -15,6 +15,7 @@ use crate::auth::Logins;
 use crate::core::{store_of, FollowerId};
 use crate::error::{ErrorCode, RemoteError};
 use crate::gate::{accept_each, Gate};
+use crate::journal::JournalQueue;
 use crate::link::{LinkRx, LinkTx};
 use crate::store::{random_nonzero, AnyStore, Role, Store};
 use crate::{worker, Reducer};
@@ -409,10 +410,14 @@ impl Inbound {
     }
 }
 
+/// A store attached on a connection: the store, the follower, and the
+/// store's journal queue (a persistent authority).
+type Attached = (Arc<dyn AnyStore>, FollowerId, Option<Arc<JournalQueue>>);
+
 /// A logged-in connection: store frames until it ends.
 async fn serve_frames(shared: Arc<ServerShared>, tx: LinkTx, mut rx: Inbound) {
     let cancel = shared.stop.child_token();
-    let mut attached: HashMap<String, (Arc<dyn AnyStore>, FollowerId)> = HashMap::new();
+    let mut attached: HashMap<String, Attached> = HashMap::new();
     loop {
         let frame = tokio::select! {
             f = rx.recv() => f,
@@ -426,7 +431,7 @@ async fn serve_frames(shared: Arc<ServerShared>, tx: LinkTx, mut rx: Inbound) {
             continue;
         };
         if let Some(Body::StoreHello(h)) = &frame.body {
-            if let Some((s, fid)) = attached.remove(&name) {
+            if let Some((s, fid, _)) = attached.remove(&name) {
                 s.detach(fid);
             }
             let store = shared
@@ -443,7 +448,10 @@ async fn serve_frames(shared: Arc<ServerShared>, tx: LinkTx, mut rx: Inbound) {
                 Some(s) => s
                     .clone()
                     .attach(h, tx.clone(), cancel.child_token())
-                    .map(|fid| (s, fid)),
+                    .map(|fid| {
+                        let q = s.journal_queue();
+                        (s, fid, q)
+                    }),
             };
             match result {
                 Ok(x) => {
@@ -456,7 +464,12 @@ async fn serve_frames(shared: Arc<ServerShared>, tx: LinkTx, mut rx: Inbound) {
             continue;
         }
         match attached.get(&name) {
-            Some((s, fid)) => {
+            Some((s, fid, journal)) => {
+                // A persistent authority whose journal is behind: this
+                // connection is not read until it has caught up.
+                if let (Some(q), Some(Body::Dispatch(_))) = (journal, &frame.body) {
+                    q.wait_room(&cancel).await;
+                }
                 let mut backlog = s.follower_frame(*fid, frame);
                 // A replica that dispatches without reading its acks waits here.
                 while backlog > ACK_BACKLOG && !cancel.is_cancelled() {
@@ -474,7 +487,7 @@ async fn serve_frames(shared: Arc<ServerShared>, tx: LinkTx, mut rx: Inbound) {
         }
     }
     cancel.cancel();
-    for (_, (s, fid)) in attached {
+    for (_, (s, fid, _)) in attached {
         s.detach(fid);
     }
 }

@@ -1,11 +1,12 @@
 //! The store handle: the runtime around the sans-IO core.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -15,10 +16,11 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{
-    Authority, AuthorityConfig, FollowerId, LogConfig, OpSlots, Replica, ReplicaConfig,
+    Authority, AuthorityConfig, FollowerId, LogConfig, OpSlots, Origin, Replica, ReplicaConfig,
     ReplicaEvent, SyncMode,
 };
 use crate::error::{DispatchError, RemoteError};
+use crate::journal::{JournalJob, JournalQueue};
 use crate::link::LinkTx;
 use crate::persist::{PersistError, Persistence};
 use crate::reducer::{Encoding, Reducer};
@@ -40,6 +42,15 @@ pub struct StoreConfig {
     pub dedup_window: usize,
     /// Clients remembered for duplicate detection. Default 10,000.
     pub dedup_clients: usize,
+    /// Authority with persistence: most committed actions waiting for the
+    /// journal thread (written and fsynced outside the store's lock, see
+    /// [`Store::authority_with_persistence`]). Past it, connections that
+    /// dispatch to this store are not read until the journal has caught up
+    /// (push back), [`Store::try_dispatch`] on the authority fails with
+    /// [`DispatchError::OutboxFull`] and [`Store::dispatch`] waits. A frame
+    /// being handled is committed whole, so the queue may pass the bound by
+    /// one dispatch batch per connection. Default 65,536.
+    pub journal_queue: usize,
 }
 
 impl Default for StoreConfig {
@@ -49,6 +60,7 @@ impl Default for StoreConfig {
             max_pending: 16_384,
             dedup_window: 32_768,
             dedup_clients: 10_000,
+            journal_queue: 65_536,
         }
     }
 }
@@ -133,11 +145,13 @@ type Waiter = oneshot::Sender<Result<u64, DispatchError>>;
 pub(crate) enum Core<R: Reducer> {
     Authority {
         a: Authority<R>,
-        persist: Option<Box<dyn Persistence>>,
+        /// The journal thread of a persistent authority.
+        journal: Option<Journal>,
+        /// The last seq handed to the journal.
         persisted: u64,
-        snap_persisted: u64,
-        /// The persistence's snapshot timer ([`Persistence::deadline`]).
-        timer: Option<SnapshotTimer>,
+        /// Dispatches made on the authority itself, waiting for their seq to
+        /// be durable (in seq order).
+        durable_waiters: VecDeque<(u64, Waiter)>,
     },
     Replica {
         r: Replica<R>,
@@ -175,9 +189,10 @@ pub(crate) struct Shared<R: Reducer> {
 }
 
 impl<R: Reducer> Shared<R> {
+    /// The seq others may see: the durable head of a persistent authority.
     fn head(&self) -> u64 {
         match &self.core {
-            Core::Authority { a, .. } => a.seq(),
+            Core::Authority { a, .. } => a.durable_seq(),
             Core::Replica { r, .. } => r.seq(),
         }
     }
@@ -312,10 +327,9 @@ impl<R: Reducer> Store<R> {
             schema,
             Core::Authority {
                 a,
-                persist: None,
+                journal: None,
                 persisted: 0,
-                snap_persisted: 0,
-                timer: None,
+                durable_waiters: VecDeque::new(),
             },
             Role::Authority,
         )
@@ -323,6 +337,20 @@ impl<R: Reducer> Store<R> {
 
     /// An authority that continues the history kept by `persistence` and
     /// records every committed action and snapshot into it.
+    ///
+    /// The persistence is called from a dedicated thread of this store (the
+    /// *journal thread*), never under the store's lock nor on the async
+    /// runtime: commits queue their actions for it, and it hands everything
+    /// queued to [`Persistence::record`] in one call (group commit: one
+    /// fsync for all the dispatches that arrived during the previous one).
+    /// **An action is acknowledged only once that call has returned**: the
+    /// dispatcher's `Committed`, the `Actions` sent to replicas, snapshots
+    /// sent to them, [`Store::seq`] and [`Store::subscribe`] never go past
+    /// the durable seq, and [`Store::dispatch`] on the authority resolves
+    /// only then. [`Store::state`] shows every committed action at once. If
+    /// the persistence fails, nothing after the last durable seq is
+    /// acknowledged until a snapshot succeeds. See
+    /// [`StoreConfig::journal_queue`] for the queue's bound.
     pub fn authority_with_persistence(
         reducer: R,
         config: StoreConfig,
@@ -332,61 +360,43 @@ impl<R: Reducer> Store<R> {
         let schema = reducer.schema();
         let recovered = persistence.load()?;
         let fresh = recovered.history_id == 0;
-        let a = Authority::recover(
+        let mut a = Authority::recover(
             reducer,
             authority_config(&config),
             recovered,
             random_nonzero(),
         )
         .map_err(|e| PersistError::new(e.to_string()))?;
-        let mut a = a;
         a.track_origins(true);
+        if fresh {
+            // Record the new history's starting point.
+            let (seq, bytes) = a
+                .take_snapshot()
+                .map_err(|e| PersistError::new(e.to_string()))?;
+            persistence.snapshot(a.history_id(), seq, &bytes, &a.known_origins(seq))?;
+        }
         let head = a.seq();
-        let snap_seq = a.latest_snapshot().map(|s| s.0).unwrap_or(0);
+        a.set_durable(head);
         let store = Self::from_core(
             name,
             schema,
             Core::Authority {
                 a,
-                persist: Some(persistence),
+                journal: None,
                 persisted: head,
-                snap_persisted: if fresh { u64::MAX } else { snap_seq },
-                timer: None,
+                durable_waiters: VecDeque::new(),
             },
             Role::Authority,
         );
-        let timer = SnapshotTimer::start(Arc::downgrade(&store.inner));
-        {
-            let mut g = store.inner.lock();
-            if let Core::Authority {
-                timer: t,
-                persist: Some(p),
-                ..
-            } = &mut g.core
-            {
-                *t = timer;
-                // A journal replayed at start-up is a change not in a snapshot.
-                if let Some(t) = t {
-                    t.arm(&**p);
-                }
-            }
-        }
-        if fresh {
-            // Record the new history's starting point.
-            let mut g = store.inner.lock();
-            if let Core::Authority {
-                a,
-                persist: Some(p),
-                snap_persisted,
-                ..
-            } = &mut g.core
-            {
-                let (seq, bytes) = a
-                    .take_snapshot()
-                    .map_err(|e| PersistError::new(e.to_string()))?;
-                p.snapshot(a.history_id(), seq, &bytes, &a.known_origins(seq))?;
-                *snap_persisted = seq;
-            }
+        let journal = Journal::start(
+            Arc::downgrade(&store.inner),
+            persistence,
+            head,
+            config.journal_queue,
+        )
+        .map_err(|e| PersistError::new(format!("cannot start the journal thread: {e}")))?;
+        if let Core::Authority { journal: j, .. } = &mut store.inner.lock().core {
+            *j = Some(journal);
         }
         Ok(store)
     }
@@ -437,7 +447,22 @@ impl<R: Reducer> Store<R> {
     /// # Cancel safety
     /// Dropping the future does not withdraw the action: it is still committed.
     pub async fn dispatch(&self, action: R::Action) -> Result<u64, DispatchError> {
-        self.try_dispatch(&action)?.await
+        loop {
+            match self.try_dispatch(&action) {
+                Err(DispatchError::OutboxFull { .. }) => {
+                    // A persistent authority whose journal queue is full:
+                    // wait for room (a replica's full outbox fails at once).
+                    let Some(q) = self.inner.journal_queue() else {
+                        return self.try_dispatch(&action)?.await;
+                    };
+                    q.wait_room(&self.inner.stop).await;
+                    if self.inner.stop.is_cancelled() {
+                        return Err(DispatchError::Closed);
+                    }
+                }
+                r => return r?.await,
+            }
+        }
     }
 
     /// Queues an action without waiting; the returned [`Pending`] resolves
@@ -452,14 +477,27 @@ impl<R: Reducer> Store<R> {
         let pending = match &mut g.core {
             Core::Authority {
                 a,
-                persist,
+                journal,
                 persisted,
-                snap_persisted,
-                timer,
+                durable_waiters,
             } => {
+                if let Some(j) = journal {
+                    if j.queue.is_full() {
+                        return Err(DispatchError::OutboxFull {
+                            pending: j.queue.queued(),
+                            limit: j.queue.limit(),
+                        });
+                    }
+                }
                 let seq = a.dispatch(action)?;
-                persist_new(a, persist, persisted, snap_persisted, timer);
-                Pending(PendingInner::Ready(Some(Ok(seq))))
+                persist_new(a, journal, persisted);
+                if journal.is_some() && seq > a.durable_seq() {
+                    let (tx, rx) = oneshot::channel();
+                    durable_waiters.push_back((seq, tx));
+                    Pending(PendingInner::Wait(rx))
+                } else {
+                    Pending(PendingInner::Ready(Some(Ok(seq))))
+                }
             }
             Core::Replica {
                 r,
@@ -494,7 +532,7 @@ impl<R: Reducer> Store<R> {
                 Pending(PendingInner::Wait(rx))
             }
         };
-        if matches!(pending.0, PendingInner::Ready(_)) {
+        if matches!(g.core, Core::Authority { .. }) {
             g.wake_followers();
             let head = g.head();
             drop(g);
@@ -573,22 +611,40 @@ impl<R: Reducer> Store<R> {
     /// An authority with persistence hands its final state to it.
     pub fn shutdown(&self) {
         self.inner.stop.cancel();
-        let mut g = self.inner.lock();
-        if let Core::Authority {
-            a,
-            persist: Some(p),
-            ..
-        } = &mut g.core
-        {
+        let done = {
+            let mut g = self.inner.lock();
+            let Core::Authority {
+                a,
+                journal: Some(j),
+                ..
+            } = &mut g.core
+            else {
+                return;
+            };
             match a.take_snapshot() {
-                Ok((seq, bytes)) => {
-                    let origins = a.known_origins(seq);
-                    if let Err(e) = p.shutdown(a.history_id(), seq, &bytes, &origins) {
-                        tracing::error!(error = %e, "persisting the final state failed");
-                    }
+                Ok((seq, state)) => {
+                    let (done, rx) = mpsc::channel();
+                    let job = JournalJob::Shutdown {
+                        history_id: a.history_id(),
+                        seq,
+                        origins: a.known_origins(seq),
+                        state,
+                        done,
+                    };
+                    j.send(job, 0).then_some(rx)
                 }
-                Err(e) => tracing::error!(error = %e, "encoding the final state failed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "encoding the final state failed");
+                    None
+                }
             }
+        };
+        // Outside the lock: the journal thread takes it to acknowledge what
+        // it wrote before the final state.
+        match done.map(|rx| rx.recv()) {
+            Some(Ok(Err(e))) => tracing::error!(error = %e, "persisting the final state failed"),
+            Some(Err(_)) => tracing::error!("the journal thread ended before the final state"),
+            _ => {}
         }
     }
 }
@@ -661,151 +717,273 @@ pub(crate) fn random_nonzero() -> u64 {
     }
 }
 
+/// Hands the actions committed since the last call to the journal thread
+/// (under the store's lock: the jobs are queued in seq order).
 fn persist_new<R: Reducer>(
     a: &mut Authority<R>,
-    persist: &mut Option<Box<dyn Persistence>>,
+    journal: &mut Option<Journal>,
     persisted: &mut u64,
-    snap_persisted: &mut u64,
-    timer: &mut Option<SnapshotTimer>,
 ) {
-    let Some(p) = persist else {
+    let Some(j) = journal else {
         *persisted = a.seq();
         return;
     };
-    let history = a.history_id();
+    let history_id = a.history_id();
     let head = a.seq();
     if head <= *persisted {
         return;
     }
     let mut first = None;
-    let mut batch: Vec<Bytes> = Vec::new();
+    let mut actions: Vec<Bytes> = Vec::with_capacity((head - *persisted) as usize);
     for (seq, b) in a.entries_after(*persisted) {
         first.get_or_insert(seq);
-        batch.push(b.clone());
+        actions.push(b.clone());
     }
-    // When the backlog no longer holds everything since the last record, a
-    // snapshot covers it.
-    let mut want = true;
-    if first == Some(*persisted + 1) {
-        let origins = a.take_origins();
-        match p.record(history, *persisted + 1, &batch, &origins) {
-            Ok(w) => want = w,
-            Err(e) => tracing::error!(error = %e, "persisting actions failed"),
-        }
-    }
+    let origins = a.take_origins();
+    let first_seq = *persisted + 1;
     *persisted = head;
-    if want {
-        match a.take_snapshot() {
-            Ok((seq, bytes)) => {
-                let origins = a.known_origins(seq);
-                if let Err(e) = p.snapshot(history, seq, &bytes, &origins) {
-                    tracing::error!(error = %e, "persisting a snapshot failed");
-                }
-                *snap_persisted = seq;
+    if first == Some(first_seq) {
+        let n = actions.len();
+        j.send(
+            JournalJob::Record {
+                history_id,
+                first_seq,
+                actions,
+                origins,
+            },
+            n,
+        );
+        return;
+    }
+    // The backlog no longer holds everything since the last record: a
+    // snapshot covers it.
+    match a.take_snapshot() {
+        Ok((seq, state)) => {
+            let origins = a.known_origins(seq);
+            j.send(
+                JournalJob::Snapshot {
+                    history_id,
+                    seq,
+                    state,
+                    origins,
+                },
+                0,
+            );
+        }
+        Err(e) => tracing::error!(error = %e, "encoding a snapshot failed"),
+    }
+}
+
+/// The journal thread of a persistent authority (see [`crate::journal`]).
+pub(crate) struct Journal {
+    tx: Option<mpsc::Sender<JournalJob>>,
+    queue: Arc<JournalQueue>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Journal {
+    fn start<R: Reducer>(
+        store: Weak<Inner<R>>,
+        persistence: Box<dyn Persistence>,
+        recorded: u64,
+        limit: usize,
+    ) -> std::io::Result<Journal> {
+        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(JournalQueue::new(limit));
+        let q = queue.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-journal".into())
+            .spawn(move || journal_thread(store, persistence, rx, &q, recorded))?;
+        Ok(Journal {
+            tx: Some(tx),
+            queue,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a job of `actions` actions; false when the thread is gone.
+    fn send(&self, job: JournalJob, actions: usize) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        self.queue.add(actions);
+        if tx.send(job).is_err() {
+            self.queue.taken(actions);
+            tracing::error!("the journal thread is gone; committed actions are not persisted");
+            return false;
+        }
+        true
+    }
+}
+
+impl Drop for Journal {
+    /// Lets the thread write what is queued and waits for it (unless the
+    /// store is dropped on that very thread).
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
             }
-            Err(e) => tracing::error!(error = %e, "encoding a snapshot failed"),
-        }
-    }
-    if let Some(t) = timer {
-        t.arm(&**p);
-    }
-}
-
-/// Writes the persistence's time-based snapshots ([`Persistence::deadline`])
-/// when no further action comes to trigger them: a thread per persistent
-/// authority that sleeps until the deadline, then takes the snapshot under the
-/// store's lock (the state is encoded there, the file is written by the
-/// persistence off the caller's path).
-pub(crate) struct SnapshotTimer {
-    tx: mpsc::Sender<Instant>,
-    /// A deadline was handed to the thread and has not been handled yet.
-    armed: bool,
-}
-
-impl SnapshotTimer {
-    fn start<R: Reducer>(store: Weak<Inner<R>>) -> Option<SnapshotTimer> {
-        let (tx, rx) = mpsc::channel::<Instant>();
-        let spawned = std::thread::Builder::new()
-            .name("store-snapshot-timer".into())
-            .spawn(move || timer_thread(store, rx));
-        match spawned {
-            Ok(_) => Some(SnapshotTimer { tx, armed: false }),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the snapshot timer thread; time-based snapshots are taken with the next action");
-                None
-            }
-        }
-    }
-
-    /// After a commit: hands the persistence's deadline to the thread unless
-    /// one is pending already.
-    fn arm(&mut self, p: &dyn Persistence) {
-        if self.armed {
-            return;
-        }
-        if let Some(d) = p.deadline() {
-            self.armed = self.tx.send(d).is_ok();
         }
     }
 }
 
-fn timer_thread<R: Reducer>(store: Weak<Inner<R>>, rx: mpsc::Receiver<Instant>) {
-    let mut next: Option<Instant> = None;
+/// A run of contiguous actions to record in one call.
+struct Group {
+    history_id: u64,
+    first_seq: u64,
+    actions: Vec<Bytes>,
+    origins: Vec<Origin>,
+}
+
+fn journal_thread<R: Reducer>(
+    store: Weak<Inner<R>>,
+    mut p: Box<dyn Persistence>,
+    rx: mpsc::Receiver<JournalJob>,
+    queue: &JournalQueue,
+    mut recorded: u64,
+) {
+    // A journal replayed at start-up is a change not in a snapshot.
+    let mut deadline = p.deadline();
+    let mut jobs = Vec::new();
     loop {
-        let deadline = match next.take() {
-            Some(d) => d,
+        let first = match deadline {
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                Ok(j) => Some(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            },
             None => match rx.recv() {
-                Ok(d) => d,
-                Err(_) => return, // the store is gone
+                Ok(j) => Some(j),
+                Err(_) => return,
             },
         };
-        // Sleep until the deadline; the channel closing (store dropped) ends it.
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            match rx.recv_timeout(deadline - now) {
-                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
+        jobs.extend(first);
+        while let Ok(j) = rx.try_recv() {
+            jobs.push(j);
         }
-        let Some(inner) = store.upgrade() else { return };
-        if inner.stop.is_cancelled() {
-            return;
-        }
-        let mut g = inner.lock();
-        let Core::Authority {
-            a,
-            persist: Some(p),
-            snap_persisted,
-            timer: Some(t),
-            ..
-        } = &mut g.core
-        else {
-            return;
-        };
-        match p.deadline() {
-            None => t.armed = false,
-            Some(d) if d <= Instant::now() => {
-                match a.take_snapshot() {
-                    Ok((seq, bytes)) => {
-                        let origins = a.known_origins(seq);
-                        if let Err(e) = p.snapshot(a.history_id(), seq, &bytes, &origins) {
-                            tracing::error!(error = %e, "persisting a timed snapshot failed");
-                        }
-                        *snap_persisted = seq;
+        let mut taken = 0;
+        let mut want = false;
+        let mut group: Option<Group> = None;
+        let mut finished = None;
+        for job in jobs.drain(..) {
+            match job {
+                JournalJob::Record {
+                    history_id,
+                    first_seq,
+                    mut actions,
+                    mut origins,
+                } => {
+                    taken += actions.len();
+                    // What a snapshot already covers is not recorded.
+                    let skip = (recorded + 1).saturating_sub(first_seq) as usize;
+                    if skip >= actions.len() {
+                        continue;
                     }
-                    Err(e) => tracing::error!(error = %e, "encoding a snapshot failed"),
+                    let first_seq = first_seq + skip as u64;
+                    actions.drain(..skip);
+                    origins.retain(|o| o.seq >= first_seq);
+                    match &mut group {
+                        Some(g)
+                            if g.history_id == history_id
+                                && g.first_seq + g.actions.len() as u64 == first_seq =>
+                        {
+                            g.actions.append(&mut actions);
+                            g.origins.append(&mut origins);
+                        }
+                        _ => {
+                            want |= record(&mut *p, group.take(), &mut recorded);
+                            group = Some(Group {
+                                history_id,
+                                first_seq,
+                                actions,
+                                origins,
+                            });
+                        }
+                    }
                 }
-                // A persistence that still wants one (it failed) retries at
-                // its next deadline, but not in a busy loop.
-                next = p
-                    .deadline()
-                    .map(|d| d.max(Instant::now() + std::time::Duration::from_millis(100)));
-                t.armed = next.is_some();
+                JournalJob::Snapshot {
+                    history_id,
+                    seq,
+                    state,
+                    origins,
+                } => {
+                    want |= record(&mut *p, group.take(), &mut recorded);
+                    match p.snapshot(history_id, seq, &state, &origins) {
+                        Ok(()) => recorded = recorded.max(seq),
+                        Err(e) => tracing::error!(error = %e, "persisting a snapshot failed"),
+                    }
+                }
+                JournalJob::Shutdown {
+                    history_id,
+                    seq,
+                    state,
+                    origins,
+                    done,
+                } => {
+                    record(&mut *p, group.take(), &mut recorded);
+                    let r = p.shutdown(history_id, seq, &state, &origins);
+                    if r.is_ok() {
+                        recorded = recorded.max(seq);
+                    }
+                    finished = Some((done, r));
+                }
             }
-            Some(d) => next = Some(d),
+        }
+        want |= record(&mut *p, group.take(), &mut recorded);
+        if finished.is_none() && (want || p.deadline().is_some_and(|d| d <= Instant::now())) {
+            // A snapshot of the state now (ahead of what is recorded: the
+            // queued actions it covers are skipped).
+            if let Some(inner) = store.upgrade() {
+                let snap = {
+                    let mut g = inner.lock();
+                    match &mut g.core {
+                        Core::Authority { a, .. } => Some(a.take_snapshot().map(|(seq, state)| {
+                            (a.history_id(), seq, state, a.known_origins(seq))
+                        })),
+                        Core::Replica { .. } => None,
+                    }
+                };
+                match snap {
+                    Some(Ok((history_id, seq, state, origins))) => {
+                        match p.snapshot(history_id, seq, &state, &origins) {
+                            Ok(()) => recorded = recorded.max(seq),
+                            Err(e) => tracing::error!(error = %e, "persisting a snapshot failed"),
+                        }
+                    }
+                    Some(Err(e)) => tracing::error!(error = %e, "encoding a snapshot failed"),
+                    None => {}
+                }
+            }
+        }
+        // Acknowledge what is durable now.
+        if let Some(inner) = store.upgrade() {
+            inner.durable(recorded);
+        }
+        queue.taken(taken);
+        if let Some((done, r)) = finished {
+            let _ = done.send(r);
+            return;
+        }
+        // A persistence that still wants a snapshot (it failed) retries at
+        // its next deadline, but not in a busy loop.
+        deadline = p
+            .deadline()
+            .map(|d| d.max(Instant::now() + std::time::Duration::from_millis(100)));
+    }
+}
+
+/// Records a group; returns whether the persistence wants a snapshot.
+fn record(p: &mut dyn Persistence, group: Option<Group>, recorded: &mut u64) -> bool {
+    let Some(g) = group else { return false };
+    match p.record(g.history_id, g.first_seq, &g.actions, &g.origins) {
+        Ok(want) => {
+            *recorded = g.first_seq + g.actions.len() as u64 - 1;
+            want
+        }
+        Err(e) => {
+            // Not acknowledged; a snapshot covers them if it can.
+            tracing::error!(error = %e, "persisting actions failed");
+            true
         }
     }
 }
@@ -813,6 +991,41 @@ fn timer_thread<R: Reducer>(store: Weak<Inner<R>>, rx: mpsc::Receiver<Instant>) 
 impl<R: Reducer> Inner<R> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Shared<R>> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The journal queue of a persistent authority.
+    pub(crate) fn journal_queue(&self) -> Option<Arc<JournalQueue>> {
+        match &self.lock().core {
+            Core::Authority {
+                journal: Some(j), ..
+            } => Some(j.queue.clone()),
+            _ => None,
+        }
+    }
+
+    /// The journal made everything up to `seq` durable: acknowledge it.
+    fn durable(&self, seq: u64) {
+        let mut g = self.lock();
+        let Core::Authority {
+            a, durable_waiters, ..
+        } = &mut g.core
+        else {
+            return;
+        };
+        if seq <= a.durable_seq() && durable_waiters.is_empty() {
+            return;
+        }
+        a.set_durable(seq);
+        let top = a.durable_seq();
+        while durable_waiters.front().is_some_and(|(s, _)| *s <= top) {
+            if let Some((s, w)) = durable_waiters.pop_front() {
+                let _ = w.send(Ok(s));
+            }
+        }
+        g.wake_followers();
+        let head = g.head();
+        drop(g);
+        self.publish(head);
     }
 
     pub(crate) fn add_role(&self, role: Role) {
@@ -917,16 +1130,15 @@ impl<R: Reducer> Inner<R> {
         let backlog = match &mut g.core {
             Core::Authority {
                 a,
-                persist,
+                journal,
                 persisted,
-                snap_persisted,
-                timer,
+                ..
             } => {
                 match frame.body {
                     Some(Body::Dispatch(d)) => {
                         committed = a.on_dispatch(fid, d) > 0;
                         if committed {
-                            persist_new(a, persist, persisted, snap_persisted, timer);
+                            persist_new(a, journal, persisted);
                         }
                     }
                     Some(Body::Resync(_)) => a.on_resync(fid),
@@ -1158,6 +1370,7 @@ pub(crate) trait AnyStore: Send + Sync + 'static {
     fn upstream_frame(&self, frame: Frame);
     fn add_role(&self, role: Role);
     fn is_replica(&self) -> bool;
+    fn journal_queue(&self) -> Option<Arc<JournalQueue>>;
     fn wait_ready(&self) -> Pin<Box<dyn Future<Output = Result<(), RemoteError>> + Send + '_>>;
 }
 
@@ -1193,6 +1406,9 @@ impl<R: Reducer> AnyStore for Inner<R> {
     }
     fn is_replica(&self) -> bool {
         Inner::is_replica(self)
+    }
+    fn journal_queue(&self) -> Option<Arc<JournalQueue>> {
+        Inner::journal_queue(self)
     }
     fn wait_ready(&self) -> Pin<Box<dyn Future<Output = Result<(), RemoteError>> + Send + '_>> {
         Box::pin(Inner::wait_ready(self))

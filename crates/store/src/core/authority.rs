@@ -229,6 +229,18 @@ impl<R: Reducer> Authority<R> {
         self.log.head
     }
 
+    /// Holds back everything after `seq` (acks, actions and snapshots for
+    /// followers) until a later call moves past it: a persistent store sets
+    /// the last durable seq here. `u64::MAX` (the default) holds nothing.
+    pub fn set_durable(&mut self, seq: u64) {
+        self.log.set_durable(seq);
+    }
+
+    /// The last seq that followers may see (the durable head).
+    pub fn durable_seq(&self) -> u64 {
+        self.log.sendable()
+    }
+
     /// The reducer.
     pub fn reducer(&self) -> &R {
         &self.reducer

@@ -107,6 +107,9 @@ pub(crate) struct Log<R: Reducer> {
     pub(crate) history: u64,
     /// Last committed (or applied) sequence number; 0 before the first action.
     pub(crate) head: u64,
+    /// Highest seq that may leave the log (acks, actions, snapshots): the
+    /// last durable one of an authority with persistence, `u64::MAX` else.
+    durable: u64,
     backlog: VecDeque<Bytes>,
     backlog_bytes: usize,
     /// The latest encoded snapshot (seq, binary state).
@@ -127,6 +130,7 @@ impl<R: Reducer> Log<R> {
             state,
             history: 0,
             head: 0,
+            durable: u64::MAX,
             backlog: VecDeque::new(),
             backlog_bytes: 0,
             snap: None,
@@ -137,6 +141,17 @@ impl<R: Reducer> Log<R> {
             cfg,
             _r: PhantomData,
         }
+    }
+
+    /// Holds back everything after `seq` (acks, actions, snapshots) until
+    /// [`Log::set_durable`] moves past it; `u64::MAX`: nothing is held.
+    pub(crate) fn set_durable(&mut self, seq: u64) {
+        self.durable = seq;
+    }
+
+    /// The last seq that may be sent (the durable head).
+    pub(crate) fn sendable(&self) -> u64 {
+        self.head.min(self.durable)
     }
 
     /// Sequence number of the first action in the backlog (head + 1 when empty).
@@ -378,13 +393,14 @@ impl<R: Reducer> Log<R> {
         match self.followers.get(&id) {
             None => false,
             Some(f) => {
+                let top = self.sendable();
                 self.history != 0
                     && (f.welcome.is_some()
-                        || !f.acks.is_empty()
-                        || !f.relayed.is_empty()
+                        || f.acks.first().is_some_and(|a| a.1 <= top)
+                        || f.relayed.first().is_some_and(|a| a.2 <= top)
                         || !f.control.is_empty()
                         || f.need_snapshot
-                        || f.next <= self.head
+                        || f.next <= top
                         || f.history != self.history)
             }
         }
@@ -409,20 +425,28 @@ impl<R: Reducer> Log<R> {
             out.push(Frame::new(Body::StoreWelcome(w)));
         }
         out.extend(f.control.drain(..));
-        if !f.acks.is_empty() {
-            pack_acks(&self.name, &f.acks, &mut out);
-            f.acks.clear();
+        // Acks of actions not durable yet wait (errors, seq 0, do not).
+        let top = self.sendable();
+        let n = f.acks.iter().take_while(|a| a.1 <= top).count();
+        if n > 0 {
+            pack_acks(&self.name, &f.acks[..n], &mut out);
+            f.acks.drain(..n);
         }
-        if !f.relayed.is_empty() {
-            pack_relayed(&self.name, &f.relayed, &mut out);
-            f.relayed.clear();
+        let n = f.relayed.iter().take_while(|a| a.2 <= top).count();
+        if n > 0 {
+            pack_relayed(&self.name, &f.relayed[..n], &mut out);
+            f.relayed.drain(..n);
         }
         let mut used = 0usize;
         while used < budget {
             let first = self.first_seq();
             let behind = f.next <= self.head && f.next < first;
             if f.need_snapshot || f.history != self.history || behind {
-                match self.catchup_snapshot() {
+                let Some(snap) = self.catchup_snapshot() else {
+                    // Wait until a snapshot is durable.
+                    break;
+                };
+                match snap {
                     Ok((seq, bytes)) => {
                         used += bytes.len();
                         out.push(self.snapshot_frame(seq, &bytes, f.encoding));
@@ -439,11 +463,18 @@ impl<R: Reducer> Log<R> {
                 }
                 continue;
             }
-            if f.next > self.head {
+            if f.next > top {
                 break;
             }
             if self.cfg.mode == SyncMode::Snapshot {
-                match self.take_snapshot() {
+                // The latest snapshot once it is durable; a newer one is
+                // taken when it is older than what the follower has.
+                let snap = match &self.snap {
+                    Some((s, b)) if *s >= f.next => Ok((*s, b.clone())),
+                    _ => self.take_snapshot(),
+                };
+                match snap {
+                    Ok((seq, _)) if seq > top => {}
                     Ok((seq, bytes)) => {
                         out.push(self.snapshot_frame(seq, &bytes, f.encoding));
                         f.next = seq + 1;
@@ -456,7 +487,7 @@ impl<R: Reducer> Log<R> {
                 break;
             }
             // A batch of actions, cut at the next multiple of `resync`.
-            let mut end = self.head.min(f.next + self.cfg.max_batch as u64 - 1);
+            let mut end = top.min(f.next + self.cfg.max_batch as u64 - 1);
             if self.cfg.resync > 0 {
                 let boundary = f.next.div_ceil(self.cfg.resync) * self.cfg.resync;
                 end = end.min(boundary);
@@ -520,14 +551,22 @@ impl<R: Reducer> Log<R> {
     }
 
     /// A snapshot from which the backlog continues: the latest one if the
-    /// backlog still covers what follows it, else a fresh one.
-    fn catchup_snapshot(&mut self) -> Result<(u64, Bytes), RemoteError> {
+    /// backlog still covers what follows it, else a fresh one. `None`: the
+    /// snapshot is not durable yet (wait for [`Log::set_durable`]).
+    fn catchup_snapshot(&mut self) -> Option<Result<(u64, Bytes), RemoteError>> {
+        let top = self.sendable();
         if let Some((s, b)) = &self.snap {
+            if *s + 1 >= self.first_seq() && *s <= top {
+                return Some(Ok((*s, b.clone())));
+            }
             if *s + 1 >= self.first_seq() && *s <= self.head {
-                return Ok((*s, b.clone()));
+                return None;
             }
         }
-        self.take_snapshot()
+        match self.take_snapshot() {
+            Ok((s, _)) if s > top => None,
+            r => Some(r),
+        }
     }
 
     fn snapshot_frame(&self, seq: u64, binary: &Bytes, enc: Encoding) -> Frame {
