@@ -492,10 +492,10 @@ fn append_and_commit_write_one_record_per_group() {
             + 16
     );
     // Appended, then a snapshot behind them switches segments, then record.
-    b.append(6, &1u64.to_le_bytes()).unwrap();
+    let _ = b.append(6, &1u64.to_le_bytes()).unwrap();
     b.snapshot(snap(5, 5)).unwrap();
-    b.append(7, &1u64.to_le_bytes()).unwrap();
-    b.record(8, &1u64.to_le_bytes()).unwrap();
+    let _ = b.append(7, &1u64.to_le_bytes()).unwrap();
+    let _ = b.record(8, &1u64.to_le_bytes()).unwrap();
     b.commit().unwrap();
     drop(b); // a crash: no final snapshot
     let (_b, r) = Backup::open(config(&path)).unwrap();
