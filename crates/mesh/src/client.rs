@@ -290,6 +290,12 @@ impl Client {
             if *rx.borrow_and_update() > 0 {
                 return Ok(c);
             }
+            // The client's task may have given up before `stop` was
+            // subscribed: `changed` would then wait for a change that
+            // already happened, for ever. Look at the value first.
+            if *stop.borrow_and_update() {
+                return Err(MeshError::Disconnected);
+            }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return Err(MeshError::Disconnected) },
                 _ = stop.changed() => return Err(MeshError::Disconnected),
@@ -603,7 +609,7 @@ impl Client {
     /// Closes the connection and stops reconnecting; what waits in the
     /// outbox is dropped (waiting requests fail with `Disconnected`).
     pub fn close(&self) {
-        let _ = self.inner.shutdown.send(true);
+        self.inner.shutdown.send_replace(true);
         let mut st = lock(&self.inner.state);
         st.over = true;
         st.outbox.clear();
@@ -726,7 +732,7 @@ async fn run(c: Client, inbox: Inbox) {
             _ = stop.changed() => break,
         }
     }
-    let _ = c.inner.shutdown.send(true);
+    c.inner.shutdown.send_replace(true);
     // no more connections: what waits in the outbox fails (requests get
     // `Disconnected`)
     let mut st = lock(&c.inner.state);

@@ -266,7 +266,6 @@ enum Cmd {
     DeleteClone(String, oneshot::Sender<bool>),
     UpdateAuthOut(Option<AuthOut>),
     Query(Query),
-    Stop(oneshot::Sender<()>),
 }
 
 struct Shared {
@@ -277,7 +276,13 @@ struct Shared {
     cmd: mpsc::UnboundedSender<Cmd>,
     events: broadcast::Sender<ServerEvent>,
     router: Router,
+    /// Set once a stop is asked for (by [`Server::stop`] or the last
+    /// handle's drop); the core task looks at it before every command, so a
+    /// stop never waits behind queued commands.
     shutdown: watch::Sender<bool>,
+    /// Set by the core task when it is over: links and clients closed,
+    /// listeners closed, [`ServerEvent::Stop`] sent.
+    stopped: watch::Sender<bool>,
     auth_in: Option<AuthIn>,
     hello_timeout: Duration,
     response_timeout: Duration,
@@ -309,9 +314,7 @@ struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        let (tx, _) = oneshot::channel();
-        let _ = self.shared.cmd.send(Cmd::Stop(tx));
-        let _ = self.shared.shutdown.send(true);
+        self.shared.shutdown.send_replace(true);
     }
 }
 
@@ -509,6 +512,7 @@ impl Server {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
         let (shutdown, _) = watch::channel(false);
+        let (stopped, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             id: id.clone(),
             url,
@@ -518,6 +522,7 @@ impl Server {
             events,
             router: Router::default(),
             shutdown,
+            stopped,
             auth_in: config.auth_in.clone(),
             hello_timeout: config.hello_timeout,
             response_timeout: config.response_timeout,
@@ -545,14 +550,15 @@ impl Server {
             clients: HashMap::new(),
             auth_out: config.auth_out.clone(),
             clone_auth: HashMap::new(),
-            stopping: None,
             encoded: Vec::new(),
         };
-        tokio::spawn(task.run(cmd_rx));
+        // the accept loops are registered before the core task can stop
+        // (and wait for them)
         for l in listeners {
             let h = tokio::spawn(accept_loop(srv.clone(), l));
             crate::router::lock(&server.shared.acceptors).push(h);
         }
+        tokio::spawn(task.run(cmd_rx));
         let _ = server.shared.events.send(ServerEvent::Start);
         Ok(server)
     }
@@ -720,20 +726,21 @@ impl Server {
         self.ask(|tx| Query::ClientGroups(client, tx)).await
     }
 
-    /// Graceful stop: other clones are told this clone is gone, clients and
-    /// links are closed, listeners stop.
+    /// Stops the server gracefully and waits until it has stopped: other
+    /// clones are told this clone is gone, clients and links are closed, the
+    /// listeners are closed (a new connection is refused), then
+    /// [`ServerEvent::Stop`] is sent. Queued commands do not delay it. Other
+    /// handles see [`MeshError::Stopped`] from then on. Calling it again, or
+    /// on a stopped server, returns at once.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+        let mut done = self.shared.stopped.subscribe();
+        let _ = done.wait_for(|d| *d).await;
+    }
+
+    /// The same as [`Server::shutdown`] (its older name).
     pub async fn stop(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.cmd(Cmd::Stop(tx)).is_ok() {
-            let _ = rx.await;
-        }
-        let _ = self.shared.shutdown.send(true);
-        let handles: Vec<_> = crate::router::lock(&self.shared.acceptors)
-            .drain(..)
-            .collect();
-        for h in handles {
-            let _ = h.await;
-        }
+        self.shutdown().await
     }
 }
 
@@ -742,7 +749,9 @@ async fn accept_loop(server: Srv, listener: Arc<transport::Listener>) {
     loop {
         let conn = tokio::select! {
             c = listener.accept() => c,
-            _ = stop.changed() => return,
+            // `wait_for` looks at the current value first: a stop asked for
+            // before this task started is not missed
+            _ = stop.wait_for(|s| *s) => break,
         };
         match conn {
             Ok(c) => {
@@ -750,9 +759,13 @@ async fn accept_loop(server: Srv, listener: Arc<transport::Listener>) {
             }
             Err(e) => {
                 server.event(ServerEvent::Error(format!("accept: {e}")));
-                return;
+                break;
             }
         }
+    }
+    // the core task waits for this before it reports `Stop`
+    if let Ok(l) = Arc::try_unwrap(listener) {
+        l.close().await;
     }
 }
 
@@ -1091,7 +1104,6 @@ struct CoreTask {
     clients: HashMap<ConnKey, Peer>,
     auth_out: Option<AuthOut>,
     clone_auth: HashMap<String, AuthOut>,
-    stopping: Option<oneshot::Sender<()>>,
     /// Scratch space of [`Action::Deliver`]: the encoded frame per group.
     encoded: Vec<Option<Bytes>>,
 }
@@ -1102,9 +1114,16 @@ impl CoreTask {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut stop = self.server.shared.shutdown.subscribe();
         loop {
+            // a stop goes before everything queued
+            if *stop.borrow_and_update() {
+                break;
+            }
             let deadline = self.epoch + self.core.next_deadline();
             let cmd = tokio::select! {
+                biased;
+                _ = stop.changed() => continue,
                 c = rx.recv() => c,
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
@@ -1117,23 +1136,46 @@ impl CoreTask {
             self.handle(cmd);
             // take what else is queued before sleeping again
             for _ in 0..256 {
+                if *stop.borrow() {
+                    break;
+                }
                 match rx.try_recv() {
                     Ok(c) => self.handle(c),
                     Err(_) => break,
                 }
             }
-            if let Some(done) = self.stopping.take() {
-                let _ = done.send(());
-                break;
-            }
+        }
+        self.stop_now();
+        // whoever waits to queue a command sees the server stopped
+        drop(rx);
+        // the accept loops end on `shutdown` and close their listeners
+        self.server.shared.shutdown.send_replace(true);
+        let acceptors: Vec<_> = crate::router::lock(&self.server.shared.acceptors)
+            .drain(..)
+            .collect();
+        for h in acceptors {
+            let _ = h.await;
         }
         let _ = self.server.shared.events.send(ServerEvent::Stop);
+        self.server.shared.stopped.send_replace(true);
+    }
+
+    /// Leaves the mesh and closes every link and client.
+    fn stop_now(&mut self) {
+        let now = self.now();
+        self.core.leave(now);
+        self.drain();
+        for s in self.links.values() {
+            s.close(CloseCode::GoingAway, "server stopping");
+        }
+        for p in self.clients.values() {
+            p.sender().close(CloseCode::GoingAway, "server stopping");
+        }
+        self.links.clear();
+        self.clients.clear();
     }
 
     fn handle(&mut self, cmd: Cmd) {
-        if self.stopping.is_some() {
-            return;
-        }
         let now = self.now();
         match cmd {
             Cmd::Accept {
@@ -1260,20 +1302,6 @@ impl CoreTask {
                     let _ = tx.send(self.core.client_groups(key));
                 }
             },
-            Cmd::Stop(done) => {
-                self.core.leave(now);
-                self.drain();
-                for s in self.links.values() {
-                    s.close(CloseCode::GoingAway, "server stopping");
-                }
-                for p in self.clients.values() {
-                    p.sender().close(CloseCode::GoingAway, "server stopping");
-                }
-                self.links.clear();
-                self.clients.clear();
-                self.stopping = Some(done);
-                return;
-            }
         }
         self.drain();
     }

@@ -1,5 +1,7 @@
 //! Integration tests with real sockets on 127.0.0.1.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -80,6 +82,7 @@ fn others(all: &[&str], me: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_four_clone_example_and_exactly_once() {
+    let _watchdog = common::watchdog("seed_four_clone_example_and_exactly_once");
     let token_in = |v: &[u8]| v == b"token";
     let mut clones = Vec::new();
     for i in 1..=4 {
@@ -174,6 +177,7 @@ async fn seed_four_clone_example_and_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_clone_stays_deleted_until_added_or_restarted() {
+    let _watchdog = common::watchdog("deleted_clone_stays_deleted_until_added_or_restarted");
     let a = start("a").await;
     let b = start("b").await;
     let c = start("c").await;
@@ -228,6 +232,7 @@ async fn deleted_clone_stays_deleted_until_added_or_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_clone_is_forgotten() {
+    let _watchdog = common::watchdog("dead_clone_is_forgotten");
     let a = start("a").await;
     let b = start("b").await;
     let c = start("c").await;
@@ -259,6 +264,7 @@ async fn dead_clone_is_forgotten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_client_cannot_send_clone_frames_or_inject_urls() {
+    let _watchdog = common::watchdog("plain_client_cannot_send_clone_frames_or_inject_urls");
     use transport::proto::{frame::Body, CloneEntry, Frame, Gossip, GroupDelete, Hello, PeerKind};
     let a = Server::start(cfg("a").auth_out(|_| Bytes::from_static(b"secret")))
         .await
@@ -340,6 +346,7 @@ async fn plain_client_cannot_send_clone_frames_or_inject_urls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_auth_closes_the_link_and_its_url_is_never_dialed() {
+    let _watchdog = common::watchdog("wrong_auth_closes_the_link_and_its_url_is_never_dialed");
     let a = Server::start(cfg("a").auth_in(|v| v == b"right"))
         .await
         .unwrap();
@@ -382,6 +389,7 @@ async fn wrong_auth_closes_the_link_and_its_url_is_never_dialed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_close_only_that_connection() {
+    let _watchdog = common::watchdog("malformed_frames_close_only_that_connection");
     let a = start("a").await;
     a.route("echo", "", |ctx| async move { Ok(ctx.data) });
     let mut events = a.events();
@@ -412,6 +420,7 @@ async fn malformed_frames_close_only_that_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_middlewares_unknown_routes_and_timeouts_both_ways() {
+    let _watchdog = common::watchdog("routes_middlewares_unknown_routes_and_timeouts_both_ways");
     let mut sc = cfg("a");
     sc.response_timeout = Duration::from_millis(200);
     let a = Server::start(sc).await.unwrap();
@@ -509,6 +518,7 @@ async fn routes_middlewares_unknown_routes_and_timeouts_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reconnects_round_robin_and_restores_subscriptions() {
+    let _watchdog = common::watchdog("client_reconnects_round_robin_and_restores_subscriptions");
     let a = start("a").await;
     let b = start("b").await;
     a.add_clone("b", b.url(), None).await.unwrap();
@@ -559,6 +569,7 @@ async fn client_reconnects_round_robin_and_restores_subscriptions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_not_to_me_all_and_cluster_wide_delete() {
+    let _watchdog = common::watchdog("groups_not_to_me_all_and_cluster_wide_delete");
     let a = start("a").await;
     let b = start("b").await;
     a.add_clone("b", b.url(), None).await.unwrap();

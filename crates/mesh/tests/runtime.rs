@@ -2,6 +2,8 @@
 //! the client's outbox while disconnected, and how the client reads
 //! deliveries.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +22,7 @@ fn client_config(url: &str) -> ClientConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_stops_when_the_last_handle_is_dropped() {
+    let _watchdog = common::watchdog("server_stops_when_the_last_handle_is_dropped");
     let s = Server::start(ServerConfig::new("a", "tcp://127.0.0.1:0"))
         .await
         .unwrap();
@@ -81,8 +84,69 @@ async fn server_stops_when_the_last_handle_is_dropped() {
     assert!(Client::connect(cc).await.is_err());
 }
 
+/// `Client::connect` without reconnect to an address nobody listens on
+/// returns an error, every time. It used to hang now and then: when the
+/// client's task gave up before `connect` subscribed to its end, the end
+/// was never seen (the hang of `server_stops_when_the_last_handle_is_dropped`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_without_reconnect_to_a_dead_address_always_returns() {
+    let _watchdog = common::watchdog("connect_without_reconnect_to_a_dead_address_always_returns");
+    let url = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp://{}", l.local_addr().unwrap())
+    };
+    for i in 0..300 {
+        let mut cc = client_config(&url);
+        cc.reconnect = false;
+        cc.attempts = 1;
+        let r = tokio::time::timeout(T, Client::connect(cc))
+            .await
+            .unwrap_or_else(|_| panic!("connect {i} did not return"));
+        assert!(r.is_err(), "connect {i}");
+    }
+}
+
+/// `shutdown().await` returns once the server is over, and by then its
+/// listeners are closed: a new connection is refused, a Unix socket's file
+/// is gone. The same holds when the `Stop` event is seen after the last
+/// handle was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_has_closed_its_listeners() {
+    let _watchdog = common::watchdog("a_stopped_server_has_closed_its_listeners");
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..40 {
+        let path = dir.path().join(format!("s{i}.sock"));
+        let mut cfg = ServerConfig::new("a", "tcp://127.0.0.1:0");
+        cfg.listen.push(format!("unix://{}", path.display()));
+        let s = Server::start(cfg).await.unwrap();
+        let addr = s.url().trim_start_matches("tcp://").to_string();
+        let c = Client::connect(client_config(s.url())).await.unwrap();
+        let mut events = s.events();
+        if i % 2 == 0 {
+            tokio::time::timeout(T, s.shutdown()).await.unwrap();
+            // again, and through the old name: returns at once
+            tokio::time::timeout(T, s.stop()).await.unwrap();
+        } else {
+            drop(s);
+            let stop = events.wait_for(T, |e| *e == ServerEvent::Stop).await;
+            assert_eq!(stop, Some(ServerEvent::Stop), "run {i}");
+        }
+        assert!(
+            std::net::TcpStream::connect(&addr).is_err(),
+            "run {i}: the tcp listener is still open"
+        );
+        assert!(
+            !path.exists(),
+            "run {i}: the unix socket file is still there"
+        );
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+        c.close();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_a_stream_and_recv_still_works() {
+    let _watchdog = common::watchdog("events_are_a_stream_and_recv_still_works");
     let s = Server::start(ServerConfig::new("a", "tcp://127.0.0.1:0"))
         .await
         .unwrap();
@@ -132,6 +196,7 @@ async fn serve_at(dir: &std::path::Path, url: &str) -> (Server, mpsc::UnboundedR
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_queues_while_disconnected_and_sends_after_reconnect() {
+    let _watchdog = common::watchdog("client_queues_while_disconnected_and_sends_after_reconnect");
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}/mesh.sock", dir.path().display());
     // the server is not there yet: everything waits in the outbox, in order
@@ -196,6 +261,7 @@ async fn client_queues_while_disconnected_and_sends_after_reconnect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_is_bounded_and_queued_requests_time_out() {
+    let _watchdog = common::watchdog("outbox_is_bounded_and_queued_requests_time_out");
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}/nobody.sock", dir.path().display());
     let mut cc = client_config(&url);
@@ -244,6 +310,8 @@ async fn outbox_is_bounded_and_queued_requests_time_out() {
 /// leaves to prost, enough for several batches, then a malformed frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reads_deliveries_in_order_and_closes_on_a_malformed_frame() {
+    let _watchdog =
+        common::watchdog("client_reads_deliveries_in_order_and_closes_on_a_malformed_frame");
     use proto::{frame::Body, CloseCode, Frame};
     let listener = transport::listen("tcp://127.0.0.1:0", &transport::Config::default())
         .await

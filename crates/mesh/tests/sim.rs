@@ -21,6 +21,8 @@
 //! `REPLIMESH_SIM_SEEDS=n` runs n seeds (default 1000);
 //! `REPLIMESH_SIM_SEED=s` runs one seed.
 
+mod common;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::time::Duration;
@@ -924,6 +926,9 @@ fn run_seed(seed: u64) {
 
 #[test]
 fn simulation_many_seeds() {
+    // many seeds on request may take long; the default run may not
+    let _watchdog = (std::env::var_os("REPLIMESH_SIM_SEEDS").is_none())
+        .then(|| common::watchdog("simulation_many_seeds"));
     if let Ok(s) = std::env::var("REPLIMESH_SIM_SEED") {
         run_seed(s.parse().expect("REPLIMESH_SIM_SEED"));
         return;

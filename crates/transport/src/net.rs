@@ -193,6 +193,16 @@ impl Listener {
     pub fn local_url(&self) -> String {
         self.url.clone()
     }
+
+    /// Stops listening and waits until the listening socket is closed (and
+    /// a Unix socket's file removed): when this returns, a new connection
+    /// to the URL is refused. Dropping a `Listener` closes it too, but
+    /// shortly after, in the background.
+    pub async fn close(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        // `drop` removes the socket file
+    }
 }
 
 enum Socket {
