@@ -29,6 +29,7 @@
 //! ```
 
 mod codec;
+pub mod wire;
 
 pub use codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME, LENGTH_PREFIX};
 
