@@ -61,6 +61,15 @@ pub struct ServerConfig {
     pub response_timeout: Duration,
     /// Time a new connection has to say `Hello` (default 10 s).
     pub hello_timeout: Duration,
+    /// Commands from connections (subscribe, unsubscribe, publish, batches
+    /// of clone frames, connects and disconnects) waiting for the task that
+    /// owns the core (default 1,024; at least 1). When it is full, each
+    /// connection that has a command to queue waits for room and is not
+    /// read meanwhile (push back on its socket: its peer's sends stall, and
+    /// the transport's keep-alive still runs). A stop never waits behind
+    /// it. Calls of the application (`Server::publish` and the others) go
+    /// through a queue of their own that is not bounded.
+    pub command_queue: usize,
     /// Transport settings for listeners and dials (`inline_reads` is always
     /// on: every connection is read by a loop that waits in `recv`).
     pub transport: transport::Config,
@@ -89,6 +98,7 @@ impl Default for ServerConfig {
             forget_after: Duration::from_secs(30),
             response_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
+            command_queue: 1024,
             transport: transport::Config::default(),
         }
     }
@@ -273,7 +283,10 @@ struct Shared {
     url: String,
     incarnation: u64,
     data: Bytes,
-    cmd: mpsc::UnboundedSender<Cmd>,
+    /// Commands from connections (bounded: readers wait for room).
+    cmd: mpsc::Sender<Cmd>,
+    /// Commands of the application, through the `Server` API.
+    ctl: mpsc::UnboundedSender<Cmd>,
     events: broadcast::Sender<ServerEvent>,
     router: Router,
     /// Set once a stop is asked for (by [`Server::stop`] or the last
@@ -356,8 +369,15 @@ impl Srv {
         })
     }
 
-    fn cmd(&self, c: Cmd) -> Result<(), MeshError> {
-        self.shared.cmd.send(c).map_err(|_| MeshError::Stopped)
+    /// Queues a command from a connection, waiting for room in the bounded
+    /// queue (see [`ServerConfig::command_queue`]): a connection whose
+    /// commands do not fit is not read meanwhile.
+    async fn cmd(&self, c: Cmd) -> Result<(), MeshError> {
+        self.shared
+            .cmd
+            .send(c)
+            .await
+            .map_err(|_| MeshError::Stopped)
     }
 
     fn event(&self, e: ServerEvent) {
@@ -509,7 +529,11 @@ impl Server {
         ccfg.gossip_interval = config.gossip_interval;
         ccfg.forget_after = config.forget_after;
         ccfg.seed = rand::random();
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        if config.command_queue == 0 {
+            return Err(MeshError::Config("command_queue must be at least 1".into()));
+        }
+        let (cmd_tx, cmd_rx) = mpsc::channel(config.command_queue);
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
         let (shutdown, _) = watch::channel(false);
         let (stopped, _) = watch::channel(false);
@@ -519,6 +543,7 @@ impl Server {
             incarnation,
             data: config.data.clone(),
             cmd: cmd_tx,
+            ctl: ctl_tx,
             events,
             router: Router::default(),
             shutdown,
@@ -558,7 +583,7 @@ impl Server {
             let h = tokio::spawn(accept_loop(srv.clone(), l));
             crate::router::lock(&server.shared.acceptors).push(h);
         }
-        tokio::spawn(task.run(cmd_rx));
+        tokio::spawn(task.run(cmd_rx, ctl_rx));
         let _ = server.shared.events.send(ServerEvent::Start);
         Ok(server)
     }
@@ -621,8 +646,10 @@ impl Server {
         self.shared.router.route(route, act, f)
     }
 
+    /// Queues a command of the application (not bounded: see
+    /// [`ServerConfig::command_queue`]).
     fn cmd(&self, c: Cmd) -> Result<(), MeshError> {
-        self.shared.cmd.send(c).map_err(|_| MeshError::Stopped)
+        self.shared.ctl.send(c).map_err(|_| MeshError::Stopped)
     }
 
     async fn ask<T>(&self, f: impl FnOnce(oneshot::Sender<T>) -> Query) -> Result<T, MeshError> {
@@ -863,6 +890,7 @@ async fn serve_clone(
             sender: sender.clone(),
             reply,
         })
+        .await
         .is_err()
     {
         sender.close(CloseCode::GoingAway, "stopping");
@@ -905,7 +933,7 @@ async fn link_reader(server: Srv, link: LinkId, mut rx: transport::Receiver) {
                 }
             }
         }
-        if !batch.is_empty() && server.cmd(Cmd::LinkFrames(link, batch)).is_err() {
+        if !batch.is_empty() && server.cmd(Cmd::LinkFrames(link, batch)).await.is_err() {
             break;
         }
         if let Some(kind) = bad {
@@ -918,7 +946,7 @@ async fn link_reader(server: Srv, link: LinkId, mut rx: transport::Receiver) {
             break;
         }
     }
-    let _ = server.cmd(Cmd::LinkDown(link));
+    let _ = server.cmd(Cmd::LinkDown(link)).await;
 }
 
 async fn serve_client(
@@ -943,7 +971,7 @@ async fn serve_client(
     if sender.send(&welcome(&server.shared)).is_err() {
         return;
     }
-    if server.cmd(Cmd::ClientUp(peer.clone())).is_err() {
+    if server.cmd(Cmd::ClientUp(peer.clone())).await.is_err() {
         return;
     }
     server.event(ServerEvent::Connection {
@@ -977,8 +1005,8 @@ async fn serve_client(
             break;
         }
         let ok = match body {
-            Body::Subscribe(s) => server.cmd(Cmd::Subscribe(key, s.groups)).is_ok(),
-            Body::Unsubscribe(s) => server.cmd(Cmd::Unsubscribe(key, s.groups)).is_ok(),
+            Body::Subscribe(s) => server.cmd(Cmd::Subscribe(key, s.groups)).await.is_ok(),
+            Body::Unsubscribe(s) => server.cmd(Cmd::Unsubscribe(key, s.groups)).await.is_ok(),
             Body::Publish(p) => server
                 .cmd(Cmd::Publish {
                     from: Some(key),
@@ -990,6 +1018,7 @@ async fn serve_client(
                     not_to_me: p.not_to_me,
                     data: p.data,
                 })
+                .await
                 .is_ok(),
             Body::Response(r) => {
                 peer.resolve(r);
@@ -1023,7 +1052,7 @@ async fn serve_client(
         }
     }
     peer.fail_all();
-    let _ = server.cmd(Cmd::ClientDown(key));
+    let _ = server.cmd(Cmd::ClientDown(key)).await;
     server.event(ServerEvent::ClientClosed { key, id });
 }
 
@@ -1092,7 +1121,7 @@ async fn dial(
         }
     }
     .await;
-    let _ = server.cmd(Cmd::DialDone { link, result });
+    let _ = server.cmd(Cmd::DialDone { link, result }).await;
 }
 
 struct CoreTask {
@@ -1113,7 +1142,7 @@ impl CoreTask {
         self.epoch.elapsed()
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut ctl: mpsc::UnboundedReceiver<Cmd>) {
         let mut stop = self.server.shared.shutdown.subscribe();
         loop {
             // a stop goes before everything queued
@@ -1124,6 +1153,7 @@ impl CoreTask {
             let cmd = tokio::select! {
                 biased;
                 _ = stop.changed() => continue,
+                c = ctl.recv() => c,
                 c = rx.recv() => c,
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
@@ -1139,7 +1169,7 @@ impl CoreTask {
                 if *stop.borrow() {
                     break;
                 }
-                match rx.try_recv() {
+                match ctl.try_recv().or_else(|_| rx.try_recv()) {
                     Ok(c) => self.handle(c),
                     Err(_) => break,
                 }
@@ -1148,6 +1178,7 @@ impl CoreTask {
         self.stop_now();
         // whoever waits to queue a command sees the server stopped
         drop(rx);
+        drop(ctl);
         // the accept loops end on `shutdown` and close their listeners
         self.server.shared.shutdown.send_replace(true);
         let acceptors: Vec<_> = crate::router::lock(&self.server.shared.acceptors)
@@ -1499,6 +1530,9 @@ pub struct ServerStats {
     pub clone_frames_in: u64,
     /// Frames queued on clone links.
     pub clone_frames_out: u64,
+    /// Commands from connections waiting for the core task now (at most
+    /// [`ServerConfig::command_queue`]).
+    pub queued_commands: u64,
 }
 
 #[derive(Default)]
@@ -1529,6 +1563,7 @@ impl Server {
             slow_consumer_disconnects: get(&c.slow_consumers),
             clone_frames_in: get(&c.clone_frames_in),
             clone_frames_out: get(&c.clone_frames_out),
+            queued_commands: (self.shared.cmd.max_capacity() - self.shared.cmd.capacity()) as u64,
         }
     }
 }

@@ -1505,21 +1505,22 @@ impl Core {
                     .is_some_and(|cl| cl.id == msg.exclude_client)
         };
         if msg.all {
+            // each subscribed client once, for its first group: O(clients),
+            // with the group's index found in a map (a search of `group_of`
+            // made it O(clients × groups))
             let mut keys: Vec<&ConnKey> = self.clients.keys().collect();
             keys.sort_unstable();
+            let mut index: HashMap<&str, usize> = HashMap::new();
             for c in keys {
                 let cl = &self.clients[c];
                 if let Some(first) = cl.groups.iter().next() {
                     if excluded(*c, &self.clients) {
                         continue;
                     }
-                    let idx = match group_of.iter().position(|g| g == first) {
-                        Some(i) => i,
-                        None => {
-                            group_of.push(first.clone());
-                            group_of.len() - 1
-                        }
-                    };
+                    let idx = *index.entry(first.as_str()).or_insert_with(|| {
+                        group_of.push(first.clone());
+                        group_of.len() - 1
+                    });
                     targets.push(Target {
                         conn: *c,
                         group: idx,
