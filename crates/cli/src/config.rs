@@ -137,7 +137,8 @@ pub struct Upstream {
 pub struct Limits {
     /// Largest frame accepted, bytes.
     pub max_frame: usize,
-    /// Outbound queue per connection, bytes.
+    /// Outbound queue per connection, bytes of memory (each frame costs its
+    /// length plus `transport::QUEUE_FRAME_OVERHEAD`).
     pub max_queue_bytes: usize,
     /// What to do with a slow consumer: disconnect it (default) or reject frames.
     pub slow_consumer_reject: bool,
@@ -157,7 +158,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_frame: 16 << 20,
-            max_queue_bytes: 64 << 20,
+            max_queue_bytes: 8 << 20,
             slow_consumer_reject: false,
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Some(Duration::from_secs(10)),
@@ -747,11 +748,13 @@ impl RawLimits {
         };
         let max_queue_bytes = match self.max_queue_bytes {
             None => d.max_queue_bytes,
-            Some(v) if v as usize >= max_frame => v as usize,
+            // One frame is always accepted into an empty queue, so a bound
+            // below max_frame is fine.
+            Some(v) if v >= 64 * 1024 => v as usize,
             Some(_) => {
                 return Err(ConfigError::new(
                     "limits.max_queue_bytes",
-                    "must be at least limits.max_frame",
+                    "must be at least 65536 bytes",
                 ))
             }
         };

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::{CloseReason, Config, RecvError, SendError, SlowConsumerPolicy};
+use crate::{CloseReason, Config, RecvError, SendError, SlowConsumerPolicy, QUEUE_FRAME_OVERHEAD};
 
 /// The address of the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -65,7 +65,14 @@ struct Queue {
     frames: VecDeque<Bytes>,
     /// Control frames (pong) that bypass the byte limit and go first.
     urgent: Vec<Bytes>,
+    /// What the frames waiting in `frames` (and `partial`) cost: their
+    /// lengths plus [`QUEUE_FRAME_OVERHEAD`] each.
     bytes: usize,
+    /// The same for the frames the writer task took and has not written
+    /// yet: they still count against the bound.
+    writing: usize,
+    /// How many frames the writer task took and has not written yet.
+    writing_frames: usize,
     close: Option<(u32, String)>,
     space_waiters: bool,
     /// Raw bytes the writer sends before anything else: the rest of a
@@ -153,6 +160,7 @@ struct Shared {
     /// the message being read against `recv_max`.
     meter: std::sync::OnceLock<Arc<Meter>>,
     max_queue: usize,
+    max_frames: usize,
     policy: SlowConsumerPolicy,
     queue: Mutex<Queue>,
     writer_wake: Notify,
@@ -198,11 +206,41 @@ impl Shared {
         }
         // Ended: later close requests are moot.
         self.closing.store(true, Ordering::Release);
-        // The duplicate descriptor must not keep the socket open.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).direct = None;
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            // The duplicate descriptor must not keep the socket open.
+            q.direct = None;
+            // Nothing more is written: the queued frames' memory goes back
+            // now, not when the last sender is dropped.
+            q.frames = VecDeque::new();
+            q.urgent = Vec::new();
+            q.partial = None;
+            q.bytes = 0;
+        }
         self.done.cancel();
         self.space.notify_waiters();
         self.writer_wake.notify_one();
+    }
+
+    /// The writer task wrote frames that cost `cost` (see
+    /// [`QUEUE_FRAME_OVERHEAD`]): room for more. `None`: all it had taken.
+    fn written(&self, done: Option<(usize, usize)>) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        match done {
+            Some((cost, frames)) => {
+                q.writing = q.writing.saturating_sub(cost);
+                q.writing_frames = q.writing_frames.saturating_sub(frames);
+            }
+            None => {
+                q.writing = 0;
+                q.writing_frames = 0;
+            }
+        }
+        let waiters = std::mem::take(&mut q.space_waiters);
+        drop(q);
+        if waiters {
+            self.space.notify_waiters();
+        }
     }
 
     /// Records why the connection ends without stopping it yet (the writer
@@ -283,7 +321,7 @@ impl Shared {
         }
         if let Some(rest) = rest {
             // The rest goes first, from the writer task.
-            q.bytes += rest.len();
+            q.bytes += rest.len() + QUEUE_FRAME_OVERHEAD;
             q.partial = Some(rest);
             self.writer_wake.notify_one();
         }
@@ -326,27 +364,35 @@ impl Shared {
             });
         }
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if q.bytes > 0 && q.bytes + len > self.max_queue {
+        let cost = len + QUEUE_FRAME_OVERHEAD;
+        let held = q.bytes + q.writing;
+        let frames = q.frames.len() + q.writing_frames;
+        if held > 0 && (held + cost > self.max_queue || frames >= self.max_frames) {
             if wait {
                 q.space_waiters = true;
                 return Ok(false);
             }
-            let queued = q.bytes + len;
             match self.policy {
                 SlowConsumerPolicy::Reject => {
                     return Err(SendError::Full {
-                        queued: q.bytes,
+                        queued: held,
                         limit: self.max_queue,
+                        frames,
+                        frame_limit: self.max_frames,
                     })
                 }
                 SlowConsumerPolicy::Disconnect => {
-                    q.frames.clear();
+                    // The memory goes back now, not when the last sender goes.
+                    q.frames = VecDeque::new();
                     q.bytes = 0;
                     drop(q);
-                    tracing::debug!(conn = self.id, peer = %self.peer, queued, "slow consumer: disconnecting");
+                    let queued = held + cost;
+                    tracing::debug!(conn = self.id, peer = %self.peer, queued, frames, "slow consumer: disconnecting");
                     self.finish(RecvError::Local(CloseReason::SlowConsumer {
                         queued,
                         limit: self.max_queue,
+                        frames: frames + 1,
+                        frame_limit: self.max_frames,
                     }));
                     return Err(SendError::SlowConsumer);
                 }
@@ -356,7 +402,7 @@ impl Shared {
         if was_empty && self.try_direct(&mut q, std::slice::from_ref(body)) {
             return Ok(true);
         }
-        q.bytes += len;
+        q.bytes += cost;
         q.frames.push_back(body.clone());
         drop(q);
         if was_empty {
@@ -502,7 +548,9 @@ impl Sender {
         self.shared.end_reason()
     }
 
-    /// Bytes currently waiting in the outbound queue.
+    /// What the frames waiting in the outbound queue cost, in bytes of
+    /// memory (lengths plus [`crate::QUEUE_FRAME_OVERHEAD`] each), not
+    /// counting those the writer task is writing; 0 when nothing waits.
     pub fn queued_bytes(&self) -> usize {
         self.shared
             .queue
@@ -814,6 +862,7 @@ fn new_connection(
         limited: AtomicBool::new(limit == Limit::BeforeHello),
         meter: std::sync::OnceLock::new(),
         max_queue: config.max_queue_bytes.max(1),
+        max_frames: config.max_queue_frames.max(1),
         policy: config.slow_consumer,
         queue: Mutex::new(Queue::default()),
         writer_wake: Notify::new(),
@@ -903,13 +952,11 @@ fn drain(shared: &Shared, spare: VecDeque<Bytes>) -> Option<Drained> {
     let frames = std::mem::replace(&mut q.frames, spare);
     q.last_drain = frames.len();
     let urgent = std::mem::take(&mut q.urgent);
-    q.bytes = 0;
+    // The taken frames count until they are written (`Shared::written`).
+    q.writing += std::mem::take(&mut q.bytes);
+    q.writing_frames += frames.len();
     let close = q.close.take();
-    let waiters = std::mem::take(&mut q.space_waiters);
     drop(q);
-    if waiters {
-        shared.space.notify_waiters();
-    }
     Some(Drained {
         partial,
         urgent,
@@ -917,6 +964,19 @@ fn drain(shared: &Shared, spare: VecDeque<Bytes>) -> Option<Drained> {
         close,
     })
 }
+
+/// The writer keeps the queue it drained for the next swap, unless a burst
+/// made it large: then its memory goes back.
+fn keep_spare(mut frames: VecDeque<Bytes>) -> VecDeque<Bytes> {
+    frames.clear();
+    if frames.capacity() > SPARE_FRAMES {
+        return VecDeque::new();
+    }
+    frames
+}
+
+/// Largest drained queue (in frames) whose memory the writer keeps.
+const SPARE_FRAMES: usize = 4096;
 
 /// Keep-alive and idle timers shared by both kinds of tasks.
 struct Timers {
@@ -1413,46 +1473,56 @@ const MAX_SLICES: usize = 64;
 
 /// A piece of the next write: bytes of the batch buffer (small frames and
 /// the length prefixes of large ones) or a large frame in its own memory.
-enum Piece<'a> {
+enum Piece {
     Buf(std::ops::Range<usize>),
-    Frame(&'a [u8]),
+    Frame(Bytes),
 }
 
 /// Writes one drained batch: small frames are copied into `buf`, large frames
 /// go out from their own memory, all of it in vectored writes of about
 /// `FLUSH_AT` bytes (several large frames per write).
-async fn write_batch<'a, W: AsyncWrite + Unpin>(
+///
+/// `frames` (the queue's) count against the queue's bound until written:
+/// they are taken off `frames` as they go into a write, and each write tells
+/// `shared` the room it made ([`Shared::written`]). `urgent` frames do not
+/// count.
+async fn write_batch<W: AsyncWrite + Unpin>(
     writer: &mut W,
     buf: &mut BytesMut,
     codec: FrameCodec,
-    frames: impl Iterator<Item = &'a Bytes>,
-    close: Option<&'a Bytes>,
+    urgent: &[Bytes],
+    frames: &mut VecDeque<Bytes>,
+    close: Option<&Bytes>,
+    shared: &Shared,
 ) -> std::io::Result<()> {
-    let mut pieces: Vec<Piece<'a>> = Vec::new();
+    let mut pieces: Vec<Piece> = Vec::new();
     let mut pending = 0;
-    for b in frames.chain(close) {
-        let at = buf.len();
-        if b.len() >= LARGE_FRAME {
-            buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
-        } else {
-            // Sizes were checked when queued.
-            let _ = codec.put_encoded(b, buf);
-        }
-        match pieces.last_mut() {
-            Some(Piece::Buf(r)) if r.end == at => r.end = buf.len(),
-            _ => pieces.push(Piece::Buf(at..buf.len())),
-        }
-        pending += buf.len() - at;
-        if b.len() >= LARGE_FRAME {
-            pieces.push(Piece::Frame(b));
-            pending += b.len();
-        }
+    let mut freed = (0, 0);
+    let mut urgent = urgent.iter();
+    loop {
+        let b = match urgent.next() {
+            Some(b) => b.clone(),
+            None => match frames.pop_front() {
+                Some(b) => {
+                    freed.0 += b.len() + QUEUE_FRAME_OVERHEAD;
+                    freed.1 += 1;
+                    b
+                }
+                None => break,
+            },
+        };
+        put_piece(buf, codec, b, &mut pieces, &mut pending);
         if pending >= FLUSH_AT || pieces.len() >= MAX_SLICES - 1 {
             write_pieces(writer, buf, &pieces).await?;
             pieces.clear();
             buf.clear();
             pending = 0;
+            shared.written(Some(std::mem::take(&mut freed)));
         }
+    }
+    if let Some(b) = close {
+        let b = b.clone();
+        put_piece(buf, codec, b, &mut pieces, &mut pending);
     }
     if !pieces.is_empty() {
         write_pieces(writer, buf, &pieces).await?;
@@ -1461,13 +1531,40 @@ async fn write_batch<'a, W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Adds frame `b` to the next write: its length prefix (and the frame
+/// itself, if small) copied into `buf`, a large frame as a piece of its own.
+fn put_piece(
+    buf: &mut BytesMut,
+    codec: FrameCodec,
+    b: Bytes,
+    pieces: &mut Vec<Piece>,
+    pending: &mut usize,
+) {
+    let at = buf.len();
+    if b.len() >= LARGE_FRAME {
+        buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    } else {
+        // Sizes were checked when queued.
+        let _ = codec.put_encoded(&b, buf);
+    }
+    match pieces.last_mut() {
+        Some(Piece::Buf(r)) if r.end == at => r.end = buf.len(),
+        _ => pieces.push(Piece::Buf(at..buf.len())),
+    }
+    *pending += buf.len() - at;
+    if b.len() >= LARGE_FRAME {
+        *pending += b.len();
+        pieces.push(Piece::Frame(b));
+    }
+}
+
 /// Writes `pieces` whole, with vectored writes when the stream supports them.
 async fn write_pieces<'b, W: AsyncWrite + Unpin>(
     writer: &mut W,
     buf: &'b [u8],
-    pieces: &[Piece<'b>],
+    pieces: &'b [Piece],
 ) -> std::io::Result<()> {
-    let bytes = |p: &Piece<'b>| -> &'b [u8] {
+    let bytes = |p: &'b Piece| -> &'b [u8] {
         match p {
             Piece::Buf(r) => &buf[r.clone()],
             Piece::Frame(f) => f,
@@ -1551,15 +1648,18 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
                     &mut writer,
                     &mut buf,
                     codec,
-                    urgent.iter().chain(frames.iter()),
+                    &urgent,
+                    &mut frames,
                     close_body.as_ref(),
+                    &shared,
                 )
                 .await
             } => r.is_ok(),
             _ = shared.done.cancelled() => false,
         };
         frames.clear();
-        spare = frames;
+        shared.written(None);
+        spare = keep_spare(frames);
         buf.clear();
         if !ok {
             if !shared.done.is_cancelled() {
@@ -1935,9 +2035,18 @@ async fn ws_writer<S>(
             mut frames,
             close,
         } = drained;
+        let counted = urgent.len();
         let write = async {
-            for b in urgent.into_iter().chain(frames.drain(..)) {
+            let mut freed = (0, 0);
+            for (i, b) in urgent.into_iter().chain(frames.drain(..)).enumerate() {
+                if i >= counted {
+                    freed.0 += b.len() + QUEUE_FRAME_OVERHEAD;
+                    freed.1 += 1;
+                }
                 sink.feed(ws_message(b, json)).await?;
+                if freed.0 >= FLUSH_AT {
+                    shared.written(Some(std::mem::take(&mut freed)));
+                }
             }
             if let Some((code, reason)) = &close {
                 let f = Frame::new(Body::Close(proto::Close {
@@ -1952,7 +2061,8 @@ async fn ws_writer<S>(
             r = write => r.is_ok(),
             _ = shared.done.cancelled() => false,
         };
-        spare = frames;
+        shared.written(None);
+        spare = keep_spare(frames);
         if !ok {
             if !shared.done.is_cancelled() {
                 shared.finish(RecvError::Eof);

@@ -80,12 +80,19 @@ pub enum CloseReason {
         reason: String,
     },
     /// The peer did not read fast enough (see [`crate::SlowConsumerPolicy`]).
-    #[error("slow consumer: {queued} bytes queued, limit {limit}")]
+    #[error(
+        "slow consumer: {frames} frames ({queued} bytes) queued, limits {frame_limit} frames, {limit} bytes"
+    )]
     SlowConsumer {
-        /// Bytes that were queued including the refused frame.
+        /// What the queue held including the refused frame, in bytes of
+        /// memory (see [`crate::QUEUE_FRAME_OVERHEAD`]).
         queued: usize,
-        /// The configured limit.
+        /// [`crate::Config::max_queue_bytes`].
         limit: usize,
+        /// Frames queued including the refused one.
+        frames: usize,
+        /// [`crate::Config::max_queue_frames`].
+        frame_limit: usize,
     },
     /// Every handle to the connection was dropped.
     #[error("connection dropped")]
@@ -100,12 +107,17 @@ pub enum SendError {
     #[error("connection closed")]
     Closed,
     /// The queue is full and the policy is [`crate::SlowConsumerPolicy::Reject`].
-    #[error("outbound queue full ({queued} of {limit} bytes)")]
+    #[error("outbound queue full ({frames} of {frame_limit} frames, {queued} of {limit} bytes)")]
     Full {
-        /// Bytes queued now.
+        /// What the queue holds now, in bytes of memory (see
+        /// [`crate::QUEUE_FRAME_OVERHEAD`]).
         queued: usize,
-        /// The configured limit.
+        /// [`crate::Config::max_queue_bytes`].
         limit: usize,
+        /// Frames queued now.
+        frames: usize,
+        /// [`crate::Config::max_queue_frames`].
+        frame_limit: usize,
     },
     /// The queue overflowed and the connection was cut as a slow consumer.
     #[error("peer is a slow consumer and was disconnected")]

@@ -64,7 +64,7 @@ mod endpoint;
 mod error;
 mod net;
 
-pub use config::{Config, SlowConsumerPolicy, TlsConfig};
+pub use config::{Config, SlowConsumerPolicy, TlsConfig, QUEUE_FRAME_OVERHEAD};
 pub use conn::{Connection, PeerAddr, Receiver, Sender};
 pub use endpoint::Endpoint;
 pub use error::{CloseReason, Error, RecvError, SendError};

@@ -151,3 +151,102 @@ async fn a_large_websocket_message_before_the_raise_is_refused() {
         other => panic!("expected a close, got {other:?}"),
     }
 }
+
+/// Sends 1-byte data frames to a peer that never reads (an in-memory pipe of
+/// 1 KiB, the peer reading inline, so only when asked to) until the connection is cut as a slow consumer; returns how many
+/// were accepted (`None`: no cut within `max`) and the receiver's end.
+async fn tiny_frames_until_cut(config: &Config, max: usize) -> (Option<usize>, Connection) {
+    let config = Config {
+        inline_reads: true,
+        ..config.clone()
+    };
+    let (a, b) = replimesh_transport::pair(&config, 1024);
+    let body = Frame::data(vec![1u8]).encode_to_bytes();
+    for i in 0..max {
+        match a.sender().send_encoded(body.clone()) {
+            Ok(()) => {}
+            Err(replimesh_transport::SendError::SlowConsumer) => return (Some(i), a),
+            Err(e) => panic!("unexpected {e}"),
+        }
+        if i % 4096 == 0 {
+            // Let the writer run (it cannot write much: nobody reads).
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(b);
+    (None, a)
+}
+
+/// A queue of tiny frames is bounded in frames (default 65,536), whatever
+/// their bytes: the cut comes after about that many, not after 64 MiB of
+/// 6-byte frames (11 million queue entries, over 600 MiB of memory).
+#[tokio::test]
+async fn a_queue_of_tiny_frames_hits_the_frame_bound() {
+    let config = Config::default();
+    assert_eq!(config.max_queue_frames, 65_536);
+    let (cut, mut conn) = tiny_frames_until_cut(&config, 400_000).await;
+    let cut = cut.expect("no slow-consumer cut after 400,000 tiny frames");
+    // What the 1 KiB pipe took is not in the queue.
+    assert!(
+        (65_536..65_536 + 300).contains(&cut),
+        "cut after {cut} frames"
+    );
+    match tokio::time::timeout(T, conn.recv()).await.unwrap() {
+        Err(RecvError::Local(replimesh_transport::CloseReason::SlowConsumer {
+            frames,
+            frame_limit,
+            ..
+        })) => assert_eq!((frames, frame_limit), (65_537, 65_536)),
+        other => panic!("expected a slow-consumer end, got {other:?}"),
+    }
+}
+
+/// The byte bound counts each frame's memory: its length plus
+/// `QUEUE_FRAME_OVERHEAD`, so 1 MiB holds about 10,000 6-byte frames, not
+/// 174,000.
+#[tokio::test]
+async fn the_byte_bound_counts_each_frames_overhead() {
+    let config = Config {
+        max_queue_bytes: 1 << 20,
+        max_queue_frames: 1 << 30,
+        ..Config::default()
+    };
+    let per_frame = 6 + replimesh_transport::QUEUE_FRAME_OVERHEAD;
+    let (cut, _conn) = tiny_frames_until_cut(&config, 400_000).await;
+    let cut = cut.expect("no slow-consumer cut after 400,000 tiny frames");
+    let want = (1 << 20) / per_frame;
+    assert!(
+        (want..want + 300).contains(&cut),
+        "cut after {cut} frames, want about {want}"
+    );
+}
+
+/// Frames the writer task has taken and not written yet still count: a
+/// second 1 MiB frame does not fit beside one being written under a
+/// 1.5 MiB bound.
+#[tokio::test]
+async fn frames_being_written_still_count() {
+    let config = Config {
+        max_queue_bytes: 3 << 19,
+        slow_consumer: replimesh_transport::SlowConsumerPolicy::Reject,
+        ..Config::default()
+    };
+    let (a, _b) = replimesh_transport::pair(&config, 1024);
+    let big = Frame::data(vec![1u8; 1 << 20]);
+    a.send(&big).unwrap();
+    // Wait until the writer has taken it (the pipe holds 1 KiB of it).
+    tokio::time::timeout(T, async {
+        while a.sender().queued_bytes() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    match a.send(&big) {
+        Err(replimesh_transport::SendError::Full { queued, frames, .. }) => {
+            assert!(queued > 1 << 20, "{queued}");
+            assert_eq!(frames, 1);
+        }
+        other => panic!("expected Full, got {other:?}"),
+    }
+}
