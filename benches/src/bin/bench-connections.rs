@@ -161,7 +161,7 @@ fn node_role() -> Result<()> {
         .build()?;
     rt.block_on(async {
         let config = replimesh_cli::config::NodeConfig::parse(
-            "id = \"bench-node\"\n[[listen]]\nurl = \"ws://127.0.0.1:0/\"\n[limits]\nidle_timeout_ms = 120000\n",
+            "id = \"bench-node\"\n[[listen]]\nurl = \"ws://127.0.0.1:0/\"\n[limits]\nidle_timeout_ms = 120000\nmax_connections = 1000000\nmax_connections_per_ip = 1000000\n",
             std::path::Path::new("."),
         )?;
         let node = replimesh_cli::node::Node::start(config).await?;

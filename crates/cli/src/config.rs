@@ -142,6 +142,11 @@ pub struct Limits {
     pub max_queue_bytes: usize,
     /// What to do with a slow consumer: disconnect it (default) or reject frames.
     pub slow_consumer_reject: bool,
+    /// Most connections open at once per listener (default 10,000).
+    pub max_connections: usize,
+    /// Most connections open at once per listener from one IP address
+    /// (default 1,000).
+    pub max_connections_per_ip: usize,
     /// Handshake timeout.
     pub handshake_timeout: Duration,
     /// Keep-alive ping interval (none: off).
@@ -160,6 +165,8 @@ impl Default for Limits {
             max_frame: 16 << 20,
             max_queue_bytes: 8 << 20,
             slow_consumer_reject: false,
+            max_connections: 10_000,
+            max_connections_per_ip: 1_000,
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Some(Duration::from_secs(10)),
             idle_timeout: Some(Duration::from_secs(30)),
@@ -222,6 +229,8 @@ impl NodeConfig {
         let mut c = replimesh::transport::Config::default();
         c.max_frame = self.limits.max_frame;
         c.max_queue_bytes = self.limits.max_queue_bytes;
+        c.max_connections = self.limits.max_connections;
+        c.max_connections_per_ip = self.limits.max_connections_per_ip;
         if self.limits.slow_consumer_reject {
             c.slow_consumer = replimesh::transport::SlowConsumerPolicy::Reject;
         }
@@ -342,6 +351,8 @@ struct RawLimits {
     max_frame: Option<u64>,
     max_queue_bytes: Option<u64>,
     slow_consumer: Option<String>,
+    max_connections: Option<u64>,
+    max_connections_per_ip: Option<u64>,
     handshake_timeout_ms: Option<u64>,
     ping_interval_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
@@ -773,10 +784,25 @@ impl RawLimits {
             Some(0) => Ok(None),
             Some(v) => ms(k, v).map(Some),
         };
+        let count = |k: &str, v: Option<u64>, d: usize| match v {
+            None => Ok(d),
+            Some(v) if v >= 1 => Ok(v as usize),
+            Some(_) => Err(ConfigError::new(k, "must be at least 1")),
+        };
         Ok(Limits {
             max_frame,
             max_queue_bytes,
             slow_consumer_reject,
+            max_connections: count(
+                "limits.max_connections",
+                self.max_connections,
+                d.max_connections,
+            )?,
+            max_connections_per_ip: count(
+                "limits.max_connections_per_ip",
+                self.max_connections_per_ip,
+                d.max_connections_per_ip,
+            )?,
             handshake_timeout: match self.handshake_timeout_ms {
                 None => d.handshake_timeout,
                 Some(0) => {

@@ -142,8 +142,21 @@ pub struct Config {
     pub max_queue_frames: usize,
     /// What happens when the queue bound would be exceeded.
     pub slow_consumer: SlowConsumerPolicy,
-    /// Time allowed for the TLS and WebSocket handshakes (default 10 s).
+    /// Time allowed for a whole `connect` (the TCP or Unix connect, the TLS
+    /// handshake, the WebSocket upgrade) and for an accepted connection's TLS
+    /// and WebSocket handshakes (default 10 s). Past it the attempt ends with
+    /// [`crate::Error::HandshakeTimeout`] naming the step (an accepted
+    /// connection is closed).
     pub handshake_timeout: Duration,
+    /// Most connections a listener holds open at once, their handshakes
+    /// included (default 10,000). One more is closed as soon as it is
+    /// accepted, counted ([`crate::Listener::refused_connections`]) and
+    /// logged (at most once per second).
+    pub max_connections: usize,
+    /// Most connections a listener holds open at once from one IP address
+    /// (default 1,000); Unix-socket peers count only in the total. One more
+    /// is closed as soon as it is accepted, counted and logged as above.
+    pub max_connections_per_ip: usize,
     /// How often a `Ping` is sent (default 10 s); `None` sends none.
     pub ping_interval: Option<Duration>,
     /// A connection on which nothing arrives for this long is closed with
@@ -184,6 +197,8 @@ impl Default for Config {
             max_queue_frames: 65_536,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_connections_per_ip: 1_000,
             ping_interval: Some(Duration::from_secs(10)),
             idle_timeout: Some(Duration::from_secs(30)),
             recv_batches: 64,

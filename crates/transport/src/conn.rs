@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::sock::{Sock, SockIo};
 use crate::{CloseReason, Config, RecvError, SendError, SlowConsumerPolicy, QUEUE_FRAME_OVERHEAD};
 
 /// The address of the other end of a connection.
@@ -80,9 +81,9 @@ struct Queue {
     partial: Option<Bytes>,
     /// The writer drained frames and has not finished writing them.
     writer_busy: bool,
-    /// A duplicate of the socket's descriptor, for direct writes (plain TCP
-    /// and Unix sockets only); dropped when the connection ends.
-    direct: Option<OwnedFd>,
+    /// The socket, for direct writes (plain TCP and Unix sockets only);
+    /// dropped when the connection ends.
+    direct: Option<Arc<Sock>>,
     /// When the writer task last found the queue empty and went to sleep.
     parked_at: Option<Instant>,
     /// When the last direct write was made.
@@ -120,7 +121,7 @@ enum Direct {
 /// Writes `bodies`, each with its length prefix, straight to the socket in
 /// one `send`, without blocking, from a buffer on the stack. Their framed
 /// size must be at most [`DIRECT_MAX`].
-fn write_direct(fd: &OwnedFd, bodies: &[Bytes]) -> Direct {
+fn write_direct(fd: &impl AsFd, bodies: &[Bytes]) -> Direct {
     let mut buf = [0u8; DIRECT_MAX];
     let mut total = 0;
     for b in bodies {
@@ -138,7 +139,7 @@ fn write_direct(fd: &OwnedFd, bodies: &[Bytes]) -> Direct {
         0 => total,
         cut => total.min(cut),
     };
-    match rustix::net::send(fd, &framed[..total], flags) {
+    match rustix::net::send(fd.as_fd(), &framed[..total], flags) {
         Ok(n) if n == framed.len() => Direct::Sent,
         Ok(n) if n > 0 => Direct::Partial(Bytes::copy_from_slice(&framed[n..])),
         _ => Direct::NotSent,
@@ -1019,15 +1020,29 @@ async fn tick_idle(i: &mut Option<(tokio::time::Interval, Duration)>) -> Duratio
     }
 }
 
-/// Starts reader and writer tasks over a byte stream. `direct` is a
-/// duplicate of a plain socket's descriptor: lone small frames are then
-/// written from the sending task (see [`DIRECT_QUIET`]).
+/// Starts reader and writer tasks over a plain TCP or Unix socket, which
+/// they share with the senders' direct writes: lone small frames are written
+/// from the sending task (see [`DIRECT_QUIET`]). One descriptor per
+/// connection, closed when all three are done with it.
+pub(crate) fn spawn_sock(
+    sock: Arc<Sock>,
+    peer: PeerAddr,
+    config: &Config,
+    limit: Limit,
+) -> Connection {
+    let (r, w) = SockIo::split(&sock);
+    spawn_stream(r, w, peer, config, Some(sock), limit)
+}
+
+/// Starts reader and writer tasks over a byte stream. `direct` is the plain
+/// socket under it, if it is one: lone small frames are then written from
+/// the sending task (see [`DIRECT_QUIET`]).
 pub(crate) fn spawn_stream<R, W>(
     reader: R,
     writer: W,
     peer: PeerAddr,
     config: &Config,
-    direct: Option<OwnedFd>,
+    direct: Option<Arc<Sock>>,
     limit: Limit,
 ) -> Connection
 where
@@ -2113,12 +2128,10 @@ mod tests {
     /// writes: its sender, the sender's shared state, the other end's
     /// receiver, and what must stay alive meanwhile.
     fn direct_pair() -> (Sender, Arc<Shared>, Receiver, (Receiver, Sender)) {
-        use std::os::fd::AsFd;
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let direct = a.as_fd().try_clone_to_owned().ok();
-        let (ar, aw) = a.into_split();
         let config = Config::default();
-        let sender = spawn_stream(ar, aw, PeerAddr::Memory, &config, direct, Limit::Full);
+        let sock = Sock::new(crate::sock::Stream::Unix(a), None);
+        let sender = spawn_sock(sock, PeerAddr::Memory, &config, Limit::Full);
         let shared = sender.sender.shared.clone();
         let (tx, rx_a) = sender.split();
         let (tx_b, rx) = crate::from_unix_stream(b, &config).split();

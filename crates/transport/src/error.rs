@@ -23,9 +23,16 @@ pub enum Error {
     /// The WebSocket handshake failed.
     #[error("websocket: {0}")]
     WebSocket(String),
-    /// A handshake did not finish within [`crate::Config::handshake_timeout`].
-    #[error("handshake timed out")]
-    HandshakeTimeout,
+    /// A `connect` or an incoming handshake did not finish within
+    /// [`crate::Config::handshake_timeout`].
+    #[error("{step} timed out after {after:?} (the handshake timeout)")]
+    HandshakeTimeout {
+        /// The step that was still running: `connect` (the TCP or Unix
+        /// connect), `tls` or `websocket upgrade`.
+        step: &'static str,
+        /// The handshake timeout.
+        after: std::time::Duration,
+    },
 }
 
 /// Why a connection ended, from the point of view of [`crate::Receiver::recv`].

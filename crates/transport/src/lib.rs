@@ -63,6 +63,7 @@ mod conn;
 mod endpoint;
 mod error;
 mod net;
+mod sock;
 
 pub use config::{Config, SlowConsumerPolicy, TlsConfig, QUEUE_FRAME_OVERHEAD};
 pub use conn::{Connection, PeerAddr, Receiver, Sender};

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use proto::{WS_SUBPROTOCOL, WS_SUBPROTOCOL_JSON};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -15,7 +16,8 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::conn::{spawn_stream, spawn_ws, Limit, Meter, Metered};
+use crate::conn::{spawn_sock, spawn_stream, spawn_ws, Limit, Meter, Metered};
+use crate::sock::{Limits, Over, Slot, Sock, SockIo, Stream};
 use crate::{Config, Connection, Endpoint, Error, PeerAddr};
 
 fn ws_config(config: &Config) -> WebSocketConfig {
@@ -27,13 +29,25 @@ fn ws_config(config: &Config) -> WebSocketConfig {
         .max_write_buffer_size(usize::MAX)
 }
 
-async fn with_timeout<T>(
+/// The end of the time a handshake (or a `connect`) may take.
+fn deadline(config: &Config) -> tokio::time::Instant {
+    tokio::time::Instant::now() + config.handshake_timeout
+}
+
+/// Runs one `step` of a handshake that must end by `deadline`; a timeout is
+/// [`Error::HandshakeTimeout`] naming the step.
+async fn step<T>(
     config: &Config,
+    deadline: tokio::time::Instant,
+    step: &'static str,
     fut: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    tokio::time::timeout(config.handshake_timeout, fut)
+    tokio::time::timeout_at(deadline, fut)
         .await
-        .map_err(|_| Error::HandshakeTimeout)?
+        .map_err(|_| Error::HandshakeTimeout {
+            step,
+            after: config.handshake_timeout,
+        })?
 }
 
 fn tls_connector(
@@ -48,37 +62,41 @@ fn tls_connector(
     Ok((TlsConnector::from(client), name))
 }
 
-async fn dial_tcp(host: &str, port: u16) -> Result<(TcpStream, PeerAddr), Error> {
-    let stream = TcpStream::connect((host, port)).await?;
+async fn dial_tcp(
+    host: &str,
+    port: u16,
+    config: &Config,
+    deadline: tokio::time::Instant,
+) -> Result<(TcpStream, PeerAddr), Error> {
+    let stream = step(config, deadline, "connect", async {
+        Ok(TcpStream::connect((host, port)).await?)
+    })
+    .await?;
     stream.set_nodelay(true)?;
     let peer = PeerAddr::Tcp(stream.peer_addr()?);
     Ok((stream, peer))
 }
 
-/// A duplicate of a plain socket's descriptor, for the sender's direct
-/// writes (`None` if the system refuses one: everything goes through the
-/// writer task then).
-fn dup_fd(s: &impl std::os::fd::AsFd) -> Option<std::os::fd::OwnedFd> {
-    s.as_fd().try_clone_to_owned().ok()
-}
-
 /// Connects to `url` (see the crate docs for the schemes).
 ///
-/// TLS (`tls://`, `wss://`) needs [`crate::TlsConfig::client`]. The TLS and
-/// WebSocket handshakes are bounded by [`Config::handshake_timeout`].
+/// TLS (`tls://`, `wss://`) needs [`crate::TlsConfig::client`]. The whole of
+/// it (the TCP or Unix connect, the TLS handshake, the WebSocket upgrade) is
+/// bounded by [`Config::handshake_timeout`]: past it, the error is
+/// [`Error::HandshakeTimeout`] naming the step (`connect`, `tls`,
+/// `websocket upgrade`).
 pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
     let endpoint = Endpoint::parse(url)?;
+    let deadline = deadline(config);
     match endpoint {
         Endpoint::Tcp { host, port } => {
-            let (stream, peer) = dial_tcp(&host, port).await?;
-            let direct = dup_fd(&stream);
-            let (r, w) = stream.into_split();
-            Ok(spawn_stream(r, w, peer, config, direct, Limit::Full))
+            let (stream, peer) = dial_tcp(&host, port, config, deadline).await?;
+            let sock = Sock::new(Stream::Tcp(stream), None);
+            Ok(spawn_sock(sock, peer, config, Limit::Full))
         }
         Endpoint::Tls { host, port } => {
             let (connector, name) = tls_connector(config, &host)?;
-            let (stream, peer) = dial_tcp(&host, port).await?;
-            let tls = with_timeout(config, async {
+            let (stream, peer) = dial_tcp(&host, port, config, deadline).await?;
+            let tls = step(config, deadline, "tls", async {
                 connector
                     .connect(name, stream)
                     .await
@@ -89,15 +107,15 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
             Ok(spawn_stream(r, w, peer, config, None, Limit::Full))
         }
         Endpoint::Unix { path } => {
-            let stream = UnixStream::connect(&path).await?;
-            let direct = dup_fd(&stream);
-            let (r, w) = stream.into_split();
-            Ok(spawn_stream(
-                r,
-                w,
+            let stream = step(config, deadline, "connect", async {
+                Ok(UnixStream::connect(&path).await?)
+            })
+            .await?;
+            let sock = Sock::new(Stream::Unix(stream), None);
+            Ok(spawn_sock(
+                sock,
                 PeerAddr::Unix(Some(path)),
                 config,
-                direct,
                 Limit::Full,
             ))
         }
@@ -119,15 +137,23 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
             request
                 .headers_mut()
                 .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(offered));
-            let (stream, peer) = dial_tcp(host, port).await?;
+            let tls = if secure {
+                Some(tls_connector(config, host)?)
+            } else {
+                None
+            };
+            let (stream, peer) = dial_tcp(host, port, config, deadline).await?;
             let wscfg = ws_config(config);
-            if secure {
-                let (connector, name) = tls_connector(config, host)?;
-                let ws = with_timeout(config, async {
-                    let tls = connector
+            let upgrade = "websocket upgrade";
+            if let Some((connector, name)) = tls {
+                let tls = step(config, deadline, "tls", async {
+                    connector
                         .connect(name, stream)
                         .await
-                        .map_err(|e| Error::Tls(e.to_string()))?;
+                        .map_err(|e| Error::Tls(e.to_string()))
+                })
+                .await?;
+                let ws = step(config, deadline, upgrade, async {
                     let (ws, _resp) =
                         tokio_tungstenite::client_async_with_config(request, tls, Some(wscfg))
                             .await
@@ -137,7 +163,7 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
                 .await?;
                 Ok(spawn_ws(ws, peer, config, json, Limit::Full, None))
             } else {
-                let ws = with_timeout(config, async {
+                let ws = step(config, deadline, upgrade, async {
                     let (ws, _resp) =
                         tokio_tungstenite::client_async_with_config(request, stream, Some(wscfg))
                             .await
@@ -158,6 +184,7 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
 /// others. Dropping the listener stops accepting (and removes its Unix socket file).
 #[derive(Debug)]
 pub struct Listener {
+    stats: Arc<Stats>,
     url: String,
     rx: tokio::sync::Mutex<mpsc::Receiver<Result<Connection, Error>>>,
     task: JoinHandle<()>,
@@ -187,6 +214,19 @@ impl Listener {
             Some(r) => r,
             None => Err(Error::Io(std::io::Error::other("listener stopped"))),
         }
+    }
+
+    /// Connections this listener accepted that are open now (their
+    /// handshakes included), what [`Config::max_connections`] bounds.
+    pub fn open_connections(&self) -> usize {
+        self.stats.limits.open()
+    }
+
+    /// Connections closed at once since the listener started because they
+    /// were over [`Config::max_connections`] or
+    /// [`Config::max_connections_per_ip`].
+    pub fn refused_connections(&self) -> u64 {
+        self.stats.refused.load(Ordering::Relaxed)
     }
 
     /// The URL this listener is reachable at, with the port the OS picked.
@@ -309,8 +349,16 @@ pub async fn listen(url: &str, config: &Config) -> Result<Listener, Error> {
     let (tx, rx) = mpsc::channel(64);
     let config = config.clone();
     let mode = Arc::new(mode);
-    let task = tokio::spawn(accept_loop(socket, mode, config, tx));
+    let stats = Arc::new(Stats {
+        limits: Limits::new(
+            config.max_connections.max(1),
+            config.max_connections_per_ip.max(1),
+        ),
+        refused: AtomicU64::new(0),
+    });
+    let task = tokio::spawn(accept_loop(socket, mode, config, tx, stats.clone()));
     Ok(Listener {
+        stats,
         url: local.to_string(),
         rx: tokio::sync::Mutex::new(rx),
         task,
@@ -318,12 +366,49 @@ pub async fn listen(url: &str, config: &Config) -> Result<Listener, Error> {
     })
 }
 
+/// How long the accept loop waits after a failed `accept` (for example
+/// `EMFILE`/`ENFILE`: too many open files) before it tries again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A listener's counters, shared with its accept loop.
+#[derive(Debug)]
+struct Stats {
+    limits: Arc<Limits>,
+    refused: AtomicU64,
+}
+
+/// Logs at most once per second, with how many events it left unlogged.
+#[derive(Default)]
+struct RateLog {
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl RateLog {
+    /// `Some(events since the last log)` when it is time to log again.
+    fn due(&mut self) -> Option<u64> {
+        self.unlogged += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
 async fn accept_loop(
     socket: Socket,
     mode: Arc<Mode>,
     config: Config,
     tx: mpsc::Sender<Result<Connection, Error>>,
+    stats: Arc<Stats>,
 ) {
+    let mut refused_log = RateLog::default();
+    let mut error_log = RateLog::default();
     loop {
         let accepted = match &socket {
             Socket::Tcp(l) => l.accept().await.map(|(s, a)| {
@@ -338,9 +423,37 @@ async fn accept_loop(
         let accepted = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Transient errors (e.g. too many open files) must not kill the listener.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                // Transient errors (too many open files, a connection reset
+                // before it was accepted) must not kill the listener, nor
+                // make it spin.
+                if let Some(n) = error_log.due() {
+                    tracing::warn!(error = %e, failures = n, "accept failed; backing off");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let ip = accepted.peer().ip();
+        let slot = match stats.limits.acquire(ip) {
+            Ok(slot) => slot,
+            Err(over) => {
+                // Closed at once: the socket is dropped here.
+                drop(accepted);
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(n) = refused_log.due() {
+                    let (what, max) = match over {
+                        Over::Total => ("connections in total", config.max_connections),
+                        Over::PerIp => (
+                            "connections from one address",
+                            config.max_connections_per_ip,
+                        ),
+                    };
+                    tracing::warn!(
+                        peer = ?ip,
+                        refused = n,
+                        "connection refused: more than {max} {what}"
+                    );
+                }
                 continue;
             }
         };
@@ -348,7 +461,7 @@ async fn accept_loop(
         let config = config.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            match with_timeout(&config, handshake(accepted, &mode, &config)).await {
+            match handshake(accepted, slot, &mode, &config).await {
                 Ok(conn) => {
                     let _ = tx.send(Ok(conn)).await;
                 }
@@ -363,65 +476,82 @@ enum Accepted {
     Unix(UnixStream, PeerAddr),
 }
 
-async fn handshake(accepted: Accepted, mode: &Mode, config: &Config) -> Result<Connection, Error> {
+impl Accepted {
+    fn peer(&self) -> &PeerAddr {
+        match self {
+            Accepted::Tcp(_, p) | Accepted::Unix(_, p) => p,
+        }
+    }
+}
+
+/// The TLS and WebSocket handshakes of an accepted connection, together
+/// bounded by [`Config::handshake_timeout`]. The connection keeps `slot`
+/// (its place in the listener's limits) while its socket is open.
+async fn handshake(
+    accepted: Accepted,
+    slot: Slot,
+    mode: &Mode,
+    config: &Config,
+) -> Result<Connection, Error> {
+    let deadline = deadline(config);
+    let limit = Limit::BeforeHello;
     match (accepted, mode) {
         (Accepted::Unix(s, peer), _) => {
-            let direct = dup_fd(&s);
-            let (r, w) = s.into_split();
-            Ok(spawn_stream(r, w, peer, config, direct, Limit::BeforeHello))
+            let sock = Sock::new(Stream::Unix(s), Some(slot));
+            Ok(spawn_sock(sock, peer, config, limit))
         }
         (Accepted::Tcp(s, peer), Mode::Plain) => {
-            let direct = dup_fd(&s);
-            let (r, w) = s.into_split();
-            Ok(spawn_stream(r, w, peer, config, direct, Limit::BeforeHello))
+            let sock = Sock::new(Stream::Tcp(s), Some(slot));
+            Ok(spawn_sock(sock, peer, config, limit))
         }
         (Accepted::Tcp(s, peer), Mode::Tls(acceptor)) => {
-            let tls = acceptor
-                .accept(s)
-                .await
-                .map_err(|e| Error::Tls(e.to_string()))?;
+            let io = SockIo::whole(&Sock::new(Stream::Tcp(s), Some(slot)));
+            let tls = step(config, deadline, "tls", async {
+                acceptor
+                    .accept(io)
+                    .await
+                    .map_err(|e| Error::Tls(e.to_string()))
+            })
+            .await?;
             let (r, w) = tokio::io::split(tls);
-            Ok(spawn_stream(r, w, peer, config, None, Limit::BeforeHello))
+            Ok(spawn_stream(r, w, peer, config, None, limit))
         }
         (Accepted::Tcp(s, peer), Mode::Ws { tls, path }) => {
+            let io = SockIo::whole(&Sock::new(Stream::Tcp(s), Some(slot)));
             let wscfg = ws_config(config);
             let json = Arc::new(AtomicBool::new(false));
             let callback = ws_callback(path.clone(), json.clone());
             let meter = Meter::new(config);
+            let upgrade = "websocket upgrade";
             match tls {
                 Some(acceptor) => {
-                    let tls = acceptor
-                        .accept(s)
-                        .await
-                        .map_err(|e| Error::Tls(e.to_string()))?;
+                    let tls = step(config, deadline, "tls", async {
+                        acceptor
+                            .accept(io)
+                            .await
+                            .map_err(|e| Error::Tls(e.to_string()))
+                    })
+                    .await?;
                     let tls = Metered::new(tls, meter.clone());
-                    let ws =
+                    let ws = step(config, deadline, upgrade, async {
                         tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(wscfg))
                             .await
-                            .map_err(|e| Error::WebSocket(e.to_string()))?;
-                    Ok(spawn_ws(
-                        ws,
-                        peer,
-                        config,
-                        json.load(Ordering::Relaxed),
-                        Limit::BeforeHello,
-                        Some(meter),
-                    ))
+                            .map_err(|e| Error::WebSocket(e.to_string()))
+                    })
+                    .await?;
+                    let json = json.load(Ordering::Relaxed);
+                    Ok(spawn_ws(ws, peer, config, json, limit, Some(meter)))
                 }
                 None => {
-                    let s = Metered::new(s, meter.clone());
-                    let ws =
-                        tokio_tungstenite::accept_hdr_async_with_config(s, callback, Some(wscfg))
+                    let io = Metered::new(io, meter.clone());
+                    let ws = step(config, deadline, upgrade, async {
+                        tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(wscfg))
                             .await
-                            .map_err(|e| Error::WebSocket(e.to_string()))?;
-                    Ok(spawn_ws(
-                        ws,
-                        peer,
-                        config,
-                        json.load(Ordering::Relaxed),
-                        Limit::BeforeHello,
-                        Some(meter),
-                    ))
+                            .map_err(|e| Error::WebSocket(e.to_string()))
+                    })
+                    .await?;
+                    let json = json.load(Ordering::Relaxed);
+                    Ok(spawn_ws(ws, peer, config, json, limit, Some(meter)))
                 }
             }
         }
@@ -479,9 +609,8 @@ pub fn from_unix_stream(stream: UnixStream, config: &Config) -> Connection {
         .peer_addr()
         .ok()
         .and_then(|a| a.as_pathname().map(Path::to_path_buf));
-    let direct = dup_fd(&stream);
-    let (r, w) = stream.into_split();
-    spawn_stream(r, w, PeerAddr::Unix(path), config, direct, Limit::Full)
+    let sock = Sock::new(Stream::Unix(stream), None);
+    spawn_sock(sock, PeerAddr::Unix(path), config, Limit::Full)
 }
 
 /// [`from_unix_stream`] for a standard-library stream (it is switched to

@@ -250,3 +250,179 @@ async fn frames_being_written_still_count() {
         other => panic!("expected Full, got {other:?}"),
     }
 }
+
+async fn raw_tcp(addr: &str) -> tokio::net::TcpStream {
+    tokio::time::timeout(T, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// True when the peer closes `raw` (EOF or a reset) within the test's time.
+async fn is_closed_by_peer(raw: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(T, raw.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// Past `max_connections_per_ip` a listener closes a new connection at
+/// once and counts it; a closed connection gives its slot back.
+#[tokio::test]
+async fn the_per_address_limit_refuses_the_next_connection() {
+    let config = Config {
+        max_connections_per_ip: 3,
+        ..Config::default()
+    };
+    let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
+    let addr = listener
+        .local_url()
+        .trim_start_matches("tcp://")
+        .to_string();
+    let mut raws = Vec::new();
+    let mut accepted = Vec::new();
+    for _ in 0..3 {
+        raws.push(raw_tcp(&addr).await);
+        accepted.push(
+            tokio::time::timeout(T, listener.accept())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(listener.open_connections(), 3);
+    let mut fourth = raw_tcp(&addr).await;
+    assert!(
+        is_closed_by_peer(&mut fourth).await,
+        "the 4th connection stays open"
+    );
+    assert_eq!(listener.refused_connections(), 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), listener.accept())
+            .await
+            .is_err(),
+        "the 4th connection was accepted"
+    );
+    // One goes: room for another.
+    let gone = accepted.pop().unwrap();
+    gone.sender().abort();
+    drop(gone);
+    drop(raws.pop());
+    tokio::time::timeout(T, async {
+        while listener.open_connections() > 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the closed connection's slot never came back");
+    let _again = raw_tcp(&addr).await;
+    tokio::time::timeout(T, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(listener.refused_connections(), 1);
+}
+
+/// `max_connections` bounds a listener's connections in total (Unix-socket
+/// peers, which have no address, included).
+#[tokio::test]
+async fn the_total_limit_refuses_the_next_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        max_connections: 2,
+        ..Config::default()
+    };
+    let path = dir.path().join("total.sock");
+    let listener = listen(&format!("unix://{}", path.display()), &config)
+        .await
+        .unwrap();
+    let mut keep = Vec::new();
+    for _ in 0..2 {
+        let raw = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let conn = tokio::time::timeout(T, listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        keep.push((raw, conn));
+    }
+    assert_eq!(listener.open_connections(), 2);
+    let mut third = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(T, third.read(&mut buf)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert_eq!(listener.refused_connections(), 1);
+    assert_eq!(listener.open_connections(), 2);
+}
+
+/// A listener that accepts nothing more: its backlog is full, so a new
+/// TCP connect gets no answer.
+async fn full_backlog() -> (tokio::net::TcpListener, String, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut fill = Vec::new();
+    // Fill the accept queue (its length is the backlog + 1 on Linux).
+    for _ in 0..4 {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fill.push(s),
+            _ => break,
+        }
+    }
+    (listener, addr, fill)
+}
+
+/// `connect` to peers that accept and say nothing ends within the handshake
+/// timeout, with an error naming the step it was in.
+#[tokio::test]
+async fn connect_to_a_silent_peer_times_out_naming_the_step() {
+    let mut config = Config {
+        handshake_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    config.tls.client =
+        Some(replimesh_transport::TlsConfig::client_from_pem(cert.cert.pem().as_bytes()).unwrap());
+    // A TCP listener that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    for (url, want) in [
+        (format!("tls://{addr}"), "tls"),
+        (format!("ws://{addr}/"), "websocket upgrade"),
+        (format!("wss://{addr}/"), "tls"),
+    ] {
+        let r = tokio::time::timeout(T, connect(&url, &config))
+            .await
+            .unwrap();
+        match r {
+            Err(replimesh_transport::Error::HandshakeTimeout { step, .. }) => {
+                assert_eq!(step, want, "{url}")
+            }
+            other => panic!("{url}: expected a timeout, got {other:?}"),
+        }
+    }
+    held.abort();
+    // A TCP connect that gets no answer (the peer's backlog is full).
+    let (_l, addr, _fill) = full_backlog().await;
+    let r = tokio::time::timeout(T, connect(&format!("tcp://{addr}"), &config))
+        .await
+        .unwrap();
+    match r {
+        Err(e @ replimesh_transport::Error::HandshakeTimeout { .. }) => {
+            assert!(e.to_string().starts_with("connect timed out"), "{e}")
+        }
+        other => panic!("expected a connect timeout, got {other:?}"),
+    }
+}
