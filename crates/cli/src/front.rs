@@ -309,7 +309,7 @@ impl Front {
             }
             let feed = store_tx.get_or_insert_with(|| {
                 let (t, r) = mpsc::channel(FEED_QUEUE);
-                self.stores.adopt(tx.clone(), r);
+                self.stores.adopt_as(&login, tx.clone(), r);
                 t
             });
             match feed.try_send(f) {

@@ -26,6 +26,10 @@ pub enum ErrorCode {
     HistoryLost,
     /// Something else went wrong on the peer.
     Internal,
+    /// The op id of this client id was already committed with another
+    /// action (a client id reused by a client that numbers its ops from 1
+    /// again); nothing was committed.
+    OpIdReused,
     /// A code this version does not know.
     Unknown(u32),
 }
@@ -43,6 +47,7 @@ impl ErrorCode {
             ErrorCode::NotAttached => 7,
             ErrorCode::HistoryLost => 8,
             ErrorCode::Internal => 9,
+            ErrorCode::OpIdReused => 10,
             ErrorCode::Unknown(c) => c,
         }
     }
@@ -59,6 +64,7 @@ impl ErrorCode {
             7 => ErrorCode::NotAttached,
             8 => ErrorCode::HistoryLost,
             9 => ErrorCode::Internal,
+            10 => ErrorCode::OpIdReused,
             c => ErrorCode::Unknown(c),
         }
     }
@@ -97,6 +103,18 @@ impl RemoteError {
     /// As [`RemoteError::to_frame`], for an op id of `client_id` (a relay's
     /// downstream client; empty: the receiver's own).
     pub fn to_frame_for(&self, store: &str, op_id: u64, client_id: &str) -> proto::Frame {
+        self.to_frame_range(store, op_id, 1, client_id)
+    }
+
+    /// As [`RemoteError::to_frame_for`], for op ids `op_id .. op_id + count`
+    /// (one frame for a refused batch or a run of refused op ids).
+    pub fn to_frame_range(
+        &self,
+        store: &str,
+        op_id: u64,
+        count: u64,
+        client_id: &str,
+    ) -> proto::Frame {
         proto::Frame::new(proto::frame::Body::StoreError(proto::StoreError {
             store: store.to_owned(),
             op_id,
@@ -105,6 +123,7 @@ impl RemoteError {
                 message: self.message.clone(),
             }),
             client_id: client_id.to_owned(),
+            count: if count > 1 { count } else { 0 },
         }))
     }
 }

@@ -446,6 +446,7 @@ mod tests {
             seq,
             client_id: "c".into(),
             op_id,
+            digest: 0,
         }
     }
 

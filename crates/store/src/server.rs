@@ -280,11 +280,30 @@ impl Server {
     /// ends, or at [`Server::shutdown`] (which closes the connection with
     /// "going away"). Must be called inside a Tokio runtime.
     pub fn adopt(&self, sender: transport::Sender, frames: tokio::sync::mpsc::Receiver<Frame>) {
+        self.adopt_as("", sender, frames);
+    }
+
+    /// As [`Server::adopt`], for a connection logged in as `login`: the
+    /// client ids its dispatches name count against that login's bound
+    /// ([`crate::StoreConfig::dedup_clients_per_login`]), so one login
+    /// cannot make the stores forget the client ids of another.
+    pub fn adopt_as(
+        &self,
+        login: &str,
+        sender: transport::Sender,
+        frames: tokio::sync::mpsc::Receiver<Frame>,
+    ) {
         let shared = self.shared.clone();
         let span = tracing::debug_span!("store-conn", peer = %sender.peer_addr());
+        let login = login.to_owned();
         tokio::spawn(
-            serve_frames(shared, LinkTx::Transport(sender), Inbound::Frames(frames))
-                .instrument(span),
+            serve_frames(
+                shared,
+                login,
+                LinkTx::Transport(sender),
+                Inbound::Frames(frames),
+            )
+            .instrument(span),
         );
     }
 
@@ -389,7 +408,12 @@ async fn handle(shared: Arc<ServerShared>, conn: transport::Connection, trusted:
         return;
     }
     let (tx, rx) = (LinkTx::Transport(tx), LinkRx::Transport(rx));
-    serve_frames(shared, tx, Inbound::Link(rx)).await;
+    let login = if trusted {
+        "(worker)".to_owned()
+    } else {
+        hello.login
+    };
+    serve_frames(shared, login, tx, Inbound::Link(rx)).await;
 }
 
 /// Where a served connection's frames come from.
@@ -415,7 +439,7 @@ impl Inbound {
 type Attached = (Arc<dyn AnyStore>, FollowerId, Option<Arc<JournalQueue>>);
 
 /// A logged-in connection: store frames until it ends.
-async fn serve_frames(shared: Arc<ServerShared>, tx: LinkTx, mut rx: Inbound) {
+async fn serve_frames(shared: Arc<ServerShared>, login: String, tx: LinkTx, mut rx: Inbound) {
     let cancel = shared.stop.child_token();
     let mut attached: HashMap<String, Attached> = HashMap::new();
     loop {
@@ -447,7 +471,7 @@ async fn serve_frames(shared: Arc<ServerShared>, tx: LinkTx, mut rx: Inbound) {
                 )),
                 Some(s) => s
                     .clone()
-                    .attach(h, tx.clone(), cancel.child_token())
+                    .attach(h, &login, tx.clone(), cancel.child_token())
                     .map(|fid| {
                         let q = s.journal_queue();
                         (s, fid, q)

@@ -42,6 +42,24 @@ pub struct StoreConfig {
     pub dedup_window: usize,
     /// Clients remembered for duplicate detection. Default 10,000.
     pub dedup_clients: usize,
+    /// Client ids remembered per login (authority and relay): past it that
+    /// login's least recently seen client id is forgotten (its op ids are
+    /// new again: exactly-once no longer holds for that client's resends).
+    /// A relay's login carries all its replicas' client ids: raise it for
+    /// relays with more replicas. Default 1,024.
+    pub dedup_clients_per_login: usize,
+    /// Op ids remembered in all, all clients together (authority and relay);
+    /// past it the least recently seen client id is forgotten. Default
+    /// 1,048,576 (about 32 MiB).
+    pub dedup_entries: usize,
+    /// Most actions accepted in one `Dispatch` frame (authority and relay);
+    /// a larger frame is refused whole with one `StoreError` (`BAD_ACTION`,
+    /// naming the range of its op ids). Keep it at least the replicas'
+    /// `log.max_batch` (what they send per frame). Default 4,096.
+    pub max_dispatch_batch: usize,
+    /// Longest `client_id` accepted, in bytes (`StoreHello` and
+    /// `Dispatch`); longer ones are refused. Default 128.
+    pub max_client_id_len: usize,
     /// Authority with persistence: most committed actions waiting for the
     /// journal thread (written and fsynced outside the store's lock, see
     /// [`Store::authority_with_persistence`]). Past it, connections that
@@ -60,6 +78,10 @@ impl Default for StoreConfig {
             max_pending: 16_384,
             dedup_window: 32_768,
             dedup_clients: 10_000,
+            dedup_clients_per_login: 1_024,
+            dedup_entries: 1 << 20,
+            max_dispatch_batch: 4_096,
+            max_client_id_len: 128,
             journal_queue: 65_536,
         }
     }
@@ -414,6 +436,9 @@ impl<R: Reducer> Store<R> {
             log: config.log.clone(),
             dedup_window: config.dedup_window,
             dedup_clients: config.dedup_clients,
+            dedup_clients_per_login: config.dedup_clients_per_login,
+            dedup_entries: config.dedup_entries,
+            max_client_id_len: config.max_client_id_len,
         };
         Self::from_core(
             name,
@@ -705,6 +730,10 @@ fn authority_config(c: &StoreConfig) -> AuthorityConfig {
         log: c.log.clone(),
         dedup_window: c.dedup_window,
         dedup_clients: c.dedup_clients,
+        dedup_clients_per_login: c.dedup_clients_per_login,
+        dedup_entries: c.dedup_entries,
+        max_dispatch_batch: c.max_dispatch_batch,
+        max_client_id_len: c.max_client_id_len,
     }
 }
 
@@ -1017,15 +1046,15 @@ impl<R: Reducer> Inner<R> {
         }
         a.set_durable(seq);
         let top = a.durable_seq();
+        // Published before anyone is answered: whoever gets an ack or a
+        // resolved dispatch sees `seq()` at least at its seq.
+        self.publish(top);
         while durable_waiters.front().is_some_and(|(s, _)| *s <= top) {
             if let Some((s, w)) = durable_waiters.pop_front() {
                 let _ = w.send(Ok(s));
             }
         }
         g.wake_followers();
-        let head = g.head();
-        drop(g);
-        self.publish(head);
     }
 
     pub(crate) fn add_role(&self, role: Role) {
@@ -1049,6 +1078,7 @@ impl<R: Reducer> Inner<R> {
     pub(crate) fn attach(
         self: &Arc<Self>,
         hello: &proto::StoreHello,
+        login: &str,
         tx: LinkTx,
         cancel: CancellationToken,
     ) -> Result<FollowerId, RemoteError> {
@@ -1061,8 +1091,8 @@ impl<R: Reducer> Inner<R> {
         let fid = {
             let mut g = self.lock();
             let fid = match &mut g.core {
-                Core::Authority { a, .. } => a.on_hello(hello)?,
-                Core::Replica { r, .. } => r.serve_hello(hello)?,
+                Core::Authority { a, .. } => a.on_hello_as(hello, login)?,
+                Core::Replica { r, .. } => r.serve_hello_as(hello, login)?,
             };
             g.wakers.insert(
                 fid,
@@ -1359,6 +1389,7 @@ pub(crate) trait AnyStore: Send + Sync + 'static {
     fn attach(
         self: Arc<Self>,
         hello: &proto::StoreHello,
+        login: &str,
         tx: LinkTx,
         cancel: CancellationToken,
     ) -> Result<FollowerId, RemoteError>;
@@ -1378,10 +1409,11 @@ impl<R: Reducer> AnyStore for Inner<R> {
     fn attach(
         self: Arc<Self>,
         hello: &proto::StoreHello,
+        login: &str,
         tx: LinkTx,
         cancel: CancellationToken,
     ) -> Result<FollowerId, RemoteError> {
-        Inner::attach(&self, hello, tx, cancel)
+        Inner::attach(&self, hello, login, tx, cancel)
     }
     fn follower_frame(&self, fid: FollowerId, frame: Frame) -> usize {
         Inner::follower_frame(self, fid, frame)

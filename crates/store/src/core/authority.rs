@@ -6,7 +6,7 @@ use bytes::Bytes;
 use proto::frame::Body;
 use proto::Frame;
 
-use super::dedup::{Dedup, Lookup, OpState};
+use super::dedup::{digest, Dedup, DedupLimits, Lookup, OpState};
 use super::log::{FollowerId, Log, LogConfig};
 use crate::error::{DispatchError, ErrorCode, RemoteError};
 use crate::reducer::{to_binary, Encoding, Reducer};
@@ -21,6 +21,23 @@ pub struct AuthorityConfig {
     /// Clients remembered for duplicate detection (least recently seen are
     /// forgotten first). Default 10,000.
     pub dedup_clients: usize,
+    /// Client ids remembered per login (the login of the connection that
+    /// dispatched); past it, that login's least recently seen client id is
+    /// forgotten. A relay's login carries all its replicas' client ids.
+    /// Default 1,024.
+    pub dedup_clients_per_login: usize,
+    /// Op ids remembered in all, all clients together; past it the least
+    /// recently seen client is forgotten. Default 1,048,576 (about 32 MiB).
+    pub dedup_entries: usize,
+    /// Most actions in one `Dispatch` frame (`action` plus `more`); a larger
+    /// frame is refused whole with one `StoreError` (`BAD_ACTION`, covering
+    /// all its op ids) and nothing of it is committed. Keep it at least the
+    /// replicas' `LogConfig::max_batch`. Default 4,096.
+    pub max_dispatch_batch: usize,
+    /// Longest `client_id` in bytes (in `StoreHello` and `Dispatch`); a
+    /// longer one is refused (`BAD_ACTION` for a dispatch, `INTERNAL` for a
+    /// hello). Default 128.
+    pub max_client_id_len: usize,
 }
 
 impl Default for AuthorityConfig {
@@ -29,6 +46,10 @@ impl Default for AuthorityConfig {
             log: LogConfig::default(),
             dedup_window: 32_768,
             dedup_clients: 10_000,
+            dedup_clients_per_login: 1_024,
+            dedup_entries: 1 << 20,
+            max_dispatch_batch: 4_096,
+            max_client_id_len: 128,
         }
     }
 }
@@ -66,6 +87,10 @@ pub struct Origin {
     pub client_id: String,
     /// Its op id.
     pub op_id: u64,
+    /// A digest of the binary action (FNV-1a 64; 0: unknown, as in files
+    /// written before digests existed), so that the restarted authority
+    /// still refuses that op id for another action.
+    pub digest: u64,
 }
 
 impl Origin {
@@ -75,6 +100,7 @@ impl Origin {
             seq: self.seq,
             client_id: self.client_id.clone(),
             op_id: self.op_id,
+            digest: self.digest,
         }
     }
 
@@ -84,6 +110,7 @@ impl Origin {
             seq: o.seq,
             client_id: o.client_id,
             op_id: o.op_id,
+            digest: o.digest,
         }
     }
 }
@@ -97,6 +124,8 @@ pub struct Authority<R: Reducer> {
     reducer: R,
     log: Log<R>,
     dedup: Dedup,
+    max_dispatch_batch: usize,
+    max_client_id_len: usize,
     /// Origins of commits not yet taken by [`Authority::take_origins`]
     /// (`None`: not tracked).
     origins: Option<Vec<Origin>>,
@@ -117,7 +146,14 @@ impl<R: Reducer> Authority<R> {
         Authority {
             reducer,
             log,
-            dedup: Dedup::new(config.dedup_window, config.dedup_clients),
+            dedup: Dedup::new(DedupLimits {
+                window: config.dedup_window,
+                max_clients: config.dedup_clients,
+                max_per_owner: config.dedup_clients_per_login,
+                max_entries: config.dedup_entries,
+            }),
+            max_dispatch_batch: config.max_dispatch_batch.max(1),
+            max_client_id_len: config.max_client_id_len,
             origins: None,
         }
     }
@@ -143,11 +179,12 @@ impl<R: Reducer> Authority<R> {
         let mut v: Vec<Origin> = self
             .dedup
             .committed()
-            .filter(|(_, _, s)| *s <= seq)
-            .map(|(c, op, s)| Origin {
+            .filter(|(_, _, s, _)| *s <= seq)
+            .map(|(c, op, s, digest)| Origin {
                 seq: s,
                 client_id: c.to_owned(),
                 op_id: op,
+                digest,
             })
             .collect();
         v.sort_by_key(|o| o.seq);
@@ -203,8 +240,15 @@ impl<R: Reducer> Authority<R> {
         origins.retain(|o| o.seq >= 1 && o.seq <= a.log.head && !o.client_id.is_empty());
         origins.sort_by(|x, y| (&x.client_id, x.op_id).cmp(&(&y.client_id, y.op_id)));
         for o in origins {
-            a.dedup
-                .record(&o.client_id, o.op_id, OpState::Committed(o.seq));
+            // Restored origins count for no login (they are not held
+            // against any login's bound).
+            a.dedup.record(
+                "",
+                &o.client_id,
+                o.op_id,
+                OpState::Committed(o.seq),
+                o.digest,
+            );
         }
         Ok(a)
     }
@@ -266,7 +310,19 @@ impl<R: Reducer> Authority<R> {
     /// On failure the error goes to the caller as a `StoreError`
     /// ([`RemoteError::to_frame`]).
     pub fn on_hello(&mut self, hello: &proto::StoreHello) -> Result<FollowerId, RemoteError> {
+        self.on_hello_as(hello, "")
+    }
+
+    /// As [`Authority::on_hello`], for a connection logged in as `login`:
+    /// the client ids it dispatches for count against that login's bound
+    /// ([`AuthorityConfig::dedup_clients_per_login`]).
+    pub fn on_hello_as(
+        &mut self,
+        hello: &proto::StoreHello,
+        login: &str,
+    ) -> Result<FollowerId, RemoteError> {
         check_hello(&self.log.name, self.log.schema, hello)?;
+        check_client_id(&hello.client_id, self.max_client_id_len)?;
         let welcome = proto::StoreWelcome {
             store: self.log.name.clone(),
             schema: self.log.schema,
@@ -275,7 +331,7 @@ impl<R: Reducer> Authority<R> {
             resync: self.log.cfg.resync,
             last_op_id: self.dedup.last_op(&hello.client_id),
         };
-        Ok(self.log.add_follower(hello, welcome))
+        Ok(self.log.add_follower(hello, welcome, login))
     }
 
     /// A follower's connection is gone.
@@ -300,6 +356,14 @@ impl<R: Reducer> Authority<R> {
 
     /// A `Dispatch` frame from a follower: commits its new actions, answers
     /// duplicates with their original seq. Returns how many were committed.
+    ///
+    /// Refused whole, with one error for all its op ids and nothing
+    /// committed: more actions than `max_dispatch_batch`, a `client_id`
+    /// longer than `max_client_id_len`, op id 0, or op ids that would pass
+    /// 2^64 - 1 (op ids do not wrap). An op id already committed with
+    /// another action (a client that restarted and numbers its ops from 1
+    /// again under the same client id) is refused with `OP_ID_REUSED`;
+    /// consecutive op ids refused for the same reason share one error frame.
     pub fn on_dispatch(&mut self, id: FollowerId, d: proto::Dispatch) -> usize {
         let Some(f) = self.log.followers.get(&id) else {
             return 0;
@@ -311,49 +375,82 @@ impl<R: Reducer> Authority<R> {
         } else {
             d.client_id.clone()
         };
+        let login = f.login.clone();
         let enc = f.encoding;
-        let mut committed = 0;
+        let n = 1 + d.more.len();
         let first_op = d.op_id;
-        let window = self.dedup.window();
-        let mut ops = self.dedup.take(&client);
+        if let Err(e) = check_batch(&d, n, self.max_dispatch_batch, self.max_client_id_len) {
+            // A client id too long to keep is not echoed back either.
+            let client = if client.len() > self.max_client_id_len {
+                String::new()
+            } else {
+                client
+            };
+            self.log.error_range(id, &client, first_op, n as u64, &e);
+            return 0;
+        }
+        let mut committed = 0;
+        let mut ops = self.dedup.take(&login, &client);
+        let mut errors = ErrorRuns::default();
         let all = std::iter::once(d.action).chain(d.more);
         for (i, bytes) in all.enumerate() {
             let op = first_op + i as u64;
             match ops.lookup(op) {
-                Lookup::Known(OpState::Committed(seq)) => self.log.ack_for(id, &client, op, seq),
-                Lookup::Known(_) => {
-                    let e = RemoteError::new(ErrorCode::BadAction, "rejected before");
-                    self.log.error_for(id, &client, op, &e);
+                Lookup::Known(OpState::Committed(seq), known) => {
+                    let same = known == 0
+                        || to_binary::<R::Action>(&bytes, enc)
+                            .is_ok_and(|(_, b)| digest(&b) == known);
+                    if same {
+                        self.log.ack_for(id, &client, op, seq);
+                    } else {
+                        errors.push(op, reused_error(op, seq));
+                    }
                 }
-                Lookup::Forgotten => {
-                    let e = RemoteError::new(
+                Lookup::Known(..) => {
+                    errors.push(
+                        op,
+                        RemoteError::new(ErrorCode::BadAction, "rejected before"),
+                    );
+                }
+                Lookup::Forgotten => errors.push(
+                    op,
+                    RemoteError::new(
                         ErrorCode::Forgotten,
                         "op id older than the duplicate window; it was handled before",
-                    );
-                    self.log.error_for(id, &client, op, &e);
-                }
-                Lookup::New => match self.commit_bytes(&bytes, enc) {
-                    Ok(seq) => {
+                    ),
+                ),
+                Lookup::New => match self.commit_digest(&bytes, enc) {
+                    Ok((seq, dg)) => {
                         committed += 1;
-                        ops.record(op, OpState::Committed(seq), window);
+                        self.dedup
+                            .record_in(&mut ops, op, OpState::Committed(seq), dg);
                         if let Some(o) = &mut self.origins {
                             o.push(Origin {
                                 seq,
                                 client_id: client.clone(),
                                 op_id: op,
+                                digest: dg,
                             });
                         }
                         self.log.ack_for(id, &client, op, seq);
                     }
                     Err(e) => {
-                        ops.record(op, OpState::Rejected, window);
-                        self.log.error_for(id, &client, op, &e);
+                        self.dedup.record_in(&mut ops, op, OpState::Rejected, 0);
+                        errors.push(op, e);
                     }
                 },
             }
         }
         self.dedup.put(&client, ops);
+        for (op, count, e) in errors.runs {
+            self.log.error_range(id, &client, op, count, &e);
+        }
         committed
+    }
+
+    /// Client ids remembered for duplicate detection, and their op ids.
+    pub fn dedup_size(&self) -> (usize, usize) {
+        (self.dedup.clients(), self.dedup.entries())
     }
 
     /// Commits an action dispatched on the authority itself.
@@ -364,9 +461,15 @@ impl<R: Reducer> Authority<R> {
 
     /// Commits an encoded action; returns its seq.
     pub fn commit_bytes(&mut self, bytes: &Bytes, enc: Encoding) -> Result<u64, RemoteError> {
+        self.commit_digest(bytes, enc).map(|(seq, _)| seq)
+    }
+
+    /// Commits an encoded action; returns its seq and its digest.
+    fn commit_digest(&mut self, bytes: &Bytes, enc: Encoding) -> Result<(u64, u64), RemoteError> {
         let (action, binary) = to_binary::<R::Action>(bytes, enc)
             .map_err(|e| RemoteError::new(ErrorCode::BadAction, e.0))?;
-        self.apply(&action, binary)
+        let dg = digest(&binary);
+        self.apply(&action, binary).map(|seq| (seq, dg))
     }
 
     fn apply(&mut self, action: &R::Action, binary: Bytes) -> Result<u64, RemoteError> {
@@ -425,6 +528,89 @@ impl<R: Reducer> Authority<R> {
     pub fn followers(&self) -> Vec<FollowerId> {
         self.log.followers.keys().copied().collect()
     }
+}
+
+/// Runs of consecutive op ids refused with the same error: one frame each.
+#[derive(Default)]
+struct ErrorRuns {
+    runs: Vec<(u64, u64, RemoteError)>,
+}
+
+impl ErrorRuns {
+    fn push(&mut self, op: u64, e: RemoteError) {
+        if let Some((first, count, last)) = self.runs.last_mut() {
+            if *first + *count == op && last.code == e.code && same_reason(last, &e) {
+                *count += 1;
+                return;
+            }
+        }
+        self.runs.push((op, 1, e));
+    }
+}
+
+/// Whether two errors of one run say the same (reused op ids name their own
+/// seqs, so only their code counts).
+fn same_reason(a: &RemoteError, b: &RemoteError) -> bool {
+    a.code == ErrorCode::OpIdReused || a.message == b.message
+}
+
+fn reused_error(op: u64, seq: u64) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::OpIdReused,
+        format!(
+            "op id {op} of this client id was already committed (seq {seq}) with another action; \
+             nothing was committed: a client id must not be reused with op ids starting again \
+             (use a new random client id per client instance)"
+        ),
+    )
+}
+
+/// Checks a `Dispatch` frame's size and op ids before anything of it is
+/// handled.
+pub(crate) fn check_batch(
+    d: &proto::Dispatch,
+    n: usize,
+    max_batch: usize,
+    max_client_id: usize,
+) -> Result<(), RemoteError> {
+    if n > max_batch {
+        return Err(RemoteError::new(
+            ErrorCode::BadAction,
+            format!("dispatch of {n} actions refused: at most {max_batch} per frame"),
+        ));
+    }
+    check_client_id(&d.client_id, max_client_id)?;
+    if d.op_id == 0 {
+        return Err(RemoteError::new(
+            ErrorCode::BadAction,
+            "op id 0 refused: op ids start at 1",
+        ));
+    }
+    if d.op_id.checked_add(n as u64 - 1).is_none() {
+        return Err(RemoteError::new(
+            ErrorCode::BadAction,
+            format!(
+                "op ids {} + {} refused: op ids do not wrap past 2^64 - 1",
+                d.op_id,
+                n - 1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a client id longer than `max` bytes.
+pub(crate) fn check_client_id(client_id: &str, max: usize) -> Result<(), RemoteError> {
+    if client_id.len() > max {
+        return Err(RemoteError::new(
+            ErrorCode::BadAction,
+            format!(
+                "client id of {} bytes refused: at most {max}",
+                client_id.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a `StoreHello` against a store's name and schema.

@@ -78,6 +78,8 @@ pub struct FollowerId(pub u64);
 
 pub(crate) struct Follower {
     pub(crate) client_id: String,
+    /// The login of the follower's connection ("" when unknown).
+    pub(crate) login: String,
     pub(crate) encoding: Encoding,
     /// History the follower has (0: none).
     history: u64,
@@ -316,11 +318,13 @@ impl<R: Reducer> Log<R> {
         &mut self,
         hello: &proto::StoreHello,
         welcome: proto::StoreWelcome,
+        login: &str,
     ) -> FollowerId {
         let id = FollowerId(self.next_follower);
         self.next_follower += 1;
         let f = Follower {
             client_id: hello.client_id.clone(),
+            login: login.to_owned(),
             encoding: Encoding::from_proto(hello.encoding),
             history: hello.history_id,
             next: hello.last_seq.saturating_add(1),
@@ -370,6 +374,24 @@ impl<R: Reducer> Log<R> {
         f.relayed.push((client.to_owned(), op, 0));
         f.control
             .push_back(err.to_frame_for(&self.name, op, client));
+    }
+
+    /// One error frame for op ids `op .. op + count` of `client` (no
+    /// per-op acks: the frame names the range).
+    pub(crate) fn error_range(
+        &mut self,
+        id: FollowerId,
+        client: &str,
+        op: u64,
+        count: u64,
+        err: &RemoteError,
+    ) {
+        let Some(f) = self.followers.get_mut(&id) else {
+            return;
+        };
+        let to = if f.client_id == client { "" } else { client };
+        f.control
+            .push_back(err.to_frame_range(&self.name, op, count, to));
     }
 
     pub(crate) fn error(&mut self, id: FollowerId, op: u64, err: &RemoteError) {

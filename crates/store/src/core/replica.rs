@@ -8,7 +8,8 @@ use proto::frame::Body;
 use proto::Frame;
 
 use super::authority::check_hello;
-use super::dedup::{Dedup, Lookup, OpState};
+use super::authority::{check_batch, check_client_id};
+use super::dedup::{digest as action_digest, Dedup, DedupLimits, Lookup, OpState};
 use super::log::{FollowerId, Log, LogConfig, SyncMode};
 use super::OpSlots;
 use crate::error::{DispatchError, ErrorCode, RemoteError};
@@ -34,6 +35,13 @@ pub struct ReplicaConfig {
     pub dedup_window: usize,
     /// Downstream clients remembered (relay). Default 10,000.
     pub dedup_clients: usize,
+    /// Downstream client ids remembered per login (relay; see
+    /// [`crate::core::AuthorityConfig::dedup_clients_per_login`]). Default 1,024.
+    pub dedup_clients_per_login: usize,
+    /// Downstream op ids remembered in all (relay). Default 1,048,576.
+    pub dedup_entries: usize,
+    /// Longest downstream `client_id` in bytes (relay). Default 128.
+    pub max_client_id_len: usize,
 }
 
 impl Default for ReplicaConfig {
@@ -46,6 +54,9 @@ impl Default for ReplicaConfig {
             log: LogConfig::default(),
             dedup_window: 32_768,
             dedup_clients: 10_000,
+            dedup_clients_per_login: 1_024,
+            dedup_entries: 1 << 20,
+            max_client_id_len: 128,
         }
     }
 }
@@ -129,7 +140,12 @@ impl<R: Reducer> Replica<R> {
             state,
             cfg.log.clone(),
         );
-        let relay_dedup = Dedup::new(cfg.dedup_window, cfg.dedup_clients);
+        let relay_dedup = Dedup::new(DedupLimits {
+            window: cfg.dedup_window,
+            max_clients: cfg.dedup_clients,
+            max_per_owner: cfg.dedup_clients_per_login,
+            max_entries: cfg.dedup_entries,
+        });
         Replica {
             reducer,
             log,
@@ -356,10 +372,21 @@ impl<R: Reducer> Replica<R> {
                     } else {
                         tracing::warn!(store = %self.log.name, error = %err, "store error from upstream");
                     }
-                } else if self.is_relayed(&e.client_id) {
-                    self.relayed_answer(&e.client_id, e.op_id, Err(err));
                 } else {
-                    self.rejected(e.op_id, err);
+                    // A range: at most as many op ids as can be in flight.
+                    let limit = (self.cfg.max_pending as u64).saturating_mul(2).max(1);
+                    let count = e.count.clamp(1, limit);
+                    let relayed = self.is_relayed(&e.client_id);
+                    for k in 0..count {
+                        let Some(op) = e.op_id.checked_add(k) else {
+                            break;
+                        };
+                        if relayed {
+                            self.relayed_answer(&e.client_id, op, Err(err.clone()));
+                        } else {
+                            self.rejected(op, err.clone());
+                        }
+                    }
                 }
             }
             Body::Committed(c) => {
@@ -398,7 +425,7 @@ impl<R: Reducer> Replica<R> {
             Ok(seq) => OpState::Committed(seq),
             Err(_) => OpState::Rejected,
         };
-        self.relay_dedup.record(origin, op, state);
+        self.relay_dedup.record("", origin, op, state, 0);
         if let Some(fid) = self.log.follower_of(&r.direct) {
             match answer {
                 Ok(seq) => self.log.ack_for(fid, origin, op, seq),
@@ -545,7 +572,18 @@ impl<R: Reducer> Replica<R> {
 
     /// A downstream replica attaches to this relay.
     pub fn serve_hello(&mut self, hello: &proto::StoreHello) -> Result<FollowerId, RemoteError> {
+        self.serve_hello_as(hello, "")
+    }
+
+    /// As [`Replica::serve_hello`], for a connection logged in as `login`
+    /// (the client ids it dispatches for count against that login).
+    pub fn serve_hello_as(
+        &mut self,
+        hello: &proto::StoreHello,
+        login: &str,
+    ) -> Result<FollowerId, RemoteError> {
         check_hello(&self.log.name, self.log.schema, hello)?;
+        check_client_id(&hello.client_id, self.cfg.max_client_id_len)?;
         let welcome = proto::StoreWelcome {
             store: self.log.name.clone(),
             schema: self.log.schema,
@@ -554,7 +592,7 @@ impl<R: Reducer> Replica<R> {
             resync: self.log.cfg.resync,
             last_op_id: self.relay_dedup.last_op(&hello.client_id),
         };
-        Ok(self.log.add_follower(hello, welcome))
+        Ok(self.log.add_follower(hello, welcome, login))
     }
 
     /// A downstream replica left.
@@ -584,6 +622,13 @@ impl<R: Reducer> Replica<R> {
         let Some(f) = self.log.followers.get(&id) else {
             return;
         };
+        let n = 1 + d.more.len();
+        let checked = check_batch(
+            &d,
+            n,
+            self.cfg.max_dispatch_batch.max(self.cfg.log.max_batch),
+            self.cfg.max_client_id_len,
+        );
         let direct = f.client_id.clone();
         let origin = if d.client_id.is_empty() {
             direct.clone()
@@ -591,13 +636,41 @@ impl<R: Reducer> Replica<R> {
             d.client_id
         };
         let enc = f.encoding;
+        let login = f.login.clone();
         let first = d.op_id;
+        if let Err(e) = checked {
+            let origin = if origin.len() > self.cfg.max_client_id_len {
+                String::new()
+            } else {
+                origin
+            };
+            self.log.error_range(id, &origin, first, n as u64, &e);
+            return;
+        }
         for (i, bytes) in std::iter::once(d.action).chain(d.more).enumerate() {
             let op = first + i as u64;
-            match self.relay_dedup.lookup(&origin, op) {
-                Lookup::Known(OpState::Committed(seq)) => self.log.ack_for(id, &origin, op, seq),
-                Lookup::Known(OpState::Pending) => {}
-                Lookup::Known(_) => {
+            let lookup = self.relay_dedup.lookup(&origin, op);
+            if let Lookup::Known(OpState::Committed(_) | OpState::Pending, known) = lookup {
+                let same = known == 0
+                    || to_binary::<R::Action>(&bytes, enc)
+                        .is_ok_and(|(_, b)| action_digest(&b) == known);
+                if !same {
+                    let e = RemoteError::new(
+                        ErrorCode::OpIdReused,
+                        format!(
+                            "op id {op} of this client id was already dispatched with another \
+                             action; nothing was committed (use a new random client id per \
+                             client instance)"
+                        ),
+                    );
+                    self.log.error_for(id, &origin, op, &e);
+                    continue;
+                }
+            }
+            match lookup {
+                Lookup::Known(OpState::Committed(seq), _) => self.log.ack_for(id, &origin, op, seq),
+                Lookup::Known(OpState::Pending, _) => {}
+                Lookup::Known(..) => {
                     let e = RemoteError::new(ErrorCode::BadAction, "rejected before");
                     self.log.error_for(id, &origin, op, &e);
                 }
@@ -606,7 +679,9 @@ impl<R: Reducer> Replica<R> {
                     self.log.error_for(id, &origin, op, &e);
                 }
                 Lookup::New => {
+                    let mut dg = 0;
                     let upstream = to_binary::<R::Action>(&bytes, enc).and_then(|(_, binary)| {
+                        dg = action_digest(&binary);
                         match self.cfg.encoding {
                             Encoding::Binary => Ok(binary),
                             enc => crate::reducer::transcode::<R::Action>(&binary, enc),
@@ -615,7 +690,8 @@ impl<R: Reducer> Replica<R> {
                     let action = match upstream {
                         Ok(b) => b,
                         Err(e) => {
-                            self.relay_dedup.record(&origin, op, OpState::Rejected);
+                            self.relay_dedup
+                                .record(&login, &origin, op, OpState::Rejected, 0);
                             let e = RemoteError::new(ErrorCode::BadAction, e.0);
                             self.log.error_for(id, &origin, op, &e);
                             continue;
@@ -631,7 +707,8 @@ impl<R: Reducer> Replica<R> {
                         self.log.error_for(id, &origin, op, &e);
                         continue;
                     }
-                    self.relay_dedup.record(&origin, op, OpState::Pending);
+                    self.relay_dedup
+                        .record(&login, &origin, op, OpState::Pending, dg);
                     self.relay_outbox.push_back(Routed {
                         origin: origin.clone(),
                         op,
