@@ -1,30 +1,185 @@
-//! The `replimesh` binary: `node`, `demo` and `backup` commands.
+//! The `replimesh` binary: `node`, `demo`, `backup`, `hash-password` and
+//! `completions` commands, parsed with clap (`replimesh COMMAND --help`).
+//!
+//! Exit codes: 0 success, 1 a failure at run time (bad configuration file,
+//! unreadable backup, demo invariants broken), 2 a usage error (unknown or
+//! missing argument, a value out of range).
 
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, ValueHint};
 use replimesh_cli::backup_cmd;
+use replimesh_cli::demo::DemoOptions;
 
-const USAGE: &str = "\
-replimesh: a messaging mesh and a replicated store
+/// A messaging mesh and a replicated store.
+///
+/// Logs go to stderr; their level is set with the environment variable
+/// REPLIMESH_LOG (e.g. `info`, `replimesh_mesh=debug`; default `warn`).
+#[derive(Debug, Parser)]
+#[command(
+    name = "replimesh",
+    version,
+    propagate_version = true,
+    arg_required_else_help = true,
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-USAGE:
-    replimesh node --config FILE        run a node (see docs/config.md)
-    replimesh demo [--duration SECS] [--clones N] [--keep-running] [--admin ADDR] [--rate N]
-                                        run a small mesh with a store on loopback
-                                        (default 5 s, 3 clones; --keep-running: until Ctrl-C)
-    replimesh backup inspect FILE [--key-file F]
-                                        print a backup file's header and seq
-    replimesh backup verify FILE [--key-file F]
-                                        check that a backup file decrypts
-    replimesh hash-password             read a password on stdin, print its Argon2id
-                                        PHC string (for `logins` in node.toml)
-    replimesh help | --help | --version
-";
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node from its configuration file (see docs/config.md).
+    ///
+    /// The node prints its bound URLs (`listening ...`), `admin http://...`
+    /// and `ready` on stdout; SIGTERM or SIGINT stops it cleanly (final
+    /// backups written, exit code 0).
+    Node(NodeArgs),
+    /// Run a small mesh with a replicated store on loopback.
+    ///
+    /// Starts the clones in this process, a `counter` store with an encrypted
+    /// backup in a temporary directory, and traffic (publishers, subscribers,
+    /// replicas); prints progress and a dashboard URL while it runs and a
+    /// summary at the end. Exits 1 if a message was lost or duplicated, the
+    /// replicas differ or the backup does not read back.
+    Demo(DemoArgs),
+    /// Inspect or verify backup files (layout: docs/backup-format.md).
+    #[command(subcommand, arg_required_else_help = true)]
+    Backup(BackupCommand),
+    /// Read a password on stdin, print its Argon2id PHC string.
+    ///
+    /// The string goes into a store's `logins` in node.toml, so the file
+    /// holds no plain password.
+    HashPassword,
+    /// Print a shell completion script on stdout.
+    ///
+    /// For example: `replimesh completions bash > /etc/bash_completion.d/replimesh`,
+    /// `replimesh completions zsh > ~/.zfunc/_replimesh`,
+    /// `replimesh completions fish > ~/.config/fish/completions/replimesh.fish`.
+    Completions {
+        /// The shell to write the script for.
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the version (same as --version).
+    #[command(hide = true)]
+    Version,
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// The node's configuration file (TOML, see docs/config.md).
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    config: PathBuf,
+    /// Only validate the configuration: print `config OK: FILE` and exit 0, or
+    /// name the wrong key and exit 1. Starts nothing.
+    #[arg(long)]
+    check: bool,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// How long traffic runs, in seconds (0.1 to 86400; a trailing `s` is
+    /// allowed: `2.5s`).
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_duration)]
+    duration: Duration,
+    /// Number of clones (nodes) in the mesh, from 1 to 16.
+    #[arg(long, value_name = "N", default_value = "3", value_parser = parse_clones)]
+    clones: usize,
+    /// Run until Ctrl-C instead of --duration.
+    #[arg(long)]
+    keep_running: bool,
+    /// Address of the admin HTTP server and dashboard (port 0: a free port;
+    /// the URL is printed).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    admin: String,
+    /// Messages per second per publisher (at least 1).
+    #[arg(long, value_name = "N", default_value = "2000", value_parser = parse_rate)]
+    rate: u64,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Print a backup file's header, and with the key (or for an unencrypted
+    /// file) its store, schema, history id and seq.
+    Inspect(BackupArgs),
+    /// Check that a backup file is intact and decrypts with the key.
+    Verify(BackupArgs),
+}
+
+#[derive(Debug, Args)]
+struct BackupArgs {
+    /// The backup file (snapshot or journal).
+    #[arg(value_name = "FILE", value_hint = ValueHint::FilePath)]
+    file: PathBuf,
+    /// The file holding the backup key (the store's `backup.key_file`).
+    #[arg(long, value_name = "F", value_hint = ValueHint::FilePath)]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct LogArgs {
+    /// Log line format on stderr: `text` (coloured only on a terminal, and
+    /// not with NO_COLOR set) or `json` (one JSON object per line).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        env = "REPLIMESH_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields, spans).
+    Json,
+}
+
+/// `--duration`: seconds, optionally followed by `s`, within 0.1..=86400.
+fn parse_duration(d: &str) -> Result<Duration, String> {
+    let secs: f64 = d
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("`{d}` is not a number of seconds"))?;
+    if !(0.1..=86_400.0).contains(&secs) {
+        return Err("must be between 0.1 and 86400 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `--clones`: 1..=16.
+fn parse_clones(c: &str) -> Result<usize, String> {
+    c.parse()
+        .ok()
+        .filter(|n| (1..=16).contains(n))
+        .ok_or_else(|| format!("`{c}` is not a number from 1 to 16"))
+}
+
+/// `--rate`: at least 1.
+fn parse_rate(r: &str) -> Result<u64, String> {
+    r.parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| format!("`{r}` is not a positive number"))
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(args) {
+    // Usage errors exit 2, --help and --version 0 (clap's conventions).
+    let cli = Cli::parse();
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("replimesh: error: {e:#}");
@@ -33,41 +188,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// Takes the value of `--name VALUE` or `--name=VALUE` out of `args`.
-fn take_opt(args: &mut Vec<String>, name: &str) -> anyhow::Result<Option<String>> {
-    let eq = format!("{name}=");
-    if let Some(i) = args.iter().position(|a| a == name) {
-        if i + 1 >= args.len() {
-            anyhow::bail!("{name} needs a value");
-        }
-        let v = args.remove(i + 1);
-        args.remove(i);
-        return Ok(Some(v));
-    }
-    if let Some(i) = args.iter().position(|a| a.starts_with(&eq)) {
-        let v = args.remove(i)[eq.len()..].to_owned();
-        return Ok(Some(v));
-    }
-    Ok(None)
-}
-
-fn take_flag(args: &mut Vec<String>, name: &str) -> bool {
-    match args.iter().position(|a| a == name) {
-        Some(i) => {
-            args.remove(i);
-            true
-        }
-        None => false,
-    }
-}
-
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REPLIMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            builder
+                .with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .init();
+        }
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -76,90 +211,52 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn no_more(args: &[String]) -> anyhow::Result<()> {
-    match args.first() {
-        Some(a) => anyhow::bail!("unexpected argument `{a}` (see `replimesh help`)"),
-        None => Ok(()),
+/// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
+fn print_out(text: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }
 
-fn run(mut args: Vec<String>) -> anyhow::Result<ExitCode> {
-    if args.is_empty() {
-        eprint!("{USAGE}");
-        return Ok(ExitCode::from(2));
-    }
-    let cmd = args.remove(0);
-    match cmd.as_str() {
-        "help" | "--help" | "-h" => {
-            print!("{USAGE}");
-            Ok(ExitCode::SUCCESS)
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Version => {
+            print_out(format!("replimesh {}\n", env!("CARGO_PKG_VERSION")).as_bytes())?;
         }
-        "--version" | "-V" | "version" => {
-            println!("replimesh {}", env!("CARGO_PKG_VERSION"));
-            Ok(ExitCode::SUCCESS)
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "replimesh", &mut script);
+            print_out(&script)?;
         }
-        "backup" => {
-            if args.is_empty() {
-                anyhow::bail!("backup needs `inspect FILE` or `verify FILE`");
-            }
-            let sub = args.remove(0);
-            let key_file = take_opt(&mut args, "--key-file")?.map(PathBuf::from);
-            if args.is_empty() {
-                anyhow::bail!("backup {sub} needs a FILE");
-            }
-            let file = PathBuf::from(args.remove(0));
-            no_more(&args)?;
-            let out = match sub.as_str() {
-                "inspect" => backup_cmd::inspect(&file, key_file.as_deref())?,
-                "verify" => backup_cmd::verify(&file, key_file.as_deref())?,
-                other => anyhow::bail!("unknown backup command `{other}` (inspect or verify)"),
+        Command::Backup(sub) => {
+            let out = match sub {
+                BackupCommand::Inspect(a) => backup_cmd::inspect(&a.file, a.key_file.as_deref())?,
+                BackupCommand::Verify(a) => backup_cmd::verify(&a.file, a.key_file.as_deref())?,
             };
-            print!("{out}");
-            Ok(ExitCode::SUCCESS)
+            print_out(out.as_bytes())?;
         }
-        "demo" => {
-            let mut opts = replimesh_cli::demo::DemoOptions::default();
-            if let Some(d) = take_opt(&mut args, "--duration")? {
-                let secs: f64 = d
-                    .trim_end_matches('s')
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("--duration: `{d}` is not a number of seconds"))?;
-                if !(0.1..=86_400.0).contains(&secs) {
-                    anyhow::bail!("--duration: must be between 0.1 and 86400 seconds");
-                }
-                opts.duration = std::time::Duration::from_secs_f64(secs);
-            }
-            if let Some(c) = take_opt(&mut args, "--clones")? {
-                opts.clones = c
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=16).contains(n))
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("--clones: `{c}` is not a number from 1 to 16")
-                    })?;
-            }
-            if let Some(a) = take_opt(&mut args, "--admin")? {
-                opts.admin = a;
-            }
-            if let Some(r) = take_opt(&mut args, "--rate")? {
-                opts.rate = r
-                    .parse()
-                    .ok()
-                    .filter(|n| *n >= 1)
-                    .ok_or_else(|| anyhow::anyhow!("--rate: `{r}` is not a positive number"))?;
-            }
-            opts.keep_running = take_flag(&mut args, "--keep-running");
-            no_more(&args)?;
-            init_tracing();
+        Command::Demo(a) => {
+            let opts = DemoOptions {
+                duration: a.duration,
+                clones: a.clones,
+                keep_running: a.keep_running,
+                admin: a.admin,
+                rate: a.rate,
+            };
+            init_tracing(a.log.log_format);
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                clones = opts.clones,
+                "replimesh demo starting"
+            );
             let summary = runtime()?.block_on(replimesh_cli::demo::run(opts))?;
-            Ok(if summary.ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            if !summary.ok() {
+                return Ok(ExitCode::from(1));
+            }
         }
-        "hash-password" => {
-            no_more(&args)?;
+        Command::HashPassword => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
             let pw = line.trim_end_matches(['\n', '\r']);
@@ -167,21 +264,64 @@ fn run(mut args: Vec<String>) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("hash-password: give the password on standard input");
             }
             let hash = replimesh::store::hash_password(pw, replimesh::store::HashCost::default())?;
-            println!("{hash}");
-            Ok(ExitCode::SUCCESS)
+            print_out(format!("{hash}\n").as_bytes())?;
         }
-        "node" => {
-            let config = take_opt(&mut args, "--config")?
-                .ok_or_else(|| anyhow::anyhow!("node needs --config FILE"))?;
-            no_more(&args)?;
-            let config = replimesh_cli::config::NodeConfig::load(config.as_ref())?;
-            init_tracing();
+        Command::Node(a) => {
+            let config = replimesh_cli::config::NodeConfig::load(&a.config)?;
+            if a.check {
+                print_out(format!("config OK: {}\n", a.config.display()).as_bytes())?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            init_tracing(a.log.log_format);
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                id = %config.id,
+                config = %a.config.display(),
+                "replimesh node starting"
+            );
             runtime()?.block_on(replimesh_cli::node::run(config))?;
-            Ok(ExitCode::SUCCESS)
         }
-        other => {
-            eprint!("{USAGE}");
-            anyhow::bail!("unknown command `{other}`")
-        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn demo_defaults_match_the_library() {
+        let cli = Cli::try_parse_from(["replimesh", "demo"]).unwrap();
+        let Command::Demo(a) = cli.command else {
+            panic!("not demo: {cli:?}");
+        };
+        let d = DemoOptions::default();
+        assert_eq!(a.duration, d.duration);
+        assert_eq!(a.clones, d.clones);
+        assert_eq!(a.keep_running, d.keep_running);
+        assert_eq!(a.admin, d.admin);
+        assert_eq!(a.rate, d.rate);
+    }
+
+    #[test]
+    fn values_are_checked_as_before() {
+        assert_eq!(parse_duration("2.5s"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("0.1"), Ok(Duration::from_millis(100)));
+        assert!(parse_duration("0.05")
+            .unwrap_err()
+            .contains("between 0.1 and 86400"));
+        assert!(parse_duration("NaN").is_err());
+        assert!(parse_duration("soon").unwrap_err().contains("`soon`"));
+        assert_eq!(parse_clones("16"), Ok(16));
+        assert!(parse_clones("0").unwrap_err().contains("from 1 to 16"));
+        assert!(parse_clones("17").is_err());
+        assert_eq!(parse_rate("1"), Ok(1));
+        assert!(parse_rate("0").unwrap_err().contains("positive"));
+        assert!(parse_rate("-3").is_err());
     }
 }
