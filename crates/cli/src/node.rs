@@ -237,10 +237,12 @@ impl Shared {
 
     /// Refreshes the cached status and the gauges from the mesh.
     async fn refresh(&self, gauges: &mut BTreeMap<String, ()>) {
-        let (Ok(clones), Ok(groups), Ok(clients)) = (
+        // counts and at most 200 groups: this runs every 500 ms, and a
+        // listing of every group and client was O(groups) each time
+        let (Ok(clones), Ok(groups), Ok((group_count, client_count))) = (
             self.mesh.clones().await,
-            self.mesh.groups().await,
-            self.mesh.clients().await,
+            self.mesh.some_groups(200).await,
+            self.mesh.counts().await,
         ) else {
             return;
         };
@@ -261,7 +263,7 @@ impl Shared {
         r.gauge("replimesh_clone_links", "Established clone links", &[])
             .set(clones.iter().filter(|c| c.linked).count() as i64);
         r.gauge("replimesh_groups", "Local groups", &[])
-            .set(groups.len() as i64);
+            .set(group_count as i64);
         // Subscriber gauges for up to 200 groups; stale ones are removed.
         let mut seen = BTreeMap::new();
         for g in groups.iter().take(200) {
@@ -302,7 +304,7 @@ impl Shared {
             "counters": {
                 "requests": self.requests.get(),
                 "connections": self.front.stats.connections.get(),
-                "mesh_clients": clients.len(),
+                "mesh_clients": client_count,
                 "actions": self.stores.iter().map(|h| h.store.seq()).sum::<u64>(),
                 "messages_in": mesh_stats.published,
                 "messages_out": mesh_stats.delivered,

@@ -43,6 +43,14 @@ pub struct ClientConfig {
     /// off: calls made while disconnected fail with
     /// [`MeshError::Disconnected`].
     pub outbox: usize,
+    /// Groups this client may be in (default 1,000, a server's default
+    /// limit): [`Client::subscribe`] past it is [`MeshError::Limit`] and
+    /// changes nothing. A server closes a connection that subscribes past
+    /// its own limit.
+    pub max_groups: usize,
+    /// Longest group name [`Client::subscribe`] takes, in bytes (default
+    /// 256, a server's default limit); longer is [`MeshError::Limit`].
+    pub max_name_len: usize,
     /// Transport settings (`inline_reads` is always on: the client's read
     /// loop waits in `recv`).
     pub transport: transport::Config,
@@ -60,6 +68,8 @@ impl Default for ClientConfig {
             attempts: 0,
             response_timeout: Duration::from_secs(10),
             outbox: 1024,
+            max_groups: 1000,
+            max_name_len: 256,
             transport: transport::Config::default(),
         }
     }
@@ -452,10 +462,31 @@ impl Client {
         }
     }
 
-    /// Joins groups (remembered and restored after reconnect).
+    /// Joins groups (remembered and restored after reconnect). Past
+    /// [`ClientConfig::max_groups`] or with a name longer than
+    /// [`ClientConfig::max_name_len`]: [`MeshError::Limit`], nothing joined.
     pub fn subscribe(&self, groups: &[&str]) -> Result<(), MeshError> {
+        let cfg = &self.inner.config;
+        if let Some(g) = groups.iter().find(|g| g.len() > cfg.max_name_len) {
+            return Err(MeshError::Limit(format!(
+                "group name of {} bytes, at most {} allowed",
+                g.len(),
+                cfg.max_name_len
+            )));
+        }
         let peer = {
             let mut st = lock(&self.inner.state);
+            let new: BTreeSet<&str> = groups
+                .iter()
+                .copied()
+                .filter(|g| !st.groups.contains(*g))
+                .collect();
+            if st.groups.len() + new.len() > cfg.max_groups {
+                return Err(MeshError::Limit(format!(
+                    "a client may be in at most {} groups",
+                    cfg.max_groups
+                )));
+            }
             for g in groups {
                 st.groups.insert(g.to_string());
             }

@@ -40,6 +40,9 @@ pub enum MeshError {
     /// A configuration value is unusable.
     #[error("config: {0}")]
     Config(String),
+    /// Over a limit (too many groups, a name too long): nothing was done.
+    #[error("limit: {0}")]
+    Limit(String),
 }
 
 /// An error returned by a route handler or middleware; sent back to the

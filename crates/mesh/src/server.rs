@@ -70,6 +70,20 @@ pub struct ServerConfig {
     /// it. Calls of the application (`Server::publish` and the others) go
     /// through a queue of their own that is not bounded.
     pub command_queue: usize,
+    /// Groups one client may be in (default 1,000). A `Subscribe` that
+    /// would take a client past it is refused whole and the client's
+    /// connection is closed as a protocol error whose reason says so; a
+    /// `Publish` naming more groups than this is refused the same way.
+    /// [`Server::subscribe`] (the application's) is not limited.
+    pub max_groups_per_client: usize,
+    /// Groups this clone may have (default 100,000). A client's `Subscribe`
+    /// that would create groups past it is refused whole and its connection
+    /// closed, as above. [`Server::create_group`] is not limited.
+    pub max_groups: usize,
+    /// Longest client id and group name a client may send, in bytes (default
+    /// 256). A longer one in the `Hello`, a `Subscribe`, `Unsubscribe` or
+    /// `Publish` closes the connection as a protocol error naming the limit.
+    pub max_name_len: usize,
     /// Transport settings for listeners and dials (`inline_reads` is always
     /// on: every connection is read by a loop that waits in `recv`).
     pub transport: transport::Config,
@@ -99,6 +113,9 @@ impl Default for ServerConfig {
             response_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
             command_queue: 1024,
+            max_groups_per_client: 1000,
+            max_groups: 100_000,
+            max_name_len: 256,
             transport: transport::Config::default(),
         }
     }
@@ -241,6 +258,8 @@ enum Query {
     Groups(oneshot::Sender<Vec<GroupInfo>>),
     Clients(oneshot::Sender<Vec<ClientInfo>>),
     ClientGroups(u64, oneshot::Sender<Vec<String>>),
+    Counts(oneshot::Sender<(usize, usize)>),
+    SomeGroups(usize, oneshot::Sender<Vec<GroupInfo>>),
 }
 
 enum Cmd {
@@ -257,7 +276,8 @@ enum Cmd {
     LinkDown(LinkId),
     ClientUp(Peer),
     ClientDown(u64),
-    Subscribe(u64, Vec<String>),
+    /// A client's (`true`: within the limits) or the application's subscription.
+    Subscribe(u64, Vec<String>, bool),
     Unsubscribe(u64, Vec<String>),
     Publish {
         from: Option<u64>,
@@ -299,6 +319,8 @@ struct Shared {
     auth_in: Option<AuthIn>,
     hello_timeout: Duration,
     response_timeout: Duration,
+    max_groups_per_client: usize,
+    max_name_len: usize,
     transport: transport::Config,
     listen_urls: Vec<String>,
     acceptors: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -529,6 +551,8 @@ impl Server {
         ccfg.gossip_interval = config.gossip_interval;
         ccfg.forget_after = config.forget_after;
         ccfg.seed = rand::random();
+        ccfg.max_groups_per_client = config.max_groups_per_client;
+        ccfg.max_groups = config.max_groups;
         if config.command_queue == 0 {
             return Err(MeshError::Config("command_queue must be at least 1".into()));
         }
@@ -551,6 +575,8 @@ impl Server {
             auth_in: config.auth_in.clone(),
             hello_timeout: config.hello_timeout,
             response_timeout: config.response_timeout,
+            max_groups_per_client: config.max_groups_per_client,
+            max_name_len: config.max_name_len,
             transport: config.transport.clone(),
             listen_urls,
             acceptors: std::sync::Mutex::new(Vec::new()),
@@ -706,6 +732,7 @@ impl Server {
         self.cmd(Cmd::Subscribe(
             client,
             groups.iter().map(|s| s.to_string()).collect(),
+            false,
         ))
     }
 
@@ -746,6 +773,18 @@ impl Server {
     /// Local clients.
     pub async fn clients(&self) -> Result<Vec<ClientInfo>, MeshError> {
         self.ask(Query::Clients).await
+    }
+
+    /// How many local groups and local clients there are (cheap, unlike
+    /// [`Server::groups`] and [`Server::clients`], which list them all).
+    pub async fn counts(&self) -> Result<(usize, usize), MeshError> {
+        self.ask(Query::Counts).await
+    }
+
+    /// Up to `limit` local groups (any of them, sorted by name), for status
+    /// pages: O(limit) work, not O(groups).
+    pub async fn some_groups(&self, limit: usize) -> Result<Vec<GroupInfo>, MeshError> {
+        self.ask(|tx| Query::SomeGroups(limit, tx)).await
     }
 
     /// The groups of a local client.
@@ -955,6 +994,14 @@ async fn serve_client(
     mut rx: ClientRx,
     hello: proto::Hello,
 ) {
+    if hello.id.len() > server.shared.max_name_len {
+        let why = format!(
+            "limit: client id of {} bytes, at most {} allowed",
+            hello.id.len(),
+            server.shared.max_name_len
+        );
+        return protocol_error(&server, &sender, why);
+    }
     let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
     let id = if hello.id.is_empty() {
         random_id("client")
@@ -1004,8 +1051,21 @@ async fn serve_client(
             );
             break;
         }
+        let named = match &body {
+            Body::Subscribe(s) => Some(&s.groups),
+            Body::Unsubscribe(s) => Some(&s.groups),
+            Body::Publish(p) => Some(&p.groups),
+            _ => None,
+        };
+        if let Some(Err(why)) = named.map(|g| check_groups(&server.shared, g)) {
+            protocol_error(&server, &sender, format!("client {id}: {why}"));
+            break;
+        }
         let ok = match body {
-            Body::Subscribe(s) => server.cmd(Cmd::Subscribe(key, s.groups)).await.is_ok(),
+            Body::Subscribe(s) => server
+                .cmd(Cmd::Subscribe(key, s.groups, true))
+                .await
+                .is_ok(),
             Body::Unsubscribe(s) => server.cmd(Cmd::Unsubscribe(key, s.groups)).await.is_ok(),
             Body::Publish(p) => server
                 .cmd(Cmd::Publish {
@@ -1054,6 +1114,27 @@ async fn serve_client(
     peer.fail_all();
     let _ = server.cmd(Cmd::ClientDown(key)).await;
     server.event(ServerEvent::ClientClosed { key, id });
+}
+
+/// The group names of a client's `Subscribe`, `Unsubscribe` or `Publish`
+/// within the limits ([`ServerConfig::max_groups_per_client`] names,
+/// each at most [`ServerConfig::max_name_len`] bytes).
+fn check_groups(shared: &Shared, groups: &[String]) -> Result<(), String> {
+    if groups.len() > shared.max_groups_per_client {
+        return Err(format!(
+            "limit: {} groups in one frame, at most {} allowed",
+            groups.len(),
+            shared.max_groups_per_client
+        ));
+    }
+    match groups.iter().find(|g| g.len() > shared.max_name_len) {
+        Some(g) => Err(format!(
+            "limit: group name of {} bytes, at most {} allowed",
+            g.len(),
+            shared.max_name_len
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Runs a handler future here if it completes at once, else in its own task
@@ -1266,10 +1347,24 @@ impl CoreTask {
             }
             Cmd::ClientDown(key) => {
                 self.clients.remove(&key);
+                if self.clients.capacity() > 64 && self.clients.len() < self.clients.capacity() / 4
+                {
+                    self.clients.shrink_to(self.clients.len() * 2);
+                }
                 self.core.client_gone(key);
             }
-            Cmd::Subscribe(key, groups) => {
+            Cmd::Subscribe(key, groups, false) => {
                 self.core.subscribe(key, &groups);
+            }
+            Cmd::Subscribe(key, groups, true) => {
+                if let Err(e) = self.core.try_subscribe(key, &groups) {
+                    if let Some(p) = self.clients.get(&key) {
+                        let why = format!("limit: subscribe refused: {e}");
+                        p.sender().close(CloseCode::ProtocolError, &why);
+                        self.server
+                            .event(ServerEvent::Error(format!("client {}: {why}", p.id())));
+                    }
+                }
             }
             Cmd::Unsubscribe(key, groups) => self.core.unsubscribe(key, &groups),
             Cmd::Publish {
@@ -1331,6 +1426,12 @@ impl CoreTask {
                 }
                 Query::ClientGroups(key, tx) => {
                     let _ = tx.send(self.core.client_groups(key));
+                }
+                Query::Counts(tx) => {
+                    let _ = tx.send((self.core.group_count(), self.core.client_count()));
+                }
+                Query::SomeGroups(limit, tx) => {
+                    let _ = tx.send(self.core.some_groups(limit));
                 }
             },
         }

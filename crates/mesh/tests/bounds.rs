@@ -141,3 +141,163 @@ async fn a_flood_is_pushed_back_and_shutdown_is_not_stuck_behind_it() {
     let n = tokio::time::timeout(T, flood).await.unwrap().unwrap();
     assert!(n > 0);
 }
+
+/// A raw client connection (no `Client`, so nothing is checked on our
+/// side): hello sent, welcome read.
+async fn raw_client(url: &str, id: &str) -> (transport::Sender, transport::Receiver) {
+    use proto::{frame::Body, Frame, PeerKind};
+    let conn = tokio::time::timeout(T, transport::connect(url, &transport::Config::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let (tx, mut rx) = conn.split();
+    tx.send(&Frame::new(Body::Hello(proto::Hello {
+        version: proto::PROTOCOL_VERSION,
+        kind: PeerKind::Client as i32,
+        id: id.into(),
+        ..Default::default()
+    })))
+    .unwrap();
+    match tokio::time::timeout(T, rx.recv()).await.unwrap() {
+        Ok(Frame {
+            body: Some(Body::Welcome(_)),
+        }) => {}
+        other => panic!("no welcome: {other:?}"),
+    }
+    (tx, rx)
+}
+
+/// Waits for the end of a connection: its close code and reason.
+async fn closed(rx: &mut transport::Receiver) -> (u32, String) {
+    loop {
+        match tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("not closed")
+        {
+            Ok(_) => continue,
+            Err(transport::RecvError::Closed { code, reason }) => return (code, reason),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn subscribe(groups: impl IntoIterator<Item = String>) -> proto::Frame {
+    proto::Frame::new(proto::frame::Body::Subscribe(proto::Subscribe {
+        groups: groups.into_iter().collect(),
+    }))
+}
+
+/// Subscriptions past the limits are refused, whole, with a close whose
+/// reason names the limit; so are long names and client ids. The old code
+/// took everything (one client could create a million groups).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_past_the_limits_are_refused_with_a_reason() {
+    let _watchdog = common::watchdog("subscriptions_past_the_limits_are_refused_with_a_reason");
+    const PROTOCOL_ERROR: u32 = proto::CloseCode::ProtocolError as u32;
+    let mut cfg = ServerConfig::new("a", "tcp://127.0.0.1:0");
+    cfg.max_groups_per_client = 10;
+    cfg.max_groups = 15;
+    let s = Server::start(cfg).await.unwrap();
+    let url = s.url().to_string();
+
+    // up to the limit per client: fine (repeats do not count twice)
+    let (a, mut a_rx) = raw_client(&url, "a").await;
+    a.send(&subscribe((0..10).map(|i| format!("a{i}"))))
+        .unwrap();
+    a.send(&subscribe((0..10).map(|i| format!("a{i}"))))
+        .unwrap();
+    let ok = eventually(|| async { s.counts().await.unwrap().0 == 10 }).await;
+    assert!(ok, "{:?}", s.counts().await);
+    // one more: refused, closed, nothing of it applied
+    a.send(&subscribe(["a0".to_string(), "a10".to_string()]))
+        .unwrap();
+    let (code, reason) = closed(&mut a_rx).await;
+    assert_eq!(code, PROTOCOL_ERROR, "{reason}");
+    assert!(reason.contains("at most 10 groups"), "{reason}");
+
+    // groups per clone: 10 held by b, 6 new ones from c would make 16 > 15
+    let (b, _b_rx) = raw_client(&url, "b").await;
+    b.send(&subscribe((0..10).map(|i| format!("b{i}"))))
+        .unwrap();
+    let ok = eventually(|| async { s.counts().await.unwrap().0 == 10 }).await;
+    assert!(
+        ok,
+        "a's groups are gone, b's are there: {:?}",
+        s.counts().await
+    );
+    let (c, mut c_rx) = raw_client(&url, "c").await;
+    c.send(&subscribe((0..6).map(|i| format!("c{i}")))).unwrap();
+    let (code, reason) = closed(&mut c_rx).await;
+    assert_eq!(code, PROTOCOL_ERROR, "{reason}");
+    assert!(reason.contains("maximum of 15 groups"), "{reason}");
+    // joining existing groups creates none: fine
+    let (d, mut d_rx) = raw_client(&url, "d").await;
+    d.send(&subscribe((0..10).map(|i| format!("b{i}"))))
+        .unwrap();
+    let ok = eventually(|| async {
+        s.clients()
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.id == "d" && c.groups.len() == 10)
+    })
+    .await;
+    assert!(ok);
+
+    // a group name past 256 bytes
+    d.send(&subscribe(["x".repeat(257)])).unwrap();
+    let (code, reason) = closed(&mut d_rx).await;
+    assert_eq!(code, PROTOCOL_ERROR);
+    assert!(reason.contains("group name of 257 bytes"), "{reason}");
+
+    // a client id past 256 bytes: closed before the welcome
+    let conn = transport::connect(&url, &transport::Config::default())
+        .await
+        .unwrap();
+    let (tx, mut rx) = conn.split();
+    tx.send(&proto::Frame::new(proto::frame::Body::Hello(
+        proto::Hello {
+            version: proto::PROTOCOL_VERSION,
+            kind: proto::PeerKind::Client as i32,
+            id: "i".repeat(300),
+            ..Default::default()
+        },
+    )))
+    .unwrap();
+    let (code, reason) = closed(&mut rx).await;
+    assert_eq!(code, PROTOCOL_ERROR);
+    assert!(reason.contains("client id of 300 bytes"), "{reason}");
+
+    // the Client checks its own limits first
+    let mut cc = client_config(&url);
+    cc.max_groups = 3;
+    let client = Client::connect(cc).await.unwrap();
+    client.subscribe(&["1", "2"]).unwrap();
+    assert!(matches!(
+        client.subscribe(&["3", "4"]),
+        Err(replimesh_mesh::MeshError::Limit(_))
+    ));
+    assert_eq!(client.my_groups(), ["1", "2"]);
+    client.subscribe(&["2", "3"]).unwrap();
+    assert!(matches!(
+        client.subscribe(&[&"y".repeat(257)]),
+        Err(replimesh_mesh::MeshError::Limit(_))
+    ));
+    s.shutdown().await;
+}
+
+/// Polls `f` every 10 ms for at most `T`.
+async fn eventually<F, Fut>(mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + T;
+    while tokio::time::Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}

@@ -75,12 +75,19 @@ pub struct CoreConfig {
     pub max_group_tombstones: usize,
     /// Seed of the jitter generator.
     pub seed: u64,
+    /// Groups one local client may be in ([`Core::try_subscribe`]).
+    pub max_groups_per_client: usize,
+    /// Groups this clone may have ([`Core::try_subscribe`] does not create
+    /// more; [`Core::create_group`] and [`Core::subscribe`], the
+    /// application's, may).
+    pub max_groups: usize,
 }
 
 impl CoreConfig {
     /// A configuration with the defaults: gossip every 2 s, forget after 30 s,
     /// redial between 50 ms and 5 s, a window of 65,536 message ids, group
-    /// deletes re-sent for 5 minutes and 4,096 of them remembered.
+    /// deletes re-sent for 5 minutes and 4,096 of them remembered, 1,000
+    /// groups per client and 100,000 groups per clone.
     pub fn new(id: impl Into<String>, url: impl Into<String>, incarnation: u64) -> Self {
         CoreConfig {
             id: id.into(),
@@ -94,6 +101,8 @@ impl CoreConfig {
             group_tombstone_ttl: Duration::from_secs(300),
             max_group_tombstones: 4096,
             seed: incarnation ^ 0x9e37_79b9_7f4a_7c15,
+            max_groups_per_client: 1000,
+            max_groups: 100_000,
         }
     }
 }
@@ -128,6 +137,25 @@ pub enum Refusal {
     /// The dial is no longer wanted (the clone was deleted or forgotten meanwhile).
     #[error("the dial is no longer wanted")]
     Unwanted,
+}
+
+/// Why [`Core::try_subscribe`] refused a subscription (nothing of it was
+/// applied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The client would be in more groups than it may be.
+    #[error("a client may be in at most {limit} groups")]
+    TooManyForClient {
+        /// [`CoreConfig::max_groups_per_client`].
+        limit: usize,
+    },
+    /// The clone would have more groups than it may have.
+    #[error("this clone has its maximum of {limit} groups")]
+    TooManyGroups {
+        /// [`CoreConfig::max_groups`].
+        limit: usize,
+    },
 }
 
 /// Errors of core commands.
@@ -765,6 +793,34 @@ impl Core {
             let groups: Vec<String> = c.groups.into_iter().collect();
             self.leave_groups(conn, &groups);
         }
+        shrink(&mut self.clients);
+    }
+
+    /// Number of groups on this clone (cheap).
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Number of local clients (cheap).
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Up to `limit` local groups (any of them; sorted by name), for a
+    /// status page: O(limit), not O(groups).
+    pub fn some_groups(&self, limit: usize) -> Vec<GroupInfo> {
+        let mut v: Vec<GroupInfo> = self
+            .groups
+            .iter()
+            .take(limit)
+            .map(|(n, g)| GroupInfo {
+                name: n.clone(),
+                data: g.data.clone(),
+                subscribers: g.members.len(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// Creates a group (or sets its data); it persists until deleted.
@@ -781,8 +837,41 @@ impl Core {
         g.data = data;
     }
 
+    /// [`Core::subscribe`] within the limits: refused, with nothing applied,
+    /// when the client would be in more than
+    /// [`CoreConfig::max_groups_per_client`] groups or the clone would have
+    /// more than [`CoreConfig::max_groups`] groups. For subscriptions a peer
+    /// asks for.
+    pub fn try_subscribe(
+        &mut self,
+        conn: ConnKey,
+        groups: &[String],
+    ) -> Result<Vec<String>, SubscribeError> {
+        let Some(client) = self.clients.get(&conn) else {
+            return Ok(Vec::new());
+        };
+        let new: HashSet<&String> = groups
+            .iter()
+            .filter(|g| !client.groups.contains(*g))
+            .collect();
+        let limit = self.cfg.max_groups_per_client;
+        if client.groups.len() + new.len() > limit {
+            return Err(SubscribeError::TooManyForClient { limit });
+        }
+        let created = new
+            .iter()
+            .filter(|g| !self.groups.contains_key(**g))
+            .count();
+        let limit = self.cfg.max_groups;
+        if created > 0 && self.groups.len() + created > limit {
+            return Err(SubscribeError::TooManyGroups { limit });
+        }
+        Ok(self.subscribe(conn, groups))
+    }
+
     /// Adds a local client to groups (created on the fly; such groups vanish
     /// with their last subscriber). Returns the groups it was not yet in.
+    /// No limits: see [`Core::try_subscribe`].
     pub fn subscribe(&mut self, conn: ConnKey, groups: &[String]) -> Vec<String> {
         let mut added = Vec::new();
         let mut interest = Vec::new();
@@ -1570,6 +1659,7 @@ impl Core {
                 }
             }
         }
+        shrink(&mut self.groups);
         if !removed.is_empty() {
             self.send_interest(Vec::new(), removed);
         }
@@ -1694,6 +1784,15 @@ impl Core {
                 url,
             });
         }
+    }
+}
+
+/// Gives memory back once a map is down to a quarter of its capacity (so
+/// a client that joined 100,000 groups and left leaves no large table
+/// behind); amortised O(1) per removal.
+fn shrink<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
+    if m.capacity() > 64 && m.len() < m.capacity() / 4 {
+        m.shrink_to(m.len() * 2);
     }
 }
 
