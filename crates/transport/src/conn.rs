@@ -1264,6 +1264,65 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
     }
 }
 
+/// A byte stream handed over in chunks, one chunk per read (what a socket
+/// that delivers bytes as they come does), then its end.
+struct Chunks<'a> {
+    chunks: std::slice::Iter<'a, &'a [u8]>,
+    cur: &'a [u8],
+}
+
+impl AsyncRead for Chunks<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while self.cur.is_empty() {
+            match self.chunks.next() {
+                Some(c) => self.cur = c,
+                None => return std::task::Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.cur.len().min(buf.remaining());
+        buf.put_slice(&self.cur[..n]);
+        self.cur = &self.cur[n..];
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Runs the stream reader (the frame splitter, the large-frame buffers,
+/// the control frames) over `chunks`, read one at a time, with frames of
+/// at most `max_frame` bytes: the frame bodies it delivers, and how the
+/// stream ended (`Eof` when the bytes ran out).
+pub(crate) fn split_chunks(chunks: &[&[u8]], max_frame: usize) -> (Vec<Bytes>, RecvError) {
+    let config = Config {
+        max_frame,
+        ping_interval: None,
+        idle_timeout: None,
+        ..Config::default()
+    };
+    let (conn, shared, _tx) = new_connection(PeerAddr::Memory, &config, Limit::Full);
+    let mut reader = StreamReader::new(
+        Chunks {
+            chunks: chunks.iter(),
+            cur: &[],
+        },
+        shared,
+        &config,
+    );
+    let mut frames = Vec::new();
+    let end = loop {
+        // The chunks are always ready: nothing here ever waits.
+        match reader.next_batch().now_or_never() {
+            Some(Ok(batch)) => frames.extend(batch),
+            Some(Err(end)) => break end,
+            None => break RecvError::Eof,
+        }
+    };
+    drop(conn);
+    (frames, end)
+}
+
 /// Ends a connection whose reader stopped for `reason`.
 async fn finish_reader(shared: Arc<Shared>, reason: RecvError) {
     tracing::debug!(conn = shared.id, reason = %reason, "reader finished");

@@ -71,3 +71,21 @@ pub use endpoint::Endpoint;
 pub use error::{CloseReason, Error, RecvError, SendError};
 pub use net::{connect, from_std_unix_stream, from_unix_stream, listen, pair, Listener};
 pub use proto;
+
+/// Entry points for fuzz targets (not part of the API).
+#[doc(hidden)]
+pub mod fuzz {
+    use bytes::Bytes;
+
+    use crate::RecvError;
+
+    /// Splits a byte stream, handed over in `chunks` (one per read), into
+    /// frames as a connection's reader does (frames of at most `max_frame`
+    /// bytes; pings, pongs and closes handled, not returned). Returns the
+    /// frame bodies delivered and how the stream ended: [`RecvError::Eof`]
+    /// when the bytes ran out, else why the reader refused them. Never
+    /// panics, whatever the bytes.
+    pub fn split_stream(chunks: &[&[u8]], max_frame: usize) -> (Vec<Bytes>, RecvError) {
+        crate::conn::split_chunks(chunks, max_frame)
+    }
+}

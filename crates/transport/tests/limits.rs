@@ -426,3 +426,39 @@ async fn connect_to_a_silent_peer_times_out_naming_the_step() {
         other => panic!("expected a connect timeout, got {other:?}"),
     }
 }
+
+/// The fuzzing entry point splits a stream cut anywhere into the same
+/// frames, and refuses an oversized one with its length.
+#[test]
+fn the_fuzzing_entry_point_splits_streams_cut_anywhere() {
+    use replimesh_transport::fuzz::split_stream;
+    let frames: Vec<Frame> = (0..20usize)
+        .map(|i| Frame::data(vec![i as u8; [3, 100, 20_000, 70_000][i % 4]]))
+        .collect();
+    let mut wire = Vec::new();
+    for f in &frames {
+        wire.extend(framed(f));
+        wire.extend(framed(&Frame::ping(1)));
+    }
+    for cut in [1usize, 7, 4096, 100_000, wire.len()] {
+        let chunks: Vec<&[u8]> = wire.chunks(cut).collect();
+        let (got, end) = split_stream(&chunks, 1 << 20);
+        assert!(matches!(end, RecvError::Eof), "cut {cut}: {end:?}");
+        let got: Vec<Frame> = got
+            .into_iter()
+            .map(|b| <Frame as replimesh_transport::proto::Message>::decode(b).unwrap())
+            .collect();
+        assert!(got == frames, "cut {cut}");
+    }
+    let (_, end) = split_stream(&[&[0xff, 0xff, 0xff, 0xff]], 1 << 20);
+    assert!(
+        matches!(
+            end,
+            RecvError::FrameTooLarge {
+                len: 0xffff_ffff,
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+}

@@ -73,3 +73,22 @@ proptest! {
         });
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever the bytes and however they are cut, the stream reader ends
+    /// (with an error or at the end of the bytes) and never panics.
+    #[test]
+    fn any_bytes_end_without_a_panic(
+        chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..20),
+        max in 0usize..70_000,
+    ) {
+        let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        let total: usize = chunks.iter().map(|c| c.len()).sum();
+        let (frames, _end) = replimesh_transport::fuzz::split_stream(&chunks, max);
+        let delivered: usize = frames.iter().map(|f| f.len() + 4).sum();
+        prop_assert!(delivered <= total);
+        prop_assert!(frames.iter().all(|f| f.len() <= max));
+    }
+}
