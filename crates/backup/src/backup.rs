@@ -210,6 +210,8 @@ struct Shared {
     failed: Mutex<Option<String>>,
     stop: Mutex<bool>,
     stop_cv: Condvar,
+    /// The backup's lock file (its `flock` is held while it is open).
+    _lock: std::fs::File,
 }
 
 struct WState {
@@ -267,13 +269,23 @@ impl Backup {
     /// and must hand its initial snapshot to [`snapshot`](Self::snapshot) (or
     /// [`snapshot_now`](Self::snapshot_now)) before the first [`record`](Self::record).
     ///
-    /// Errors: [`Error::WrongKey`], [`Error::KeyRequired`], [`Error::NotEncrypted`],
+    /// Takes an exclusive lock on the backup (`<path>.lock`, an advisory `flock` holding this
+    /// process's pid) for as long as the handle and its threads live: a second opener of the
+    /// same path, in this process or another, fails with [`Error::Locked`].
+    ///
+    /// Errors: [`Error::Locked`], [`Error::WrongKey`], [`Error::KeyRequired`], [`Error::NotEncrypted`],
     /// [`Error::NewerFormat`] always fail; [`Error::Corrupted`] fails unless
     /// [`OnBadFile::MoveAside`] is configured.
     pub fn open(config: BackupConfig) -> Result<(Backup, Option<Restored>), Error> {
         let path = config.path.clone();
         let dir = fsutil::parent_dir(&path);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // One process per backup path: taken before anything is read or removed.
+        let lock_file = match fsutil::lock_backup(&path) {
+            Ok(Ok(f)) => f,
+            Ok(Err(pid)) => return Err(Error::Locked { path, pid }),
+            Err(e) => return Err(Error::io(&fsutil::lock_path(&path), e)),
+        };
         fsutil::remove_stale_temps(&path).map_err(|e| Error::io(&dir, e))?;
         let keys = config.key.as_ref().map(|k| KeyRing::new(k, config.kdf));
 
@@ -385,6 +397,7 @@ impl Backup {
             failed: Mutex::new(None),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
+            _lock: lock_file,
         });
         if snapshot.is_some() {
             // Never append to an old segment (its torn tail would reuse nonces): start a new one.

@@ -116,3 +116,38 @@ pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// The lock file of the backup at `path`: `<path>.lock`.
+pub(crate) fn lock_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+/// Takes the exclusive lock of the backup at `path` (an advisory `flock` on
+/// `<path>.lock`, held while the returned file is open) and writes this
+/// process's id into it. When another holder has it: `Err(Some(pid))` with
+/// the pid written by the holder, `Err(None)` if unreadable.
+pub(crate) fn lock_backup(path: &Path) -> io::Result<Result<fs::File, Option<u32>>> {
+    use std::io::{Read, Seek, Write};
+    let lock = lock_path(path);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock)?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            return Ok(Err(s.trim().parse().ok()));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(Ok(f))
+}

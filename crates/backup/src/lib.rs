@@ -191,7 +191,9 @@
 //! # }
 //! ```
 //!
-//! One process per snapshot path: two processes writing the same backup are not supported.
+//! One process per snapshot path: [`Backup::open`] takes an exclusive lock (`flock` on
+//! `<path>.lock`, holding the pid) for as long as the [`Backup`] lives; a second opener fails with
+//! [`Error::Locked`] naming the path and the holder's pid.
 
 mod backup;
 mod format;
@@ -263,6 +265,19 @@ pub enum Error {
     OrphanJournal {
         /// The segment.
         path: PathBuf,
+    },
+    /// Another process (or another open [`Backup`] in this one) holds the backup at this
+    /// path: one process per backup path. The lock is an advisory `flock` on
+    /// `<path>.lock`, which holds the holder's pid.
+    #[error("backup {} is in use by another process{}: one process per backup path (lock file {})",
+        path.display(),
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        crate::fsutil::lock_path(path).display())]
+    Locked {
+        /// The backup's snapshot path.
+        path: PathBuf,
+        /// The holder's process id, when its lock file says.
+        pid: Option<u32>,
     },
     /// An I/O error.
     #[error("I/O error on {}: {source}", path.display())]

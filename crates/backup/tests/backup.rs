@@ -359,7 +359,44 @@ fn journal_without_snapshot_fails_or_moves_aside() {
     let (_b, r) = Backup::open(plain(&path).on_bad_file(OnBadFile::MoveAside)).unwrap();
     assert!(r.is_none());
     let n = names(dir.path());
-    assert!(n.iter().all(|f| f.contains(".orphan-")), "{n:?}");
+    // Besides the backup's lock file.
+    assert!(
+        n.iter()
+            .filter(|f| f.as_str() != "store.backup.lock")
+            .all(|f| f.contains(".orphan-")),
+        "{n:?}"
+    );
+}
+
+/// One process per backup path: a second open of the same path fails with
+/// `Locked`, naming the path and the holder's pid, and touches nothing; once
+/// the first is gone the path opens again.
+#[test]
+fn a_second_opener_of_the_same_path_is_refused() {
+    let (_dir, path) = tmp();
+    let (b, _) = Backup::open(config(&path)).unwrap();
+    b.snapshot(snap(0, 0)).unwrap();
+    run(&b, 1, 3, &mut 0);
+    match Backup::open(config(&path)) {
+        Err(e @ Error::Locked { .. }) => {
+            let Error::Locked { path: p, pid } = &e else {
+                unreachable!()
+            };
+            assert_eq!(p, &path);
+            assert_eq!(*pid, Some(std::process::id()));
+            let msg = e.to_string();
+            assert!(
+                msg.contains("store.backup")
+                    && msg.contains(&format!("pid {}", std::process::id())),
+                "{msg}"
+            );
+        }
+        other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+    }
+    run(&b, 4, 5, &mut 3);
+    drop(b);
+    let (_b, r) = Backup::open(config(&path)).unwrap();
+    assert_eq!(replay(&r.unwrap()), (5, 5, 0xfeed));
 }
 
 #[test]

@@ -26,8 +26,9 @@ async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
     let url = format!("unix://{}", sock.display());
     let config = backup_config(&dir.path().join("counter.backup"));
 
-    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
+    let a =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
+            .unwrap();
     let _server = a.serve(&url, server_config()).await.unwrap();
     let r = Store::replica(counter(), StoreConfig::default());
     let client = r.connect(&url, "test1", "12345").await.unwrap();
@@ -53,8 +54,9 @@ async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
     // Dispatched while the authority is down: waits in the outbox.
     let pending = r.try_dispatch(&Act::Add(1000)).unwrap();
 
-    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
+    let b =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
+            .unwrap();
     assert_eq!((b.history_id(), b.seq()), (history, 40));
     let _server = b.serve(&url, server_config()).await.unwrap();
     until("the replica to reconnect", || r.connected()).await;
@@ -78,8 +80,9 @@ async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
 /// socket `sock` there: (store, server, URL).
 async fn serve_backed(dir: &Path, sock: &str) -> (Store<Counter>, Server, String) {
     let config = backup_config(&dir.join("counter.backup"));
-    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
+    let a =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
+            .unwrap();
     let url = format!("unix://{}/{sock}", dir.display());
     let server = a.serve(&url, server_config()).await.unwrap();
     (a, server, url)
@@ -193,8 +196,9 @@ async fn after_a_crash_a_replica_behind_gets_the_journaled_tail() {
     let url = format!("unix://{}/store.sock", dir.path().display());
     let config = backup_config(&dir.path().join("counter.backup"));
 
-    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
+    let a =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
+            .unwrap();
     for i in 1..=50 {
         a.dispatch(Act::Add(i)).await.unwrap();
     }
@@ -203,8 +207,9 @@ async fn after_a_crash_a_replica_behind_gets_the_journaled_tail() {
     // A crash: no shutdown, no final snapshot; the journal holds 1..=50.
     drop(a);
 
-    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
+    let b =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
+            .unwrap();
     assert_eq!((b.history_id(), b.seq()), (history, 50));
     assert_eq!(*b.state(), state);
     let _server = b.serve(&url, server_config()).await.unwrap();
@@ -243,7 +248,7 @@ async fn timeout_policy_snapshots_without_a_further_action() {
     let a = Store::authority_with_persistence(
         counter(),
         StoreConfig::default(),
-        open(&config(Duration::from_millis(100))),
+        open(&config(Duration::from_millis(100))).await,
     )
     .unwrap();
     for i in 1..=3 {
@@ -262,7 +267,7 @@ async fn timeout_policy_snapshots_without_a_further_action() {
     let b = Store::authority_with_persistence(
         counter(),
         StoreConfig::default(),
-        open(&config(Duration::from_secs(3600))),
+        open(&config(Duration::from_secs(3600))).await,
     )
     .unwrap();
     for i in 5..=6 {
@@ -275,7 +280,7 @@ async fn timeout_policy_snapshots_without_a_further_action() {
     let c = Store::authority_with_persistence(
         counter(),
         StoreConfig::default(),
-        open(&config(Duration::from_millis(100))),
+        open(&config(Duration::from_millis(100))).await,
     )
     .unwrap();
     assert_eq!(c.seq(), 6);
@@ -370,4 +375,30 @@ async fn resent_after_a_crash_applies_once() {
 #[tokio::test]
 async fn resent_after_a_graceful_restart_applies_once() {
     resend_after_restart(true).await;
+}
+
+/// Two authorities on the same backup path: the second fails at start-up
+/// with an error naming the path and the holder's pid (before, both ran and
+/// one's acknowledged dispatches were lost at the next restart).
+#[tokio::test]
+async fn a_second_authority_on_the_same_backup_fails_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("counter.backup");
+    let config = common::backup_config(&path);
+    let a =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
+            .unwrap();
+    a.dispatch(Act::Add(1)).await.unwrap();
+    let second = replimesh_store::BackupPersistence::open(config.clone(), "counter", 1);
+    let e = second
+        .map(|_| ())
+        .expect_err("a second opener was accepted");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&path.display().to_string())
+            && msg.contains(&format!("pid {}", std::process::id())),
+        "{msg}"
+    );
+    a.dispatch(Act::Add(2)).await.unwrap();
+    assert_eq!(a.seq(), 2);
 }

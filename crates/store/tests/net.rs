@@ -398,8 +398,9 @@ async fn persistence_restores_history() {
 async fn encrypted_backup_restores_history() {
     let dir = tempfile::tempdir().unwrap();
     let config = backup_config(&dir.path().join("counter.backup")).count(5);
-    let a = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
+    let a =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
+            .unwrap();
     let r = Store::replica(counter(), StoreConfig::default());
     let server = a.serve("tcp://127.0.0.1:0", server_config()).await.unwrap();
     let url = server.urls()[0].clone();
@@ -412,15 +413,17 @@ async fn encrypted_backup_restores_history() {
     // Without a clean shutdown (crash): snapshot + journal.
     drop(server);
     drop(a);
-    let b = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
+    let b =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
+            .unwrap();
     assert_eq!(*b.state(), before);
     assert_eq!((b.seq(), b.history_id()), (12, history));
     b.dispatch(Act::Add(100)).await.unwrap();
     b.shutdown();
     drop(b);
-    let c = Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config))
-        .unwrap();
+    let c =
+        Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
+            .unwrap();
     assert_eq!(c.seq(), 13);
     assert_eq!(c.state().total, before.total + 100);
     // Another store's backup is refused.

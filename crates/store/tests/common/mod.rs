@@ -147,9 +147,23 @@ pub(crate) fn backup_config(path: &Path) -> backup::BackupConfig {
         .key("password-for-encrypter")
 }
 
-/// The persistence of the [`counter`] store in the backup `config`.
-pub(crate) fn open(config: &backup::BackupConfig) -> Box<dyn Persistence> {
-    Box::new(BackupPersistence::open(config.clone(), "counter", counter().schema()).unwrap())
+/// The persistence of the [`counter`] store in the backup `config`. A test
+/// that "restarts" an authority in the same process may find the backup
+/// still locked by the old one while its tasks wind down: it waits for the
+/// lock (bounded by [`T`]).
+pub(crate) async fn open(config: &backup::BackupConfig) -> Box<dyn Persistence> {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match BackupPersistence::open(config.clone(), "counter", counter().schema()) {
+            Ok(p) => return Box::new(p),
+            Err(e)
+                if e.0.contains("in use by another") && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("opening the backup: {e}"),
+        }
+    }
 }
 
 /// Waits (bounded by [`T`]) until the snapshot file at `path` holds `seq`;
