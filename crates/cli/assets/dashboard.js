@@ -74,7 +74,10 @@ function drawLinks(st) {
 let lastTime = null;
 async function tick() {
   try {
-    const res = await fetch('/api/status', { cache: 'no-store' });
+    // With `security.admin_token`, open the dashboard as /?token=...: the
+    // token is passed on to /api/status.
+    const token = new URLSearchParams(location.search).get('token');
+    const res = await fetch('/api/status' + (token ? '?token=' + encodeURIComponent(token) : ''), { cache: 'no-store' });
     const st = await res.json();
     const now = performance.now();
     const dt = lastTime === null ? 0 : (now - lastTime) / 1000;

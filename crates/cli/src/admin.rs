@@ -23,6 +23,39 @@ pub trait AdminSource: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value;
     /// False while shutting down: `/health` then answers 503.
     fn healthy(&self) -> bool;
+    /// When set, `/api/status` answers only requests that present it
+    /// (`Authorization: Bearer <token>` or `?token=<token>`); others get 401.
+    fn admin_token(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Whether the request presents `token` (compared in constant time).
+fn authorized(head: &str, target: &str, token: &str) -> bool {
+    let eq = |given: &str| {
+        given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    };
+    let from_header = head.lines().skip(1).any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("authorization")
+                && v.trim()
+                    .strip_prefix("Bearer ")
+                    .is_some_and(|t| eq(t.trim()))
+        })
+    });
+    let from_query = target
+        .split_once('?')
+        .map(|(_, q)| q.split('#').next().unwrap_or(""))
+        .is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv.strip_prefix("token=").is_some_and(eq))
+        });
+    from_header || from_query
 }
 
 /// A running admin server; dropping it (or [`AdminServer::shutdown`]) stops it.
@@ -169,7 +202,15 @@ async fn handle(mut stream: TcpStream, registry: &Registry, source: &dyn AdminSo
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, target, version) = (parts.next(), parts.next(), parts.next());
     let reply = match (method, target, version) {
-        (Some(m), Some(t), Some(v)) if v.starts_with("HTTP/1.") => route(m, t, registry, source),
+        (Some(m), Some(t), Some(v)) if v.starts_with("HTTP/1.") => {
+            let path = t.split(['?', '#']).next().unwrap_or("/");
+            match source.admin_token() {
+                Some(token) if path == "/api/status" && !authorized(&head, t, token) => {
+                    Reply::new("401 Unauthorized", "text/plain", "admin token needed\n")
+                }
+                _ => route(m, t, registry, source),
+            }
+        }
         _ => Reply::new("400 Bad Request", "text/plain", "bad request\n"),
     };
     let _ = write_reply(&mut stream, method == Some("HEAD"), reply).await;

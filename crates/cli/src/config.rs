@@ -157,6 +157,16 @@ pub struct Limits {
     pub max_login_failures: u32,
     /// How long a ban lasts.
     pub ban: Duration,
+    /// Password checks (Argon2id) running at once, each on its own thread
+    /// (`limits.login_threads`, default 1).
+    pub login_threads: usize,
+    /// Password checks waiting for a thread (`limits.login_queue`, default
+    /// 256); past it the worst-placed login is closed with "going away".
+    pub login_queue: usize,
+    /// Logins of one address in progress at once (`limits.logins_per_address`,
+    /// default 64); more are closed with "going away", not counted as
+    /// failed logins.
+    pub logins_per_address: usize,
 }
 
 impl Default for Limits {
@@ -172,8 +182,62 @@ impl Default for Limits {
             idle_timeout: Some(Duration::from_secs(30)),
             max_login_failures: 5,
             ban: Duration::from_secs(3 * 3600),
+            login_threads: 1,
+            login_queue: 256,
+            logins_per_address: replimesh::store::DEFAULT_LOGINS_PER_ADDRESS,
         }
     }
+}
+
+/// Who may open a clone link to this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CloneAuth {
+    /// Clones presenting the `[auth]` token (the default when there is one).
+    Token,
+    /// Nobody: no `[auth]` token and no `security.clone_auth = "none"`
+    /// (the default without a token).
+    #[default]
+    Closed,
+    /// Anyone (`security.clone_auth = "none"`): logged as a warning at
+    /// start-up and shown in `/api/status`.
+    Open,
+}
+
+/// Whether bans of an address cover every connection or only store logins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BanScope {
+    /// A banned address is refused on every connection: mesh clients, clone
+    /// links and store logins; failed clone authentications count (default).
+    #[default]
+    All,
+    /// Only store logins are refused and counted.
+    Store,
+}
+
+/// Who may ask the built-in `node/info` route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodeInfo {
+    /// Nobody: the route is not served.
+    Off,
+    /// Clients that logged in (a store login in their hello) (default).
+    #[default]
+    Login,
+    /// Any client.
+    Anyone,
+}
+
+/// The `[security]` table: who may do what.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Security {
+    /// Who may open clone links.
+    pub clone_auth: CloneAuth,
+    /// What bans cover.
+    pub bans: BanScope,
+    /// Who may ask `node/info`.
+    pub node_info: NodeInfo,
+    /// When set, `/api/status` and the dashboard need it
+    /// (`Authorization: Bearer <token>` or `?token=<token>`).
+    pub admin_token: Option<String>,
 }
 
 /// A validated node configuration.
@@ -193,6 +257,8 @@ pub struct NodeConfig {
     pub peers: Vec<Peer>,
     /// Clone-link token (from `auth.token` or `auth.token_file`).
     pub token: Option<String>,
+    /// The `[security]` table (with `clone_auth` resolved against `token`).
+    pub security: Security,
     /// Limits.
     pub limits: Limits,
     /// Hosted stores.
@@ -313,6 +379,18 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     store: Vec<RawStore>,
+    #[serde(default)]
+    security: RawSecurity,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSecurity {
+    clone_auth: Option<String>,
+    bans: Option<String>,
+    node_info: Option<String>,
+    admin_token: Option<String>,
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -358,6 +436,9 @@ struct RawLimits {
     idle_timeout_ms: Option<u64>,
     max_login_failures: Option<u32>,
     ban_seconds: Option<u64>,
+    login_threads: Option<usize>,
+    login_queue: Option<usize>,
+    logins_per_address: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -569,6 +650,7 @@ impl RawConfig {
             }
         };
         let limits = self.limits.validate()?;
+        let security = self.security.validate(base, token.is_some())?;
         let tls_ca = match self.tls {
             None => None,
             Some(t) => {
@@ -737,6 +819,7 @@ impl RawConfig {
             listen,
             peers,
             token,
+            security,
             limits,
             stores,
             tls_ca,
@@ -825,6 +908,111 @@ impl RawLimits {
             )?,
             max_login_failures: self.max_login_failures.unwrap_or(d.max_login_failures),
             ban: self.ban_seconds.map(Duration::from_secs).unwrap_or(d.ban),
+            login_threads: match self.login_threads {
+                None => d.login_threads,
+                Some(v) if (1..=64).contains(&v) => v,
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        "limits.login_threads",
+                        "must be between 1 and 64",
+                    ))
+                }
+            },
+            login_queue: match self.login_queue {
+                None => d.login_queue,
+                Some(v) if (1..=1_000_000).contains(&v) => v,
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        "limits.login_queue",
+                        "must be between 1 and 1000000",
+                    ))
+                }
+            },
+            logins_per_address: match self.logins_per_address {
+                None => d.logins_per_address,
+                Some(v) if (1..=1000).contains(&v) => v,
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        "limits.logins_per_address",
+                        "must be between 1 and 1000",
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl RawSecurity {
+    fn validate(self, base: &Path, has_token: bool) -> Result<Security, ConfigError> {
+        let clone_auth = match (self.clone_auth.as_deref(), has_token) {
+            (None | Some("token"), true) => CloneAuth::Token,
+            (None, false) => CloneAuth::Closed,
+            (Some("token"), false) => {
+                return Err(ConfigError::new(
+                    "security.clone_auth",
+                    "\"token\" needs auth.token or auth.token_file",
+                ))
+            }
+            (Some("none"), false) => CloneAuth::Open,
+            (Some("none"), true) => {
+                return Err(ConfigError::new(
+                    "security.clone_auth",
+                    "\"none\" with an [auth] token: remove one of them",
+                ))
+            }
+            (Some(o), _) => {
+                return Err(ConfigError::new(
+                    "security.clone_auth",
+                    format!("`{o}` is not \"token\" or \"none\""),
+                ))
+            }
+        };
+        let bans = match self.bans.as_deref() {
+            None | Some("all") => BanScope::All,
+            Some("store") => BanScope::Store,
+            Some(o) => {
+                return Err(ConfigError::new(
+                    "security.bans",
+                    format!("`{o}` is not \"all\" or \"store\""),
+                ))
+            }
+        };
+        let node_info = match self.node_info.as_deref() {
+            None | Some("login") => NodeInfo::Login,
+            Some("off") => NodeInfo::Off,
+            Some("anyone") => NodeInfo::Anyone,
+            Some(o) => {
+                return Err(ConfigError::new(
+                    "security.node_info",
+                    format!("`{o}` is not \"login\", \"anyone\" or \"off\""),
+                ))
+            }
+        };
+        let admin_token = match (self.admin_token, self.admin_token_file) {
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "security.admin_token_file",
+                    "give either security.admin_token or security.admin_token_file, not both",
+                ))
+            }
+            (Some(t), None) if t.is_empty() => {
+                return Err(ConfigError::new(
+                    "security.admin_token",
+                    "must not be empty",
+                ))
+            }
+            (Some(t), None) => Some(t),
+            (None, Some(f)) => Some(read_secret(
+                "security.admin_token_file",
+                &resolve(base, &f),
+            )?),
+        };
+        Ok(Security {
+            clone_auth,
+            bans,
+            node_info,
+            admin_token,
         })
     }
 }
@@ -924,6 +1112,19 @@ mod tests {
             ("[auth]\ntoken_file = \"missing\"", "auth.token_file"),
             ("[tls]\nca_file = \"missing.pem\"", "tls.ca_file"),
             ("[limits]\nmax_frame = 1", "limits.max_frame"),
+            ("[limits]\nlogin_threads = 0", "limits.login_threads"),
+            (
+                "[limits]\nlogins_per_address = 0",
+                "limits.logins_per_address",
+            ),
+            ("[security]\nclone_auth = \"maybe\"", "security.clone_auth"),
+            ("[security]\nclone_auth = \"token\"", "security.clone_auth"),
+            (
+                "[auth]\ntoken = \"t\"\n[security]\nclone_auth = \"none\"",
+                "security.clone_auth",
+            ),
+            ("[security]\nbans = \"some\"", "security.bans"),
+            ("[security]\nnode_info = \"all\"", "security.node_info"),
             ("[limits]\nslow_consumer = \"drop\"", "limits.slow_consumer"),
             ("[[store]]\nname = \"s\"\nmode = \"fast\"", "store[0].mode"),
             (

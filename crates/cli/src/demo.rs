@@ -197,6 +197,10 @@ fn node_config(
         listen: vec![listen("tcp://127.0.0.1:0"), listen("ws://127.0.0.1:0/")],
         peers: prev.into_iter().map(|(id, url)| Peer { id, url }).collect(),
         token: Some("demo-clone-token".into()),
+        security: crate::config::Security {
+            clone_auth: crate::config::CloneAuth::Token,
+            ..Default::default()
+        },
         limits: Limits::default(),
         stores: vec![store],
         tls_ca: None,

@@ -31,7 +31,7 @@ use replimesh::transport::{self, CloseReason, RecvError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::StoreSettings;
+use crate::config::{BanScope, CloneAuth, NodeConfig, NodeInfo, StoreSettings};
 use crate::metrics::{Counter, Gauge, Registry};
 
 /// Frames waiting for the mesh or a store on one connection before the node
@@ -45,9 +45,11 @@ type LoginCheck = (Arc<store::Logins>, Vec<String>);
 struct Access {
     /// login -> (the check for one configured value, the stores with that value)
     users: HashMap<String, Vec<LoginCheck>>,
-    /// One Argon2id verification at a time (they are slow and memory-hard on
-    /// purpose): a flood of logins cannot take every core.
-    verifying: tokio::sync::Semaphore,
+    /// A table whose dummy hash is checked for unknown users, and to bring
+    /// every login to the same number of checks.
+    dummy: Option<Arc<store::Logins>>,
+    /// Argon2 checks per login: the most values any login has (usually 1).
+    checks_per_login: usize,
 }
 
 impl Access {
@@ -68,28 +70,32 @@ impl Access {
                 .map_err(|e| anyhow::anyhow!("store {} login {user}: {e}", names[0]))?;
             users.entry(user).or_default().push((Arc::new(l), names));
         }
+        let dummy = users.values().flatten().next().map(|(l, _)| l.clone());
+        let checks_per_login = users.values().map(Vec::len).max().unwrap_or(0);
         Ok(Access {
             users,
-            verifying: tokio::sync::Semaphore::new(1),
+            dummy,
+            checks_per_login,
         })
     }
 
-    /// The stores this login and password may use (empty: none).
-    async fn allowed(&self, user: &str, password: &str) -> HashSet<String> {
+    /// The stores this login and password may use (empty: none). Slow on
+    /// purpose (Argon2id): runs on the gate's check pool. Every login name,
+    /// known or not, costs the same number of checks: unknown users (and
+    /// users with fewer values than others) are checked against a dummy
+    /// hash.
+    fn allowed(&self, user: &str, password: &str) -> HashSet<String> {
         let mut out = HashSet::new();
-        let Some(entries) = self.users.get(user) else {
-            return out;
-        };
-        let Ok(_permit) = self.verifying.acquire().await else {
-            return out;
-        };
+        let entries = self.users.get(user).map(Vec::as_slice).unwrap_or(&[]);
         for (logins, names) in entries {
-            let (l, u, p) = (logins.clone(), user.to_owned(), password.to_owned());
-            let ok = tokio::task::spawn_blocking(move || l.verify(&u, &p))
-                .await
-                .unwrap_or(false);
-            if ok {
+            if logins.verify(user, password) {
                 out.extend(names.iter().cloned());
+            }
+        }
+        if let Some(dummy) = &self.dummy {
+            for _ in entries.len()..self.checks_per_login {
+                // The empty user name is never configured: its dummy hash.
+                let _ = dummy.verify("", password);
             }
         }
         out
@@ -180,9 +186,16 @@ pub(crate) struct Front {
     mesh: mesh::Server,
     stores: store::Server,
     hosted: HashSet<String>,
-    access: Access,
+    access: Arc<Access>,
     /// The hello, bans and login checks, as the store server's listeners.
     gate: store::Gate,
+    /// Who may open clone links, and the token they must present.
+    clone_auth: CloneAuth,
+    token: Option<Vec<u8>>,
+    /// What bans cover.
+    bans: BanScope,
+    /// Who may ask `node/info`.
+    node_info: NodeInfo,
     /// Stops the listeners.
     accepting: CancellationToken,
     /// Stops everything (after the mesh and the stores said goodbye).
@@ -194,26 +207,49 @@ impl Front {
     pub(crate) fn new(
         mesh: mesh::Server,
         stores: store::Server,
-        settings: &[StoreSettings],
-        limits: &crate::config::Limits,
+        config: &NodeConfig,
         registry: &Registry,
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Front>> {
-        Ok(Arc::new(Front {
+        let (settings, limits) = (&config.stores, &config.limits);
+        let front = Arc::new(Front {
             mesh,
             stores,
             hosted: settings.iter().map(|s| s.name.clone()).collect(),
-            access: Access::new(settings)?,
+            access: Arc::new(Access::new(settings)?),
             gate: store::Gate::new(
                 limits.max_login_failures,
                 limits.ban,
                 limits.handshake_timeout,
                 stop.clone(),
-            ),
+            )
+            .with_pool(store::CheckPool::new(
+                limits.login_threads,
+                limits.login_queue,
+            ))
+            .logins_per_address(limits.logins_per_address),
+            clone_auth: config.security.clone_auth,
+            token: config.token.as_ref().map(|t| t.as_bytes().to_vec()),
+            bans: config.security.bans,
+            node_info: config.security.node_info,
             accepting: stop.child_token(),
             stop,
             stats: FrontStats::new(registry, settings),
-        }))
+        });
+        let weak = Arc::downgrade(&front);
+        registry.counter_fn(
+            "replimesh_password_checks_total",
+            "Logins whose password was checked (each runs one or more Argon2id checks)",
+            &[],
+            move || weak.upgrade().map_or(0.0, |f| f.gate.checks() as f64),
+        );
+        registry.counter_fn(
+            "replimesh_argon2_runs_total",
+            "Argon2id computations of this process (hashes and checks, dummy ones included)",
+            &[],
+            || store::argon2_runs() as f64,
+        );
+        Ok(front)
     }
 
     /// Accepts on `listener` until the node stops.
@@ -266,6 +302,9 @@ impl Front {
                 Err(e) => break Some(e),
             };
             let field = field_of(&body);
+            if field == REQUEST_FIELD && self.refuse_info(&tx, &body, !login.is_empty()) {
+                continue;
+            }
             if !STORE_FIELDS.contains(&field) {
                 self.stats.frames_mesh.inc();
                 if field == PUBLISH_FIELD {
@@ -341,25 +380,99 @@ impl Front {
         tx: &transport::Sender,
         rx: &mut transport::Receiver,
     ) -> Option<(proto::Hello, String, HashSet<String>)> {
+        // A banned address is refused before it may say anything (with
+        // `bans = "store"`, only its store logins are).
+        if self.bans == BanScope::All && self.gate.refuse_banned(tx) {
+            return None;
+        }
         let mut hello = self.gate.hello(tx, rx).await?;
         if hello.kind == PeerKind::Clone as i32 {
+            self.check_clone(tx, &hello).then_some(())?;
             return Some((hello, String::new(), HashSet::new()));
         }
         let mut allowed = HashSet::new();
         if !hello.login.is_empty() {
-            let verify = async {
-                let allowed = self.access.allowed(&hello.login, &hello.password).await;
-                if allowed.is_empty() {
-                    self.stats.login_failures.inc();
+            let (access, user, password) = (
+                self.access.clone(),
+                hello.login.clone(),
+                hello.password.clone(),
+            );
+            let check = move || Some(access.allowed(&user, &password)).filter(|a| !a.is_empty());
+            match self.gate.login(tx, &hello.login, check).await {
+                Ok(a) => allowed = a,
+                Err(refusal) => {
+                    if refusal == store::Refusal::Failed {
+                        self.stats.login_failures.inc();
+                    }
                     return None;
                 }
-                Some(allowed)
-            };
-            allowed = self.gate.login(tx, &hello.login, verify).await.ok()?;
+            }
         }
         let login = std::mem::take(&mut hello.login);
         hello.password.clear();
         Some((hello, login, allowed))
+    }
+
+    /// Whether a clone link may go on (else it was closed): with a token,
+    /// the hello must present it (a wrong one counts as a failed login of
+    /// the address, with `bans = "all"`); without one, only a node that
+    /// says `clone_auth = "none"` takes clone links.
+    fn check_clone(&self, tx: &transport::Sender, hello: &proto::Hello) -> bool {
+        match (self.clone_auth, &self.token) {
+            (CloneAuth::Open, _) => true,
+            (CloneAuth::Token, Some(token)) => {
+                let ok = constant_time_eq(&hello.auth, token);
+                if self.bans == BanScope::All {
+                    return self.gate.check_now(tx, "clone link", ok).is_ok();
+                }
+                if !ok {
+                    tracing::info!(peer = %tx.peer_addr(), clone = %hello.id, "clone link refused: wrong token");
+                    tx.close(CloseCode::AuthFailed, "wrong clone token");
+                }
+                ok
+            }
+            _ => {
+                // Nothing to guess: not counted towards a ban.
+                tracing::info!(peer = %tx.peer_addr(), clone = %hello.id, "clone link refused: this node takes no clone links");
+                tx.close(
+                    CloseCode::AuthFailed,
+                    "this node takes no clone links (no [auth] token configured)",
+                );
+                false
+            }
+        }
+    }
+
+    /// Whether a client's mesh frame is a `node/info` request it may not
+    /// make; if so it was answered with an error here.
+    fn refuse_info(&self, tx: &transport::Sender, body: &[u8], logged_in: bool) -> bool {
+        let allowed = match self.node_info {
+            NodeInfo::Anyone => return false,
+            NodeInfo::Login => logged_in,
+            NodeInfo::Off => false,
+        };
+        let Ok(Frame {
+            body: Some(Body::Request(r)),
+        }) = <Frame as proto::Message>::decode(body)
+        else {
+            return false;
+        };
+        if r.route != "node" || r.act != "info" || allowed {
+            return false;
+        }
+        let message = match self.node_info {
+            NodeInfo::Off => "node/info is off on this node",
+            _ => "node/info needs a login (give it in the connection's hello)",
+        };
+        let _ = tx.send(&Frame::new(Body::Response(proto::Response {
+            id: r.id,
+            error: Some(proto::ErrorInfo {
+                code: 403,
+                message: message.into(),
+            }),
+            ..Default::default()
+        })));
+        true
     }
 
     /// Why this connection may not attach to store `name`, as the frame to
@@ -390,6 +503,16 @@ impl Front {
 const STORE_FIELDS: std::ops::RangeInclusive<u32> = 30..=49;
 /// `Frame` field of `Publish`.
 const PUBLISH_FIELD: u32 = 15;
+/// `Frame` field of `Request`.
+const REQUEST_FIELD: u32 = 10;
+
+/// Compares two secrets in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// The `Frame` field number an encoded frame body starts with (its `body`
 /// variant, as the encoder writes one field); 0 for an empty or bad body.

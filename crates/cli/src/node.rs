@@ -205,15 +205,39 @@ impl AdminSource for Shared {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         v["uptime_s"] = json!(self.started.elapsed().as_secs_f64());
+        v["security"] = self.security_json();
         v["stores"] = json!(self.stores_json());
         v
     }
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
+    fn admin_token(&self) -> Option<&str> {
+        self.config.security.admin_token.as_deref()
+    }
 }
 
 impl Shared {
+    /// The node's access controls, as `/api/status` shows them (`clone_links`
+    /// is `"open"` on a node that takes any clone).
+    fn security_json(&self) -> serde_json::Value {
+        use crate::config::{BanScope, CloneAuth, NodeInfo};
+        let s = &self.config.security;
+        json!({
+            "clone_links": match s.clone_auth {
+                CloneAuth::Token => "token",
+                CloneAuth::Closed => "closed",
+                CloneAuth::Open => "open",
+            },
+            "bans": match s.bans { BanScope::All => "all", BanScope::Store => "store" },
+            "node_info": match s.node_info {
+                NodeInfo::Off => "off",
+                NodeInfo::Login => "login",
+                NodeInfo::Anyone => "anyone",
+            },
+        })
+    }
+
     fn stores_json(&self) -> Vec<serde_json::Value> {
         self.stores
             .iter()
@@ -504,14 +528,16 @@ impl Node {
             .await
             .map_err(|e| anyhow::anyhow!("starting the mesh clone: {e}"))?;
         let stop = CancellationToken::new();
-        let front = Front::new(
-            mesh.clone(),
-            store_server,
-            &config.stores,
-            &config.limits,
-            &registry,
-            stop.clone(),
-        )?;
+        let front = Front::new(mesh.clone(), store_server, &config, &registry, stop.clone())?;
+        match config.security.clone_auth {
+            crate::config::CloneAuth::Open => tracing::warn!(
+                "security.clone_auth = \"none\": ANY peer that reaches a listener can join this mesh as a clone (delete groups, make this node dial URLs); use an [auth] token unless every listener is private"
+            ),
+            crate::config::CloneAuth::Closed => tracing::info!(
+                "no [auth] token: this node dials its peers but refuses incoming clone links"
+            ),
+            crate::config::CloneAuth::Token => {}
+        }
         let requests = registry.counter(
             "replimesh_requests_total",
             "Routed requests and sends handled by this node",

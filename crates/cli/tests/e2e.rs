@@ -103,6 +103,8 @@ admin = "127.0.0.1:0"
 url = "tcp://127.0.0.1:0"
 [auth]
 token_file = "token"
+[security]
+node_info = "anyone"
 [limits]
 idle_timeout_ms = 0
 [[store]]

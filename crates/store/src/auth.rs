@@ -1,7 +1,16 @@
-//! Logins (Argon2id hashes) and bans.
+//! Logins (Argon2id hashes), the pool that checks passwords, and bans.
+//!
+//! Every password check of a process runs on a [`CheckPool`]: a few
+//! dedicated threads (never the async runtime's), each with its own reused
+//! Argon2 memory, fed from one bounded queue ordered by priority (addresses
+//! that logged in before first, then by how often the address failed).
+//! The [`Gate`](crate::Gate) decides the priority, lets each address have one
+//! check at a time and counts the failures.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::cell::RefCell;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use argon2::password_hash::{Output, ParamsString, PasswordHash, Salt, SaltString};
@@ -62,14 +71,27 @@ impl Default for HashCost {
     }
 }
 
-/// The process's one Argon2 working memory, reused by every hash and
-/// verification (they run one at a time: at start-up, then on the login
-/// thread). Allocating 7 MiB per login and freeing it left the memory with
-/// the allocator's arenas: about 36 MiB of resident memory after a few
-/// logins, against 7 MiB now.
-static MEMORY: Mutex<Vec<Block>> = Mutex::new(Vec::new());
+/// Argon2 computations (hashes and verifications) run by this process.
+static ARGON2_RUNS: AtomicU64 = AtomicU64::new(0);
 
-/// Raw Argon2id of `password` with `salt` into `out`, in [`MEMORY`].
+/// How many Argon2 computations (hashes made and passwords checked,
+/// including the dummy checks of unknown users) this process has run: for
+/// metrics, and for tests that check that every login path pays the same
+/// cost.
+pub fn argon2_runs() -> u64 {
+    ARGON2_RUNS.load(Ordering::Relaxed)
+}
+
+thread_local! {
+    /// The Argon2 working memory of a [`CheckPool`] thread, reused by each
+    /// check it runs (allocating 7 MiB per login and freeing it left the
+    /// memory with the allocator's arenas: about 36 MiB of resident memory
+    /// after a few logins). Other threads (hashing at start-up) allocate
+    /// theirs for the one computation.
+    static POOL_MEMORY: RefCell<Option<Vec<Block>>> = const { RefCell::new(None) };
+}
+
+/// Raw Argon2id of `password` with `salt` into `out`.
 fn argon2id_into(
     params: Params,
     version: Version,
@@ -77,13 +99,21 @@ fn argon2id_into(
     salt: &[u8],
     out: &mut [u8],
 ) -> Result<(), argon2::Error> {
+    ARGON2_RUNS.fetch_add(1, Ordering::Relaxed);
     let n = params.block_count();
     let argon = Argon2::new(Algorithm::Argon2id, version, params);
-    let mut memory = MEMORY.lock().unwrap_or_else(|e| e.into_inner());
-    if memory.len() < n {
-        memory.resize(n, Block::default());
-    }
-    argon.hash_password_into_with_memory(password, salt, out, &mut memory[..n])
+    POOL_MEMORY.with(|m| match m.borrow_mut().as_mut() {
+        Some(memory) => {
+            if memory.len() < n {
+                memory.resize(n, Block::default());
+            }
+            argon.hash_password_into_with_memory(password, salt, out, &mut memory[..n])
+        }
+        None => {
+            let mut memory = vec![Block::default(); n];
+            argon.hash_password_into_with_memory(password, salt, out, &mut memory)
+        }
+    })
 }
 
 /// Hashes a password as an Argon2id PHC string (`$argon2id$v=19$...`), for
@@ -201,7 +231,10 @@ impl Logins {
         self.users.is_empty()
     }
 
-    /// Checks a login (slow on purpose: run it off the async threads).
+    /// Checks a login (slow on purpose: run it off the async threads, e.g.
+    /// on a [`CheckPool`]). An unknown user is checked against a dummy hash
+    /// of the same cost, so that it takes as long as a known one (a table
+    /// without users refuses at once: there is nobody to find).
     pub fn verify(&self, user: &str, password: &str) -> bool {
         let (hash, known) = match self.users.get(user) {
             Some(h) => (h.as_str(), true),
@@ -218,16 +251,249 @@ impl Logins {
     }
 }
 
+/// A password check could not run: the [`CheckPool`]'s queue was full of
+/// checks with a better priority, or the pool stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many password checks waiting")]
+pub struct Busy;
+
+/// One queued check: lower `priority` first, then first come first served.
+struct Job {
+    priority: u32,
+    seq: u64,
+    run: Box<dyn FnOnce() + Send>,
+}
+
+impl Job {
+    fn key(&self) -> (u32, u64) {
+        (self.priority, self.seq)
+    }
+}
+
+impl PartialEq for Job {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Job {}
+impl PartialOrd for Job {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Job {
+    /// The heap pops the greatest: the lowest priority value, then the oldest.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.key().cmp(&self.key())
+    }
+}
+
+struct PoolState {
+    queue: BinaryHeap<Job>,
+    next_seq: u64,
+    spawned: usize,
+    closed: bool,
+}
+
+struct PoolInner {
+    state: Mutex<PoolState>,
+    ready: Condvar,
+    threads: usize,
+    max_queue: usize,
+}
+
+impl PoolInner {
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A pool thread: runs jobs until the pool closes.
+    fn work(&self) {
+        POOL_MEMORY.with(|m| *m.borrow_mut() = Some(Vec::new()));
+        loop {
+            let job = {
+                let mut st = self.state();
+                loop {
+                    if let Some(j) = st.queue.pop() {
+                        break j;
+                    }
+                    if st.closed {
+                        return;
+                    }
+                    st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            (job.run)();
+        }
+    }
+}
+
+/// Closes the pool when the last [`CheckPool`] handle goes: its threads end
+/// once the queue is empty.
+struct PoolHandle(Arc<PoolInner>);
+
+impl Drop for PoolHandle {
+    fn drop(&mut self) {
+        self.0.state().closed = true;
+        self.0.ready.notify_all();
+    }
+}
+
+/// The budget of password checks (Argon2 work) of a process or a server:
+/// at most `threads` checks run at once, each on a dedicated thread with
+/// its own reused Argon2 memory (so memory is `threads` × one hash's
+/// memory), and at most `max_queue` wait. Waiting checks run by priority
+/// (lower first), equal priorities in arrival order. When the queue is full,
+/// a new check with a better priority than the worst waiting one takes its
+/// place (that one fails with [`Busy`]); otherwise the new one fails with
+/// [`Busy`]. A check whose caller stopped waiting is skipped.
+///
+/// Cheap to clone (clones share the pool); the threads start at the first
+/// check and end when the last clone is dropped.
+#[derive(Clone)]
+pub struct CheckPool {
+    inner: Arc<PoolHandle>,
+}
+
+impl std::fmt::Debug for CheckPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckPool")
+            .field("threads", &self.inner.0.threads)
+            .field("max_queue", &self.inner.0.max_queue)
+            .finish()
+    }
+}
+
+impl Default for CheckPool {
+    /// One thread, 256 waiting checks.
+    fn default() -> Self {
+        CheckPool::new(1, 256)
+    }
+}
+
+impl CheckPool {
+    /// A pool of `threads` (at least 1) checks at a time and `max_queue`
+    /// (at least 1) waiting ones.
+    pub fn new(threads: usize, max_queue: usize) -> CheckPool {
+        CheckPool {
+            inner: Arc::new(PoolHandle(Arc::new(PoolInner {
+                state: Mutex::new(PoolState {
+                    queue: BinaryHeap::new(),
+                    next_seq: 0,
+                    spawned: 0,
+                    closed: false,
+                }),
+                ready: Condvar::new(),
+                threads: threads.max(1),
+                max_queue: max_queue.max(1),
+            }))),
+        }
+    }
+
+    /// The process's shared pool (the default one: 1 thread, 256 waiting).
+    pub fn global() -> CheckPool {
+        static GLOBAL: std::sync::OnceLock<CheckPool> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(CheckPool::default).clone()
+    }
+
+    /// Checks waiting now.
+    pub fn waiting(&self) -> usize {
+        self.inner.0.state().queue.len()
+    }
+
+    /// Runs `check` on one of the pool's threads with `priority` (lower
+    /// runs first) and returns its result; [`Busy`] when it was refused or
+    /// pushed out of a full queue.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        priority: u32,
+        check: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Busy> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let run = Box::new(move || {
+            // Skipped when nobody waits for the answer any more.
+            if !tx.is_closed() {
+                let _ = tx.send(check());
+            }
+        });
+        let inner = &self.inner.0;
+        {
+            let mut st = inner.state();
+            if st.closed {
+                return Err(Busy);
+            }
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let job = Job { priority, seq, run };
+            if st.queue.len() >= inner.max_queue {
+                // Full: the worst waiting job (the smallest in the heap's
+                // order) makes room if the new one is better.
+                let mut jobs = std::mem::take(&mut st.queue).into_vec();
+                let worst = jobs
+                    .iter()
+                    .enumerate()
+                    .min_by(|a, b| a.1.cmp(b.1))
+                    .map(|(i, _)| i);
+                match worst {
+                    Some(i) if jobs[i] < job => {
+                        jobs.swap_remove(i);
+                        jobs.push(job);
+                    }
+                    _ => {
+                        st.queue = BinaryHeap::from(jobs);
+                        return Err(Busy);
+                    }
+                }
+                st.queue = BinaryHeap::from(jobs);
+            } else {
+                st.queue.push(job);
+            }
+            if st.spawned < inner.threads {
+                let worker = inner.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("password-check".into())
+                    .spawn(move || worker.work());
+                match spawned {
+                    Ok(_) => st.spawned += 1,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a password-check thread");
+                        if st.spawned == 0 {
+                            st.queue.clear();
+                            return Err(Busy);
+                        }
+                    }
+                }
+            }
+        }
+        inner.ready.notify_one();
+        rx.await.map_err(|_| Busy)
+    }
+}
+
 /// Addresses whose failed logins are counted at once; past that the counts
 /// start again (bans are kept), so a flood of addresses takes bounded memory.
 const MAX_COUNTED: usize = 100_000;
 
-/// Failed-login counting and bans per address.
+/// How long an address that logged in is remembered as known (its checks
+/// go first in the [`CheckPool`]).
+const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// Logins of one address in progress: the turn (one check at a time) and
+/// how many wait for it, the running one included.
+struct InFlight {
+    turn: Arc<tokio::sync::Mutex<()>>,
+    count: usize,
+}
+
+/// Failed-login counting, bans, logins in progress and known addresses,
+/// per address.
 pub(crate) struct Bans {
     max_failures: u32,
     duration: Duration,
     failures: HashMap<String, u32>,
     banned: HashMap<String, Instant>,
+    in_flight: HashMap<String, InFlight>,
+    known: HashMap<String, Instant>,
 }
 
 impl Bans {
@@ -237,6 +503,8 @@ impl Bans {
             duration,
             failures: HashMap::new(),
             banned: HashMap::new(),
+            in_flight: HashMap::new(),
+            known: HashMap::new(),
         }
     }
 
@@ -273,6 +541,52 @@ impl Bans {
 
     pub(crate) fn success(&mut self, key: &str) {
         self.failures.remove(key);
+        if self.known.len() >= MAX_COUNTED {
+            let now = Instant::now();
+            self.known.retain(|_, until| *until > now);
+            if self.known.len() >= MAX_COUNTED {
+                self.known.clear();
+            }
+        }
+        self.known
+            .insert(key.to_owned(), Instant::now() + KNOWN_FOR);
+    }
+
+    /// The priority of the address's next password check (lower first):
+    /// 0 for an address that logged in within a day, else 1 plus its
+    /// failures so far.
+    pub(crate) fn priority(&self, key: &str) -> u32 {
+        match self.known.get(key) {
+            Some(until) if Instant::now() < *until => 0,
+            _ => 1 + self.failures.get(key).copied().unwrap_or(0),
+        }
+    }
+
+    /// A login of `key` starts: the turn to wait for, or `None` when `max`
+    /// logins of this address are in progress already.
+    pub(crate) fn enter(&mut self, key: &str, max: usize) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let e = self
+            .in_flight
+            .entry(key.to_owned())
+            .or_insert_with(|| InFlight {
+                turn: Arc::new(tokio::sync::Mutex::new(())),
+                count: 0,
+            });
+        if e.count >= max.max(1) {
+            return None;
+        }
+        e.count += 1;
+        Some(e.turn.clone())
+    }
+
+    /// A login of `key` that [`Bans::enter`] admitted is over.
+    pub(crate) fn leave(&mut self, key: &str) {
+        if let Some(e) = self.in_flight.get_mut(key) {
+            e.count -= 1;
+            if e.count == 0 {
+                self.in_flight.remove(key);
+            }
+        }
     }
 }
 

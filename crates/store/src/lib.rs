@@ -107,10 +107,10 @@ mod store;
 mod worker;
 
 pub use crate::core::SyncMode;
-pub use auth::{hash_password, HashCost, LoginError, Logins};
+pub use auth::{argon2_runs, hash_password, Busy, CheckPool, HashCost, LoginError, Logins};
 pub use client::{Client, ClientConfig, ConnectError};
 pub use error::{DispatchError, ErrorCode, RemoteError};
-pub use gate::{accept_each, Gate, Refusal};
+pub use gate::{accept_each, Gate, Refusal, DEFAULT_LOGINS_PER_ADDRESS};
 pub use persist::{
     BackupPersistence, MemoryPersistence, Origin, PersistError, Persistence, Recovered,
 };

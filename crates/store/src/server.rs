@@ -101,53 +101,9 @@ struct ServerShared {
     stores: RwLock<HashMap<String, Arc<dyn AnyStore>>>,
     gate: Gate,
     urls: Mutex<Vec<String>>,
-    verifier: Verifier,
+    /// The login table, shared with the password checks.
+    logins: Arc<Logins>,
     stop: CancellationToken,
-}
-
-type VerifyJob = (String, String, tokio::sync::oneshot::Sender<bool>);
-
-/// Checks passwords on one dedicated thread, one at a time: Argon2id is slow
-/// and memory-hard on purpose, so this bounds both the CPU a flood of logins
-/// can take and the memory (one hash's worth, reused).
-struct Verifier {
-    tx: Mutex<Option<std::sync::mpsc::Sender<VerifyJob>>>,
-    logins: Logins,
-}
-
-impl Verifier {
-    fn new(logins: Logins) -> Self {
-        Verifier {
-            tx: Mutex::new(None),
-            logins,
-        }
-    }
-
-    async fn verify(&self, user: String, password: String) -> bool {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        {
-            let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-            let sender = tx.get_or_insert_with(|| {
-                let (jtx, jrx) = std::sync::mpsc::channel::<VerifyJob>();
-                let logins = self.logins.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("store-login".into())
-                    .spawn(move || {
-                        for (user, password, reply) in jrx {
-                            let _ = reply.send(logins.verify(&user, &password));
-                        }
-                    });
-                if let Err(e) = spawned {
-                    tracing::error!(error = %e, "cannot start the login thread");
-                }
-                jtx
-            });
-            if sender.send((user, password, reply)).is_err() {
-                return false;
-            }
-        }
-        rx.await.unwrap_or(false)
-    }
 }
 
 /// Serves stores to replicas: over listeners ([`Server::listen`]) and to
@@ -187,7 +143,7 @@ impl Server {
             config.auth_timeout,
             stop.clone(),
         );
-        let verifier = Verifier::new(config.logins.clone());
+        let logins = Arc::new(config.logins.clone());
         Server {
             shared: Arc::new(ServerShared {
                 id: format!("{:016x}", random_nonzero()),
@@ -195,7 +151,7 @@ impl Server {
                 stores: RwLock::new(HashMap::new()),
                 gate,
                 urls: Mutex::new(Vec::new()),
-                verifier,
+                logins,
                 stop,
             }),
         }
@@ -389,13 +345,13 @@ async fn handle(shared: Arc<ServerShared>, conn: transport::Connection, trusted:
         return;
     };
     if !trusted && !shared.config.danger_allow_anonymous {
-        let verify = shared
-            .verifier
-            .verify(hello.login.clone(), hello.password.clone());
-        let login = shared
-            .gate
-            .login(&tx, &hello.login, async { verify.await.then_some(()) });
-        if login.await.is_err() {
+        let (logins, user, password) = (
+            shared.logins.clone(),
+            hello.login.clone(),
+            hello.password.clone(),
+        );
+        let check = move || logins.verify(&user, &password).then_some(());
+        if shared.gate.login(&tx, &hello.login, check).await.is_err() {
             return;
         }
     }

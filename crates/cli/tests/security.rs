@@ -1,0 +1,362 @@
+//! Issue #13, attacked as a stranger would over real sockets: logins that
+//! cannot be brute-forced by concurrency or enumerated by timing, bans on
+//! every door, clone links closed by default, nothing for strangers.
+
+use std::path::Path;
+use std::time::Duration;
+
+use replimesh::mesh;
+use replimesh::proto::{self, frame::Body, CloseCode, Frame, PeerKind};
+use replimesh::store;
+use replimesh::transport::{self, Connection, RecvError};
+use replimesh_cli::admin::http_get;
+use replimesh_cli::config::NodeConfig;
+use replimesh_cli::metrics::parse_text;
+use replimesh_cli::node::Node;
+
+const T: Duration = Duration::from_secs(30);
+
+/// The tests that count Argon2 runs (a process-wide counter) run one at a
+/// time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A cheap Argon2id PHC string (unoptimized test builds pay the production
+/// cost at every check).
+fn phc(password: &str) -> String {
+    let cost = store::HashCost {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+    store::hash_password(password, cost).unwrap()
+}
+
+fn node_config(extra: &str) -> NodeConfig {
+    node_config_with(extra, &phc("right"))
+}
+
+fn node_config_with(extra: &str, pw: &str) -> NodeConfig {
+    NodeConfig::parse(
+        &format!(
+            r#"
+            id = "target"
+            admin = "127.0.0.1:0"
+            [[listen]]
+            url = "tcp://127.0.0.1:0"
+            {extra}
+            [[store]]
+            name = "kv"
+            reducer = "kv"
+            logins = {{ app = "{pw}" }}
+            "#
+        ),
+        Path::new("."),
+    )
+    .unwrap()
+}
+
+fn hello(kind: PeerKind, login: &str, password: &str, auth: &[u8]) -> Frame {
+    Frame::new(Body::Hello(proto::Hello {
+        version: proto::PROTOCOL_VERSION,
+        kind: kind as i32,
+        id: "attacker".into(),
+        url: "tcp://127.0.0.1:7599".into(),
+        incarnation: 1,
+        auth: auth.to_vec().into(),
+        login: login.into(),
+        password: password.into(),
+        ..Default::default()
+    }))
+}
+
+/// Connects, says `hello`, and returns the connection with its first
+/// answer (a frame, or how it ended).
+async fn say(url: &str, hello: Frame) -> (Connection, Result<Frame, RecvError>) {
+    let mut c = tokio::time::timeout(T, transport::connect(url, &transport::Config::default()))
+        .await
+        .expect("connect timed out")
+        .expect("connect failed");
+    // A banned address may be closed before the hello is sent.
+    let _ = c.send(&hello);
+    let first = tokio::time::timeout(T, c.recv())
+        .await
+        .expect("no answer to the hello");
+    (c, first)
+}
+
+fn close_code(r: &Result<Frame, RecvError>) -> Option<(u32, String)> {
+    match r {
+        Err(RecvError::Closed { code, reason }) => Some((*code, reason.clone())),
+        _ => None,
+    }
+}
+
+fn is_welcome(r: &Result<Frame, RecvError>) -> bool {
+    matches!(
+        r,
+        Ok(Frame {
+            body: Some(Body::Welcome(_))
+        })
+    )
+}
+
+async fn metric(node: &Node, name: &str) -> f64 {
+    let (code, body) = tokio::time::timeout(T, http_get(node.admin_addr().unwrap(), "/metrics"))
+        .await
+        .expect("metrics timed out")
+        .unwrap();
+    assert_eq!(code, 200);
+    let samples = parse_text(&body).unwrap();
+    samples
+        .iter()
+        .find(|(n, _, _)| n == name)
+        .map(|s| s.2)
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+/// Finding 1: 40 wrong logins at once from one address. The ban is checked
+/// just before each password check and each verdict counted before the
+/// next check of the address, so at most `max_login_failures` passwords are
+/// checked, and the address ends banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_wrong_logins_from_one_address_are_all_counted() {
+    let _serial = SERIAL.lock().await;
+    // A check that takes a while, as in production, so that the guesses
+    // really are concurrent.
+    let cost = store::HashCost {
+        memory_kib: 2048,
+        iterations: 2,
+        parallelism: 1,
+    };
+    let pw = store::hash_password("right", cost).unwrap();
+    let node = Node::start(node_config_with("[limits]\nmax_login_failures = 5", &pw))
+        .await
+        .unwrap();
+    let url = node.urls()[0].clone();
+    // 40 connections first, then their hellos all at once.
+    let mut conns = Vec::new();
+    for _ in 0..40 {
+        let c = tokio::time::timeout(T, transport::connect(&url, &transport::Config::default()))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
+        conns.push(c);
+    }
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(40));
+    let tries: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                let _ = c.send(&hello(PeerKind::Client, "app", "wrong", b""));
+                let r = tokio::time::timeout(T, c.recv())
+                    .await
+                    .expect("no answer to the hello");
+                close_code(&r).unwrap_or_else(|| panic!("a wrong login was not refused: {r:?}"))
+            })
+        })
+        .collect();
+    let mut checked = 0;
+    for t in tries {
+        let (code, reason) = t.await.unwrap();
+        assert!(
+            code == CloseCode::AuthFailed as u32 || code == CloseCode::Banned as u32,
+            "{code} {reason}"
+        );
+        if reason.starts_with("wrong login or password") {
+            checked += 1;
+        }
+    }
+    assert!(
+        checked <= 5,
+        "{checked} of 40 concurrent wrong passwords were checked (limit 5)"
+    );
+    assert!(metric(&node, "replimesh_password_checks_total").await <= 5.0);
+    // The address is banned now, even with the right password.
+    let (_c, r) = say(&url, hello(PeerKind::Client, "app", "right", b"")).await;
+    assert_eq!(close_code(&r).map(|c| c.0), Some(CloseCode::Banned as u32));
+    node.shutdown().await.unwrap();
+}
+
+/// Finding 3: an unknown user costs the same Argon2 work as a known one
+/// with a wrong password (counted, not timed: robust on a loaded machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_users_cost_as_much_as_known_ones() {
+    let _serial = SERIAL.lock().await;
+    let node = Node::start(node_config("[limits]\nmax_login_failures = 1000"))
+        .await
+        .unwrap();
+    let url = node.urls()[0].clone();
+    let mut runs = Vec::new();
+    for user in ["app", "nobody"] {
+        let before = metric(&node, "replimesh_argon2_runs_total").await;
+        for _ in 0..20 {
+            let (_c, r) = say(&url, hello(PeerKind::Client, user, "wrong", b"")).await;
+            assert_eq!(
+                close_code(&r).map(|c| c.0),
+                Some(CloseCode::AuthFailed as u32),
+                "{user}: {r:?}"
+            );
+        }
+        runs.push(metric(&node, "replimesh_argon2_runs_total").await - before);
+    }
+    assert_eq!(runs[0], 20.0, "one Argon2 check per known-user login");
+    assert_eq!(
+        runs[1], runs[0],
+        "unknown users must cost as much as known ones"
+    );
+    node.shutdown().await.unwrap();
+}
+
+/// Finding 4: a banned address is refused as a mesh client and as a clone;
+/// wrong clone tokens count towards the ban.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bans_cover_the_mesh_and_clone_links() {
+    let _serial = SERIAL.lock().await;
+    let node = Node::start(node_config(
+        "[auth]\ntoken = \"clone-secret\"\n[limits]\nmax_login_failures = 3",
+    ))
+    .await
+    .unwrap();
+    let url = node.urls()[0].clone();
+    // Three wrong clone tokens ban the address.
+    for i in 0..3 {
+        let (_c, r) = say(&url, hello(PeerKind::Clone, "", "", b"guess")).await;
+        let want = if i < 2 {
+            CloseCode::AuthFailed
+        } else {
+            CloseCode::Banned
+        };
+        assert_eq!(
+            close_code(&r).map(|c| c.0),
+            Some(want as u32),
+            "try {i}: {r:?}"
+        );
+    }
+    // Banned: a mesh client without a login, and a clone with the right token.
+    let (_c, r) = say(&url, hello(PeerKind::Client, "", "", b"")).await;
+    assert_eq!(
+        close_code(&r).map(|c| c.0),
+        Some(CloseCode::Banned as u32),
+        "{r:?}"
+    );
+    let (_c, r) = say(&url, hello(PeerKind::Clone, "", "", b"clone-secret")).await;
+    assert_eq!(
+        close_code(&r).map(|c| c.0),
+        Some(CloseCode::Banned as u32),
+        "{r:?}"
+    );
+    node.shutdown().await.unwrap();
+}
+
+/// With `bans = "store"`, a banned address still uses the mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_only_bans_leave_the_mesh_open() {
+    let _serial = SERIAL.lock().await;
+    let node = Node::start(node_config(
+        "[limits]\nmax_login_failures = 1\n[security]\nbans = \"store\"",
+    ))
+    .await
+    .unwrap();
+    let url = node.urls()[0].clone();
+    let (_c, r) = say(&url, hello(PeerKind::Client, "app", "wrong", b"")).await;
+    assert_eq!(
+        close_code(&r).map(|c| c.0),
+        Some(CloseCode::Banned as u32),
+        "{r:?}"
+    );
+    let (_c, r) = say(&url, hello(PeerKind::Client, "", "", b"")).await;
+    assert!(is_welcome(&r), "{r:?}");
+    let (_c, r) = say(&url, hello(PeerKind::Client, "app", "right", b"")).await;
+    assert_eq!(
+        close_code(&r).map(|c| c.0),
+        Some(CloseCode::Banned as u32),
+        "{r:?}"
+    );
+    node.shutdown().await.unwrap();
+}
+
+/// Finding 5: a node without `[auth]` refuses clone links unless it says
+/// `clone_auth = "none"`, and then `/api/status` says it is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_links_are_closed_without_auth() {
+    let _serial = SERIAL.lock().await;
+    let node = Node::start(node_config("")).await.unwrap();
+    let url = node.urls()[0].clone();
+    let (_c, r) = say(&url, hello(PeerKind::Clone, "", "", b"")).await;
+    assert_eq!(
+        close_code(&r).map(|c| c.0),
+        Some(CloseCode::AuthFailed as u32),
+        "a node without [auth] welcomed a clone: {r:?}"
+    );
+    assert_eq!(node.status()["security"]["clone_links"], "closed");
+    node.shutdown().await.unwrap();
+
+    let open = Node::start(node_config("[security]\nclone_auth = \"none\""))
+        .await
+        .unwrap();
+    let (_c, r) = say(&open.urls()[0], hello(PeerKind::Clone, "", "", b"")).await;
+    assert!(is_welcome(&r), "{r:?}");
+    assert_eq!(open.status()["security"]["clone_links"], "open");
+    open.shutdown().await.unwrap();
+}
+
+/// Finding 6: `node/info` refuses a client without a login by default, and
+/// answers one with a login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_info_refuses_strangers() {
+    let _serial = SERIAL.lock().await;
+    let node = Node::start(node_config("")).await.unwrap();
+    let url = node.urls()[0].clone();
+    let stranger = tokio::time::timeout(
+        T,
+        mesh::Client::connect(mesh::ClientConfig::new([url.clone()])),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let r = tokio::time::timeout(T, stranger.request("node", "info", &b""[..]))
+        .await
+        .expect("node/info did not answer");
+    match r {
+        Err(e) => assert!(e.to_string().contains("login"), "{e}"),
+        Ok(info) => panic!(
+            "node/info answered a stranger: {}",
+            String::from_utf8_lossy(&info)
+        ),
+    }
+    // Other routes still work for it.
+    let echo = tokio::time::timeout(T, stranger.request("echo", "", &b"x"[..]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo[..], b"x");
+    stranger.close();
+    node.shutdown().await.unwrap();
+}
+
+/// Finding 6: with `security.admin_token`, `/api/status` needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_status_can_require_the_admin_token() {
+    let _serial = SERIAL.lock().await;
+    let node = Node::start(node_config("[security]\nadmin_token = \"adm1n\""))
+        .await
+        .unwrap();
+    let a = node.admin_addr().unwrap();
+    let get = |path: &'static str| async move {
+        tokio::time::timeout(T, http_get(a, path))
+            .await
+            .expect("admin timed out")
+            .unwrap()
+    };
+    let (code, body) = get("/api/status").await;
+    assert_eq!(code, 401, "{body}");
+    assert!(!body.contains("target"), "{body}");
+    assert_eq!(get("/api/status?token=wrong").await.0, 401);
+    let (code, body) = get("/api/status?token=adm1n").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("\"target\""), "{body}");
+    assert_eq!(get("/health").await.0, 200);
+    node.shutdown().await.unwrap();
+}
