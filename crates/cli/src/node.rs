@@ -25,6 +25,9 @@ use crate::front::Front;
 use crate::metrics::{Counter, Registry};
 use crate::reducers::{Counter as CounterReducer, Kv};
 
+/// Longest group name that gets a `replimesh_group_subscribers` label.
+const MAX_GROUP_LABEL: usize = 128;
+
 /// A store hosted by a node, whatever its reducer.
 #[derive(Clone)]
 pub enum HostedStore {
@@ -288,9 +291,15 @@ impl Shared {
             .set(clones.iter().filter(|c| c.linked).count() as i64);
         r.gauge("replimesh_groups", "Local groups", &[])
             .set(group_count as i64);
-        // Subscriber gauges for up to 200 groups; stale ones are removed.
+        // Subscriber gauges for up to 200 groups whose names are at most
+        // 128 bytes (a longer name would be as long a label on every
+        // scrape: such groups get no gauge); stale ones are removed.
         let mut seen = BTreeMap::new();
-        for g in groups.iter().take(200) {
+        for g in groups
+            .iter()
+            .filter(|g| g.name.len() <= MAX_GROUP_LABEL)
+            .take(200)
+        {
             r.gauge(
                 "replimesh_group_subscribers",
                 "Local subscribers per group",

@@ -601,6 +601,63 @@ mod tests {
         parallelism: 1,
     };
 
+    /// The pool runs better priorities first, equal ones in arrival order,
+    /// and a full queue keeps the best checks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn check_pool_orders_by_priority_and_bounds_its_queue() {
+        let pool = CheckPool::new(1, 3);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        // Hold the only thread until every check is queued.
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first = tokio::spawn({
+            let (pool, started) = (pool.clone(), started.clone());
+            async move {
+                pool.run(0, move || {
+                    started.store(true, Ordering::SeqCst);
+                    hold.recv().is_ok()
+                })
+                .await
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !started.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pool did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut tasks = Vec::new();
+        for (name, priority) in [("late", 5u32), ("a", 1), ("b", 1), ("known", 0)] {
+            let (p, order) = (pool.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                p.run(priority, move || order.lock().unwrap().push(name))
+                    .await
+            }));
+            // Queued in this order.
+            let want = tasks.len().min(3);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while pool.waiting() < want {
+                assert!(std::time::Instant::now() < deadline, "not queued");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        // "late" is pushed out of the full queue by "known".
+        let late = tasks.remove(0);
+        let late = tokio::time::timeout(Duration::from_secs(10), late).await;
+        assert_eq!(late.expect("late was not pushed out").unwrap(), Err(Busy));
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), Ok(true));
+        let results: Vec<_> = futures_util::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(results, vec![Ok(()), Ok(()), Ok(())]);
+        assert_eq!(*order.lock().unwrap(), vec!["known", "a", "b"]);
+    }
+
     #[test]
     fn hash_and_verify() {
         let mut l = Logins::new();
