@@ -457,8 +457,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     while tally.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let seq = authority.seq();
-    let value = authority.state_json();
+    // The authority's state may be ahead of its seq by the actions its journal
+    // thread has not yet made durable (seq() counts durable actions only): read
+    // both once the seq has stopped moving, so they describe the same state.
+    let (seq, value) = {
+        let settle = Instant::now() + Duration::from_secs(5);
+        loop {
+            let before = authority.seq();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let value = authority.state_json();
+            let after = authority.seq();
+            if (before == after && value == json!(after)) || Instant::now() >= settle {
+                break (after, value);
+            }
+        }
+    };
     let mut all: Vec<HostedStore> = nodes
         .iter()
         .skip(1)

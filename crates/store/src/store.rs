@@ -559,9 +559,11 @@ impl<R: Reducer> Store<R> {
         };
         if matches!(g.core, Core::Authority { .. }) {
             g.wake_followers();
+            // Published under the lock: the journal thread publishes a newer
+            // durable head under it too, so `seq()` never moves back.
             let head = g.head();
-            drop(g);
             self.inner.publish(head);
+            drop(g);
         }
         Ok(pending)
     }
@@ -1199,9 +1201,10 @@ impl<R: Reducer> Inner<R> {
                     w.wake.notify_one();
                 }
             }
+            // Published under the lock (see `dispatch`): `seq()` never moves back.
             let head = g.head();
-            drop(g);
             self.publish(head);
+            drop(g);
         } else {
             g.flush_follower(fid);
         }
