@@ -460,3 +460,76 @@ async fn redux_cluster_counter_runs_and_restores() {
         .unwrap()
         .unwrap();
 }
+
+/// The guide's Rust authority for the counter: backup, two servers, a
+/// replica; after a restart from the backup the state is there again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redux_cluster_rust_authority_restores() {
+    use replimesh::backup::{BackupConfig, FsyncPolicy, KdfParams};
+    use replimesh::store::{BackupPersistence, Logins, ServerConfig, SyncMode};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("counter.backup");
+    // As in the guide, with a cheap key derivation for the unoptimized build.
+    let open = || {
+        let backup = BackupConfig::new(&path)
+            .key("password-for-encrypter")
+            .count(1000)
+            .timeout(Duration::from_secs(5))
+            .journal(FsyncPolicy::Always)
+            .kdf(KdfParams {
+                m_cost_kib: 64,
+                t_cost: 1,
+                p_cost: 1,
+            });
+        let persistence = BackupPersistence::open(backup, "counter", 1).unwrap();
+        let config = StoreConfig::default().mode(SyncMode::Action).resync(1000);
+        Store::authority_with_persistence(Counter, config, Box::new(persistence)).unwrap()
+    };
+
+    let authority = open();
+    let mut logins = Logins::new();
+    logins.add_hash("test1", &phc("12345")).unwrap();
+    let tcp = authority.serve(
+        "tcp://127.0.0.1:0",
+        ServerConfig::with_logins(logins.clone()),
+    );
+    let tcp = tokio::time::timeout(T, tcp).await.unwrap().unwrap();
+    let ws = authority.serve("ws://127.0.0.1:0/", ServerConfig::with_logins(logins));
+    let ws = tokio::time::timeout(T, ws).await.unwrap().unwrap();
+    tokio::time::timeout(T, authority.dispatch(CounterAction::Add(1)))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // A replica over the WebSocket listener.
+    let replica = Store::replica(Counter, StoreConfig::default());
+    let ws_url = ws.urls()[0].clone();
+    let link = replica.connect(&ws_url, "test1", "12345");
+    let link = tokio::time::timeout(T, link).await.unwrap().unwrap();
+    let seq = tokio::time::timeout(T, replica.dispatch(CounterAction::Add(41)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((seq, *replica.state()), (2, 42));
+
+    link.shutdown();
+    tcp.shutdown();
+    ws.shutdown();
+    authority.shutdown();
+    drop(authority);
+
+    // `shutdown` returned after the final snapshot was written.
+    let persistence = BackupPersistence::open(
+        BackupConfig::new(&path).key("password-for-encrypter"),
+        "counter",
+        1,
+    )
+    .unwrap();
+    let restored =
+        Store::authority_with_persistence(Counter, StoreConfig::default(), Box::new(persistence))
+            .unwrap();
+    assert_eq!(restored.seq(), 2);
+    assert_eq!(*restored.state(), 42);
+    restored.shutdown();
+}
