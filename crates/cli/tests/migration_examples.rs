@@ -447,11 +447,23 @@ async fn redux_cluster_counter_runs_and_restores() {
         .unwrap()
         .unwrap();
 
-    // Boot at start-up: the same history, the same state.
-    let node = tokio::time::timeout(T, Node::start(config()))
-        .await
-        .unwrap()
-        .unwrap();
+    // Boot at start-up: the same history, the same state. The backup is
+    // locked (one process per backup path) until the old node is dropped
+    // and its tasks have let go of the store.
+    drop((node, link, replica, wrong));
+    let node = tokio::time::timeout(T, async {
+        loop {
+            match Node::start(config()).await {
+                Ok(n) => return n,
+                Err(e) if format!("{e:#}").contains("in use") => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("{e:#}"),
+            }
+        }
+    })
+    .await
+    .expect("the backup stayed locked");
     let hosted = node.store("counter").unwrap();
     assert_eq!(hosted.seq(), 3);
     assert_eq!(hosted.state_json(), serde_json::json!(3));
@@ -519,13 +531,27 @@ async fn redux_cluster_rust_authority_restores() {
     authority.shutdown();
     drop(authority);
 
-    // `shutdown` returned after the final snapshot was written.
-    let persistence = BackupPersistence::open(
-        BackupConfig::new(&path).key("password-for-encrypter"),
-        "counter",
-        1,
-    )
-    .unwrap();
+    // `shutdown` returned after the final snapshot was written; the backup
+    // stays locked until the last handle of the store (its servers' tasks)
+    // is gone.
+    drop((tcp, ws, link));
+    let persistence = tokio::time::timeout(T, async {
+        loop {
+            match BackupPersistence::open(
+                BackupConfig::new(&path).key("password-for-encrypter"),
+                "counter",
+                1,
+            ) {
+                Ok(p) => return p,
+                Err(e) if e.to_string().contains("in use") => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("the backup stayed locked");
     let restored =
         Store::authority_with_persistence(Counter, StoreConfig::default(), Box::new(persistence))
             .unwrap();
