@@ -244,3 +244,65 @@ pub(crate) fn le_u64(b: &[u8]) -> u64 {
     a.copy_from_slice(&b[..8]);
     u64::from_le_bytes(a)
 }
+
+/// Which backup file a [`FileHeader`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// A snapshot file (magic `RPLMSNAP`).
+    Snapshot,
+    /// A journal segment (magic `RPLMJRNL`).
+    Journal,
+}
+
+/// The common header of a backup file (snapshot or journal segment), read and checked without
+/// the key: layout in `docs/backup-format.md`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileHeader {
+    /// Snapshot or journal segment (from the magic).
+    pub kind: FileKind,
+    /// Format version.
+    pub version: u16,
+    /// Encrypted (AES-256-GCM) or only checksummed (CRC-32).
+    pub encrypted: bool,
+    /// The Argon2id parameters of the file's key (encrypted files only).
+    pub kdf: Option<KdfParams>,
+    /// Plaintext bytes per authenticated chunk (snapshots).
+    pub chunk_size: u32,
+    /// Snapshot: plaintext body length; journal segment: base seq.
+    pub word: u64,
+    /// The history id written in the header (journal segments; snapshot files keep theirs in
+    /// the encrypted body).
+    pub history_id: u64,
+}
+
+impl FileHeader {
+    /// Reads the header at the start of `bytes` (the whole file or at least its first
+    /// [`HEADER_LEN`] bytes), for a file of either kind. `path` is only used in errors.
+    ///
+    /// Checks, in order: length, magic, header checksum, version, fields. Never panics and
+    /// allocates nothing, whatever the bytes: errors are [`Error::Corrupted`] (with
+    /// [`Location::Header`] or [`Location::Truncated`]) or [`Error::NewerFormat`].
+    pub fn read(bytes: &[u8], path: &Path) -> Result<FileHeader, Error> {
+        let kind = if bytes.len() >= 8 && bytes[0..8] == JOURNAL_MAGIC {
+            Kind::Journal
+        } else {
+            Kind::Snapshot
+        };
+        let h = Header::decode(bytes, kind, path)?;
+        let encrypted = h.protection == Protection::Aes256Gcm;
+        Ok(FileHeader {
+            kind: match h.kind {
+                Kind::Snapshot => FileKind::Snapshot,
+                Kind::Journal => FileKind::Journal,
+            },
+            version: u16::from_le_bytes([bytes[8], bytes[9]]),
+            encrypted,
+            kdf: encrypted.then_some(h.params),
+            chunk_size: h.chunk_size,
+            word: h.word,
+            history_id: h.history_id,
+        })
+    }
+}

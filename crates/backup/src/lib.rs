@@ -207,7 +207,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use crate::backup::{Backup, BackupConfig, Due, FsyncPolicy, OnBadFile, Persistence, Restored};
-pub use crate::format::{FORMAT_VERSION, HEADER_LEN};
+pub use crate::format::{FileHeader, FileKind, FORMAT_VERSION, HEADER_LEN};
 pub use crate::journal::JournalEntry;
 pub use crate::key::{KdfParams, Key, KeyRing, SALT_LEN};
 pub use crate::snapshot::Snapshot;

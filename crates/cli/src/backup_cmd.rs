@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use replimesh::backup::{self, KdfParams, KeyRing, HEADER_LEN};
+use replimesh::backup::{self, KdfParams, KeyRing};
 
 /// What the header of a backup file says (read without the key).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,39 +22,20 @@ pub struct HeaderInfo {
     pub size: u64,
 }
 
-/// Reads the header fields of a backup file (layout: `docs/backup-format.md`).
+/// Reads the header fields of a backup file (layout: `docs/backup-format.md`), with the
+/// backup crate's checked reader ([`backup::FileHeader::read`]).
 pub fn read_header(path: &Path) -> anyhow::Result<HeaderInfo> {
     let data = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    if data.len() < HEADER_LEN {
-        anyhow::bail!(
-            "{}: shorter than a backup header ({} bytes)",
-            path.display(),
-            data.len()
-        );
-    }
-    let kind = match &data[0..8] {
-        b"RPLMSNAP" => "snapshot",
-        b"RPLMJRNL" => "journal",
-        _ => anyhow::bail!(
-            "{}: not a replimesh backup file (bad magic)",
-            path.display()
-        ),
-    };
-    let u16at = |i: usize| u16::from_le_bytes([data[i], data[i + 1]]);
-    let u32at = |i: usize| u32::from_le_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&data[76..84]);
-    let encrypted = data[12] == 1;
+    let h = backup::FileHeader::read(&data, path)?;
     Ok(HeaderInfo {
-        kind,
-        version: u16at(8),
-        encrypted,
-        kdf: encrypted.then(|| KdfParams {
-            m_cost_kib: u32at(16),
-            t_cost: u32at(20),
-            p_cost: u32at(24),
-        }),
-        word: u64::from_le_bytes(w),
+        kind: match h.kind {
+            backup::FileKind::Journal => "journal",
+            _ => "snapshot",
+        },
+        version: h.version,
+        encrypted: h.encrypted,
+        kdf: h.kdf,
+        word: h.word,
         size: data.len() as u64,
     })
 }
