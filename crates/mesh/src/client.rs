@@ -51,6 +51,14 @@ pub struct ClientConfig {
     /// Longest group name [`Client::subscribe`] takes, in bytes (default
     /// 256, a server's default limit); longer is [`MeshError::Limit`].
     pub max_name_len: usize,
+    /// Batches of deliveries the inbox ([`Client::deliveries`]) holds
+    /// (default 64; at least 1); a batch is what one read of the
+    /// connection brought, at most 256 deliveries. When it is full the read
+    /// loop waits for room and does not read the connection meanwhile
+    /// (responses and requests from the server wait too): the server sees
+    /// the client as a slow consumer once its queue for it is full, and
+    /// cuts it by its policy. Read the inbox, or do not take it.
+    pub inbox: usize,
     /// Transport settings (`inline_reads` is always on: the client's read
     /// loop waits in `recv`).
     pub transport: transport::Config,
@@ -70,6 +78,7 @@ impl Default for ClientConfig {
             outbox: 1024,
             max_groups: 1000,
             max_name_len: 256,
+            inbox: 64,
             transport: transport::Config::default(),
         }
     }
@@ -106,7 +115,7 @@ pub struct Delivery {
 /// batch; this hands them out one by one or in bulk.
 #[derive(Debug)]
 pub struct Deliveries {
-    rx: mpsc::UnboundedReceiver<Vec<Delivery>>,
+    rx: mpsc::Receiver<Vec<Delivery>>,
     /// What has arrived and was not handed out yet.
     ready: VecDeque<Delivery>,
 }
@@ -270,15 +279,48 @@ struct Inner {
     config: ClientConfig,
     router: Router,
     state: Mutex<State>,
-    deliveries_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Delivery>>>>,
+    deliveries_rx: Mutex<Option<mpsc::Receiver<Vec<Delivery>>>>,
     connected: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
+    /// Set when the client's task has ended.
+    done: watch::Sender<bool>,
+    /// [`Client::deliveries`] was called: until then deliveries are
+    /// dropped (nobody could read them).
+    inbox_taken: std::sync::atomic::AtomicBool,
 }
 
-/// A client of a mesh. Cheap to clone; [`Client::close`] stops it.
+/// A client of a mesh. Cheap to clone. It stops (closes its connection
+/// and stops reconnecting) when [`Client::close`] or
+/// [`Client::shutdown`] is called or the last `Client` handle is dropped
+/// (its own tasks do not count).
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Shared by the user's handles only: its drop stops the client.
+    _handle: Arc<Handle>,
+}
+
+/// Stops the client when the last user handle goes.
+struct Handle {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        stop_client(&self.inner);
+    }
+}
+
+/// Closes the connection and stops reconnecting; what waits in the outbox
+/// is dropped.
+fn stop_client(inner: &Inner) {
+    inner.shutdown.send_replace(true);
+    let mut st = lock(&inner.state);
+    st.over = true;
+    st.outbox.clear();
+    if let Some(p) = st.peer.take() {
+        p.sender().close(CloseCode::Normal, "client closed");
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -321,7 +363,10 @@ impl Client {
         if config.urls.is_empty() {
             return Err(MeshError::Config("no server url".into()));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        if config.inbox == 0 {
+            return Err(MeshError::Config("inbox must be at least 1".into()));
+        }
+        let (tx, rx) = mpsc::channel(config.inbox);
         let (connected, _) = watch::channel(0);
         let (shutdown, _) = watch::channel(false);
         let inner = Arc::new(Inner {
@@ -340,10 +385,17 @@ impl Client {
             deliveries_rx: Mutex::new(Some(rx)),
             connected,
             shutdown,
+            done: watch::channel(false).0,
+            inbox_taken: std::sync::atomic::AtomicBool::new(false),
         });
-        let c = Client { inner };
+        let c = Client {
+            _handle: Arc::new(Handle {
+                inner: inner.clone(),
+            }),
+            inner,
+        };
         // the inbox's sender lives in the task: the inbox ends when it does
-        tokio::spawn(run(c.clone(), tx));
+        tokio::spawn(run(c.inner.clone(), tx));
         Ok(c)
     }
 
@@ -352,9 +404,15 @@ impl Client {
         &self.inner.id
     }
 
-    /// The stream of group messages (can be taken once).
+    /// The stream of group messages (can be taken once). Until it is taken,
+    /// and once it is dropped, deliveries are dropped as they arrive; while
+    /// it is held, read it: see [`ClientConfig::inbox`].
     pub fn deliveries(&self) -> Option<Deliveries> {
-        lock(&self.inner.deliveries_rx).take().map(|rx| Deliveries {
+        let rx = lock(&self.inner.deliveries_rx).take();
+        self.inner
+            .inbox_taken
+            .store(rx.is_some(), std::sync::atomic::Ordering::Release);
+        rx.map(|rx| Deliveries {
             rx,
             ready: VecDeque::new(),
         })
@@ -637,21 +695,24 @@ impl Client {
         *self.inner.connected.borrow()
     }
 
-    /// Closes the connection and stops reconnecting; what waits in the
-    /// outbox is dropped (waiting requests fail with `Disconnected`).
+    /// Closes the connection and stops reconnecting, without waiting; what
+    /// waits in the outbox is dropped (waiting requests fail with
+    /// `Disconnected`). See [`Client::shutdown`] to wait for the end.
     pub fn close(&self) {
-        self.inner.shutdown.send_replace(true);
-        let mut st = lock(&self.inner.state);
-        st.over = true;
-        st.outbox.clear();
-        if let Some(p) = st.peer.take() {
-            p.sender().close(CloseCode::Normal, "client closed");
-        }
+        stop_client(&self.inner);
+    }
+
+    /// [`Client::close`], then waits until the client's task has ended (no
+    /// more connection attempts; the inbox ends once read out).
+    pub async fn shutdown(&self) {
+        stop_client(&self.inner);
+        let mut done = self.inner.done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
     }
 }
 
-async fn handshake(c: &Client, url: &str) -> Result<(Peer, transport::Receiver), MeshError> {
-    let cfg = &c.inner.config;
+async fn handshake(c: &Inner, url: &str) -> Result<(Peer, transport::Receiver), MeshError> {
+    let cfg = &c.config;
     let conn = tokio::time::timeout(
         cfg.response_timeout,
         transport::connect(url, &cfg.transport),
@@ -663,7 +724,7 @@ async fn handshake(c: &Client, url: &str) -> Result<(Peer, transport::Receiver),
     let hello = Frame::new(Body::Hello(proto::Hello {
         version: proto::PROTOCOL_VERSION,
         kind: PeerKind::Client as i32,
-        id: c.inner.id.clone(),
+        id: c.id.clone(),
         url: String::new(),
         incarnation: 0,
         auth: Bytes::new(),
@@ -692,17 +753,25 @@ async fn handshake(c: &Client, url: &str) -> Result<(Peer, transport::Receiver),
 }
 
 /// Batches of deliveries, one per read of the connection.
-type Inbox = mpsc::UnboundedSender<Vec<Delivery>>;
+type Inbox = mpsc::Sender<Vec<Delivery>>;
 
-async fn run(c: Client, inbox: Inbox) {
-    let mut stop = c.inner.shutdown.subscribe();
+/// Hands a batch to the inbox, waiting for room (the connection is not
+/// read meanwhile); dropped when nobody took or still holds the inbox.
+async fn hand_over(c: &Inner, inbox: &Inbox, batch: Vec<Delivery>) {
+    if c.inbox_taken.load(std::sync::atomic::Ordering::Acquire) {
+        let _ = inbox.send(batch).await;
+    }
+}
+
+async fn run(c: Arc<Inner>, inbox: Inbox) {
+    let mut stop = c.shutdown.subscribe();
     let mut failures: u32 = 0;
     loop {
         if *stop.borrow() {
             break;
         }
         let url = {
-            let mut st = lock(&c.inner.state);
+            let mut st = lock(&c.state);
             if st.urls.is_empty() {
                 None
             } else {
@@ -721,7 +790,7 @@ async fn run(c: Client, inbox: Inbox) {
                 connected = true;
                 failures = 0;
                 {
-                    let mut st = lock(&c.inner.state);
+                    let mut st = lock(&c.state);
                     st.peer = Some(peer.clone());
                     st.connected_to = Some(url.clone());
                     let groups: Vec<String> = st.groups.iter().cloned().collect();
@@ -734,27 +803,27 @@ async fn run(c: Client, inbox: Inbox) {
                     // subscriptions and before anything sent from now on
                     flush_outbox(&peer, &mut st.outbox);
                 }
-                c.inner.connected.send_modify(|n| *n += 1);
+                c.connected.send_modify(|n| *n += 1);
                 tokio::select! {
                     _ = read_loop(&c, &peer, rx, &inbox) => {}
                     _ = stop.changed() => {}
                 }
                 peer.fail_all();
-                let mut st = lock(&c.inner.state);
+                let mut st = lock(&c.state);
                 st.peer = None;
                 st.connected_to = None;
             }
         }
-        if *stop.borrow() || !c.inner.config.reconnect {
+        if *stop.borrow() || !c.config.reconnect {
             break;
         }
         if !connected {
             failures += 1;
-            if c.inner.config.attempts > 0 && failures >= c.inner.config.attempts {
+            if c.config.attempts > 0 && failures >= c.config.attempts {
                 break;
             }
         }
-        let cfg = &c.inner.config;
+        let cfg = &c.config;
         let exp = cfg.reconnect_delay.saturating_mul(1u32 << failures.min(10));
         let d = exp.min(cfg.max_reconnect_delay);
         let jittered = d.mul_f64(0.5 + rand::random::<f64>() * 0.5);
@@ -763,12 +832,14 @@ async fn run(c: Client, inbox: Inbox) {
             _ = stop.changed() => break,
         }
     }
-    c.inner.shutdown.send_replace(true);
+    c.shutdown.send_replace(true);
     // no more connections: what waits in the outbox fails (requests get
     // `Disconnected`)
-    let mut st = lock(&c.inner.state);
+    let mut st = lock(&c.state);
     st.over = true;
     st.outbox.clear();
+    drop(st);
+    c.done.send_replace(true);
 }
 
 /// How many frames the read loop takes from the connection before it hands
@@ -778,7 +849,7 @@ const READ_BATCH: usize = 256;
 /// Reads the connection: deliveries go to the inbox in batches (whatever has
 /// arrived, up to [`READ_BATCH`] frames, without waiting for more);
 /// responses resolve requests; requests and sends go to the router.
-async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver, inbox: &Inbox) {
+async fn read_loop(c: &Inner, peer: &Peer, mut rx: transport::Receiver, inbox: &Inbox) {
     use futures_util::FutureExt;
     let mut names = NameCache::default();
     let mut batch = Vec::new();
@@ -790,7 +861,7 @@ async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver, inbox: 
         let mut next = Some(body);
         let mut taken = 0;
         while let Some(body) = next.take() {
-            if !on_frame(c, peer, inbox, &mut names, &mut batch, body) {
+            if !on_frame(c, peer, inbox, &mut names, &mut batch, body).await {
                 open = false;
                 break;
             }
@@ -809,15 +880,15 @@ async fn read_loop(c: &Client, peer: &Peer, mut rx: transport::Receiver, inbox: 
             };
         }
         if !batch.is_empty() {
-            let _ = inbox.send(std::mem::take(&mut batch));
+            hand_over(c, inbox, std::mem::take(&mut batch)).await;
         }
     }
 }
 
 /// Handles one frame body; `false` when it was malformed (the connection is
 /// closed as a protocol error).
-fn on_frame(
-    c: &Client,
+async fn on_frame(
+    c: &Inner,
     peer: &Peer,
     inbox: &Inbox,
     names: &mut NameCache,
@@ -853,12 +924,12 @@ fn on_frame(
     // what arrived before a response or a request is in the inbox before
     // the caller or the handler runs
     if !batch.is_empty() {
-        let _ = inbox.send(std::mem::take(batch));
+        hand_over(c, inbox, std::mem::take(batch)).await;
     }
     match f.body {
         Some(Body::Response(r)) => peer.resolve(r),
         Some(b @ (Body::Request(_) | Body::Send(_))) => {
-            let (router, p) = (c.inner.router.clone(), peer.clone());
+            let (router, p) = (c.router.clone(), peer.clone());
             crate::server::run_or_spawn(Box::pin(async move {
                 handle_routed(&router, &p, None, b).await;
             }));

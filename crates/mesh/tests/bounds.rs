@@ -301,3 +301,100 @@ where
     }
     false
 }
+
+/// A client that takes its inbox and stops reading it is seen by the
+/// server as a slow consumer: the read loop waits for room in the bounded
+/// inbox instead of buffering without limit, so the server's queue for it
+/// fills and the server cuts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_inbox_is_a_slow_consumer() {
+    let _watchdog = common::watchdog("a_client_that_stops_reading_its_inbox_is_a_slow_consumer");
+    let mut cfg = ServerConfig::new("a", "tcp://127.0.0.1:0");
+    cfg.transport.max_queue_bytes = 64 * 1024;
+    let s = Server::start(cfg).await.unwrap();
+    let mut cc = client_config(s.url());
+    cc.inbox = 1;
+    cc.reconnect = false;
+    let c = Client::connect(cc).await.unwrap();
+    let mut inbox = c.deliveries().unwrap(); // held, not read for now
+    c.subscribe(&["g"]).unwrap();
+    let ok = eventually(|| async { s.groups().await.unwrap().len() == 1 }).await;
+    assert!(ok);
+    let data = Bytes::from(vec![7u8; 1024]);
+    // far more than the socket buffers, the inbox and the server's queue hold
+    for i in 0..200_000 {
+        if s.stats().slow_consumer_disconnects > 0 {
+            break;
+        }
+        s.publish(Groups::one("g"), data.clone(), None).unwrap();
+        if i % 64 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let ok = eventually(|| async { s.stats().slow_consumer_disconnects > 0 }).await;
+    assert!(ok, "{:?}", s.stats());
+    // read out, the client finds its connection cut (no reconnect): the
+    // inbox ends
+    let end = tokio::time::timeout(T, async {
+        let mut n = 0u64;
+        while inbox.recv().await.is_some() {
+            n += 1;
+        }
+        n
+    })
+    .await
+    .expect("the inbox ends");
+    assert!(end > 0);
+    assert!(!c.is_connected());
+    s.shutdown().await;
+}
+
+/// Dropping the last handle of a client that keeps reconnecting stops its
+/// dialling (the old client dialled on for ever), and `shutdown` waits for
+/// the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_stops_dialling() {
+    let _watchdog = common::watchdog("a_dropped_client_stops_dialling");
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    // a listener that accepts and hangs up at once, counting
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("tcp://{}", l.local_addr().unwrap());
+    let accepted = Arc::new(AtomicU64::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            drop(sock);
+        }
+    });
+    let c = Client::start(client_config(&url)).unwrap();
+    let c2 = c.clone();
+    let ok = eventually(|| async { accepted.load(Ordering::SeqCst) >= 3 }).await;
+    assert!(ok, "the client dials");
+    drop(c);
+    // one handle left: still dialling
+    let before = accepted.load(Ordering::SeqCst);
+    let ok = eventually(|| async { accepted.load(Ordering::SeqCst) > before + 2 }).await;
+    assert!(ok, "a handle is left");
+    drop(c2);
+    // an attempt under way may still land; then nothing more
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let settled = accepted.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), settled, "still dialling");
+
+    // shutdown: returns once the task is over, then nothing more either
+    let c = Client::start(client_config(&url)).unwrap();
+    let at = accepted.load(Ordering::SeqCst);
+    let ok = eventually(|| async { accepted.load(Ordering::SeqCst) > at + 1 }).await;
+    assert!(ok);
+    tokio::time::timeout(T, c.shutdown()).await.unwrap();
+    let settled = accepted.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        settled,
+        "dialling after shutdown"
+    );
+}
