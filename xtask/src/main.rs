@@ -8,6 +8,8 @@
 //! - `cargo xtask stress [N] [--only PATTERN] [--timeout S] [--jobs J]`: runs
 //!   every network test binary N times (default 30) with a deadline per run,
 //!   and names the tests that ever failed or hung (see `stress.rs`).
+//! - `cargo xtask tidy`: structural rules (sans-IO cores free of tokio, clocks
+//!   and sockets; a `//!` doc on every module), see `tidy.rs`.
 //! - `cargo xtask ci`: the checks of `.ci/run` (fmt, clippy, test, doc), without
 //!   the installation steps.
 //!
@@ -27,6 +29,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
 mod stress;
+mod tidy;
 
 /// How long one scenario may run before it is killed.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("ci") => ci(),
         Some("stress") => stress::stress(&args[1..]),
+        Some("tidy") => tidy::tidy(&root()),
         Some("help" | "--help" | "-h") | None => {
             print_help();
             Ok(true)
@@ -64,7 +68,8 @@ fn print_help() {
         "usage:\n  cargo xtask bench [--list] [SCENARIO...]   run benchmark scenarios (default: all)\n  \
          cargo xtask stress [N] [--only PATTERN] [--timeout S] [--jobs J]\n      \
          run each network test binary N times (default 30), name failures and hangs\n  \
-         cargo xtask ci                             fmt, clippy, test and doc checks, as .ci/run"
+         cargo xtask tidy                           structural rules (see xtask/src/tidy.rs)\n  \
+         cargo xtask ci                             fmt, clippy, tidy, test and doc checks, as .ci/run"
     );
 }
 
@@ -642,6 +647,11 @@ fn ci() -> Result<bool> {
             Some(("RUSTDOCFLAGS", "-Dwarnings")),
         ),
     ];
+    section("cargo xtask tidy");
+    if !tidy::tidy(&root())? {
+        eprintln!("FAILED: cargo xtask tidy");
+        return Ok(false);
+    }
     for (title, args, env) in steps {
         section(title);
         let mut cmd = cargo();
