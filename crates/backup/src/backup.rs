@@ -44,7 +44,7 @@ pub enum OnBadFile {
     MoveAside,
 }
 
-/// Configuration of a [`Backup`]: the seed's `path`, `key`, `count` and `timeout`, plus the
+/// Configuration of a [`Backup`]: redux-cluster's `path`, `key`, `count` and `timeout`, plus the
 /// journal and the handling of bad files.
 #[derive(Clone)]
 #[non_exhaustive]

@@ -141,7 +141,7 @@
 //!
 //! # Example
 //!
-//! The seed's `store.backup({path, key, count: 1000})`, with a journal that loses nothing:
+//! redux-cluster's `store.backup({path, key, count: 1000})`, with a journal that loses nothing:
 //!
 //! ```
 //! use std::time::Duration;

@@ -25,7 +25,7 @@
 //! - [`Store::connect`] / [`Store::connect_any`] / [`Client`]: a replica's
 //!   link to one or several servers, reconnecting by itself (round-robin,
 //!   jittered backoff).
-//! - [`Server::spawn_worker`] / [`Store::connect_worker`]: the seed's
+//! - [`Server::spawn_worker`] / [`Store::connect_worker`]: redux-cluster's
 //!   master/worker scheme over an inherited socket.
 //! - [`core`]: the sans-IO state machines under all of it.
 //! - [`Persistence`]: where an authority keeps its history (backups).
@@ -39,7 +39,7 @@
 //!
 //! # Example
 //!
-//! A counter, as in the seed, with an authority served over a Unix socket and
+//! A counter, as in redux-cluster, with an authority served over a Unix socket and
 //! a replica connected to it:
 //!
 //! ```

@@ -114,10 +114,10 @@ impl StoreConfig {
     }
 }
 
-/// The roles a store holds (as the seed's `role` array).
+/// The roles a store holds (as redux-cluster's `role` array).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
-    /// Orders actions (the seed's master/server holding the truth).
+    /// Orders actions (redux-cluster's master/server holding the truth).
     Authority,
     /// Follows an authority.
     Replica,

@@ -14,7 +14,7 @@ use crate::reducer::{digest, transcode, Encoding, Reducer};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SyncMode {
     /// Committed actions, plus a full snapshot every `resync` actions (the
-    /// seed's default).
+    /// default of redux-cluster).
     #[default]
     Action,
     /// The whole state after each change (batches of actions are coalesced).
