@@ -58,6 +58,7 @@
 //! # }
 //! ```
 
+mod backoff;
 mod config;
 mod conn;
 mod endpoint;
@@ -65,6 +66,7 @@ mod error;
 mod net;
 mod sock;
 
+pub use backoff::Backoff;
 pub use config::{Config, SlowConsumerPolicy, TlsConfig, QUEUE_FRAME_OVERHEAD};
 pub use conn::{Connection, PeerAddr, Receiver, Sender};
 pub use endpoint::Endpoint;

@@ -231,10 +231,15 @@ async fn frames_being_written_still_count() {
         slow_consumer: replimesh_transport::SlowConsumerPolicy::Reject,
         ..Config::default()
     };
-    let (a, _b) = replimesh_transport::pair(&config, 1024);
+    // The far end is a raw socket nobody reads: the writer can hand the
+    // kernel a few hundred KiB of the frame and no more, so it is still
+    // writing when the second send comes. (A `pair` would not do: its far
+    // end reads, so the write may finish before the second send.)
+    let (near, _far) = tokio::net::UnixStream::pair().unwrap();
+    let a = replimesh_transport::from_unix_stream(near, &config);
     let big = Frame::data(vec![1u8; 1 << 20]);
     a.send(&big).unwrap();
-    // Wait until the writer has taken it (the pipe holds 1 KiB of it).
+    // Wait until the writer has taken it.
     tokio::time::timeout(T, async {
         while a.sender().queued_bytes() > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
