@@ -105,7 +105,9 @@ class Emitter {
  * URL (round robin) after a jittered exponential backoff.
  *
  * Events: 'open' (welcome), 'frame' (every frame after the welcome),
- * 'close' ({code, reason}), 'error', 'url' (the URL being tried), 'stop'.
+ * 'close' ({code, reason}: the server's `Close` code by name, such as
+ * 'CLOSE_CODE_GOING_AWAY', or the WebSocket close code, a number, when the
+ * server sent no `Close`), 'error', 'url' (the URL being tried), 'stop'.
  */
 export class Connection extends Emitter {
   constructor(urls, opts = {}) {
@@ -166,7 +168,7 @@ export class Connection extends Emitter {
       try { frame = JSON.parse(ev.data); } catch (e) { this.emit('error', e); return; }
       if (frame.ping) { ws.send(JSON.stringify({ pong: { nonce: frame.ping.nonce || '0' } })); return; }
       if (frame.pong) return;
-      if (frame.close) { closeInfo = { code: frame.close.code || 0, reason: frame.close.reason || '' }; return; }
+      if (frame.close) { closeInfo = { code: frame.close.code || 'CLOSE_CODE_NORMAL', reason: frame.close.reason || '' }; return; }
       if (!this.ready) {
         if (frame.welcome) {
           this.ready = true;
@@ -213,7 +215,7 @@ export class Connection extends Emitter {
     this.stopped = true;
     clearTimeout(this._timer);
     if (this.ws) {
-      try { this.ws.send(JSON.stringify({ close: { code: 0, reason: 'client closed' } })); } catch (e) { /* closed */ }
+      try { this.ws.send(JSON.stringify({ close: { code: 'CLOSE_CODE_NORMAL', reason: 'client closed' } })); } catch (e) { /* closed */ }
       this.ws.close();
     }
   }

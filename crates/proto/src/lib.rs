@@ -73,7 +73,7 @@ impl Frame {
     /// An orderly close with a reason code and a human-readable reason.
     pub fn close(code: CloseCode, reason: impl Into<String>) -> Self {
         Frame::new(frame::Body::Close(Close {
-            code: code as u32,
+            code: code as i32,
             reason: reason.into(),
         }))
     }

@@ -2,7 +2,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
-use replimesh_proto::{frame::Body, CodecError, Frame, FrameCodec, Publish, Request};
+use replimesh_proto::{frame::Body, CodecError, Frame, FrameCodec, Message, Publish, Request};
 use tokio_util::codec::{Decoder, Encoder};
 
 fn arb_body() -> impl Strategy<Value = Frame> {
@@ -185,4 +185,33 @@ fn json_round_trip_uses_canonical_proto3_json() {
     let json = Frame::ping(u64::MAX).to_json();
     assert_eq!(json, r#"{"ping":{"nonce":"18446744073709551615"}}"#);
     assert!(Frame::from_json("{\"ping\":").is_err());
+}
+
+#[test]
+fn close_codes_are_enum_names_in_json_and_varints_on_the_wire() {
+    use replimesh_proto::CloseCode;
+    let close = Frame::close(CloseCode::GoingAway, "bye");
+    assert_eq!(
+        close.to_json(),
+        r#"{"close":{"code":"CLOSE_CODE_GOING_AWAY","reason":"bye"}}"#
+    );
+    // Names and numbers are both read; NORMAL (0) is omitted as a default.
+    let by_number = Frame::from_json(r#"{"close":{"code":1,"reason":"bye"}}"#).unwrap();
+    assert_eq!(by_number, close);
+    assert_eq!(
+        Frame::close(CloseCode::Normal, "").to_json(),
+        r#"{"close":{}}"#
+    );
+    // The binary encoding is the varint of the former `uint32` field: field
+    // 5 (length 7), then field 1 = 1, field 2 = "bye".
+    assert_eq!(
+        &close.encode_to_bytes()[..],
+        &[0x2a, 7, 0x08, 1, 0x12, 3, b'b', b'y', b'e']
+    );
+    // Unknown codes from the binary wire are kept.
+    let unknown = Frame::decode(&[0x2a, 2, 0x08, 99][..]).unwrap();
+    match unknown.body {
+        Some(Body::Close(c)) => assert_eq!(CloseCode::from_u32(c.code as u32), None),
+        other => panic!("expected a close, got {other:?}"),
+    }
 }

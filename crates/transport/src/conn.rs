@@ -924,7 +924,7 @@ fn handle_control(shared: &Shared, frame: Frame, body: impl FnOnce() -> Bytes) -
         }
         Some(Body::Pong(_)) => Incoming::Handled,
         Some(Body::Close(c)) => Incoming::End(RecvError::Closed {
-            code: c.code,
+            code: c.code as u32,
             reason: c.reason,
         }),
         _ => Incoming::Deliver(body()),
@@ -1708,7 +1708,8 @@ async fn stream_writer<W: AsyncWrite + Unpin>(
         } = drained;
         let close_body = close.as_ref().map(|(code, reason)| {
             Frame::new(Body::Close(proto::Close {
-                code: *code,
+                // Codes come from `CloseCode`: they fit an `i32`.
+                code: *code as i32,
                 reason: reason.clone(),
             }))
             .encode_to_bytes()
@@ -2124,7 +2125,7 @@ async fn ws_writer<S>(
             }
             if let Some((code, reason)) = &close {
                 let f = Frame::new(Body::Close(proto::Close {
-                    code: *code,
+                    code: *code as i32,
                     reason: reason.clone(),
                 }));
                 sink.feed(ws_message(f.encode_to_bytes(), json)).await?;

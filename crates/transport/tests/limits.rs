@@ -37,7 +37,7 @@ async fn close_code(raw: &mut tokio::net::TcpStream) -> Option<u32> {
     let mut codec = proto::FrameCodec::default();
     while let Ok(Some(f)) = tokio_util::codec::Decoder::decode(&mut codec, &mut buf) {
         if let Some(proto::frame::Body::Close(c)) = f.body {
-            return Some(c.code);
+            return Some(c.code as u32);
         }
     }
     None

@@ -209,7 +209,7 @@ async fn oversized_length_closes_with_clear_error() {
     let frames = frames_until_eof(&mut raw).await;
     match frames.first().and_then(|f| f.body.as_ref()) {
         Some(proto::frame::Body::Close(c)) => {
-            assert_eq!(c.code, CloseCode::FrameTooLarge as u32);
+            assert_eq!(c.code(), CloseCode::FrameTooLarge);
             assert!(c.reason.contains("exceeds"), "{}", c.reason);
         }
         other => panic!("expected a Close frame, got {other:?}"),
@@ -606,7 +606,7 @@ async fn frames_until_eof(raw: &mut tokio::net::TcpStream) -> Vec<Frame> {
 
 fn close_code(frames: &[Frame]) -> Option<u32> {
     frames.iter().find_map(|f| match &f.body {
-        Some(proto::frame::Body::Close(c)) => Some(c.code),
+        Some(proto::frame::Body::Close(c)) => Some(c.code as u32),
         _ => None,
     })
 }
