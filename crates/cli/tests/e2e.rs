@@ -2,11 +2,9 @@
 //! config files, linked; publish and dispatch through them; SIGTERM one and
 //! see clients move with nothing lost; metrics; bad configs; backup tools.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use replimesh::mesh;
@@ -14,84 +12,13 @@ use replimesh::store::{Client, ClientConfig, Store, StoreConfig};
 use replimesh_cli::admin::http_get;
 use replimesh_cli::metrics::parse_text;
 use replimesh_cli::reducers::{Kv, KvAction};
+use testkit::NodeProc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_replimesh");
 
-struct NodeProc {
-    child: Child,
-    /// The node's one listener: clone links, mesh clients and store replicas.
-    url: String,
-    admin: SocketAddr,
-    lines: mpsc::Receiver<String>,
-}
-
-impl NodeProc {
-    fn start(dir: &Path, name: &str, toml: &str) -> NodeProc {
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, toml).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["node", "--config"])
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut url, mut admin) = (None, None);
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|e| panic!("{name} did not start: {e}"));
-            if let Some(u) = line.strip_prefix("listening ") {
-                url.get_or_insert(u.to_owned());
-            } else if let Some(a) = line.strip_prefix("admin http://") {
-                admin = Some(a.trim_end_matches('/').parse().unwrap());
-            } else if line == "ready" {
-                break;
-            }
-        }
-        NodeProc {
-            child,
-            url: url.unwrap(),
-            admin: admin.unwrap(),
-            lines: rx,
-        }
-    }
-
-    fn sigterm(&mut self) -> std::process::ExitStatus {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Starts `replimesh node` on `toml` (written to `dir/NAME.toml`).
+fn start(dir: &Path, name: &str, toml: &str) -> NodeProc {
+    NodeProc::start(BIN, dir, name, toml)
 }
 
 fn config(id: &str, peer: Option<(&str, &str)>, upstream: Option<&str>) -> String {
@@ -154,13 +81,13 @@ async fn three_nodes_sigterm_one_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "e2e-clone-token\n").unwrap();
     std::fs::write(dir.path().join("backup.key"), "e2e-backup-pass\n").unwrap();
-    let mut n1 = NodeProc::start(dir.path(), "n1", &config("n1", None, None));
-    let mut n2 = NodeProc::start(
+    let mut n1 = start(dir.path(), "n1", &config("n1", None, None));
+    let mut n2 = start(
         dir.path(),
         "n2",
         &config("n2", Some(("n1", &n1.url)), Some(&n1.url)),
     );
-    let mut n3 = NodeProc::start(
+    let mut n3 = start(
         dir.path(),
         "n3",
         &config("n3", Some(("n2", &n2.url)), Some(&n1.url)),

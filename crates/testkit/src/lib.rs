@@ -4,6 +4,8 @@
 //!   network forever fails with its name instead of hanging the run (every
 //!   async test in the workspace uses it).
 //! - [`eventually`]: poll a condition until it holds or a deadline passes.
+//! - [`NodeProc`]: a `replimesh node` process started from a config text,
+//!   with its URLs, its resident memory and its descriptors.
 //!
 //! ```
 //! use std::time::Duration;
@@ -19,7 +21,10 @@
 use std::future::Future;
 use std::time::Duration;
 
+pub use node::{rss_kib, NodeProc};
 pub use replimesh_testkit_macros::test;
+
+mod node;
 
 /// Polls `check` every 10 ms until it returns `true` (then `true`) or
 /// `within` has passed (then `false`).
