@@ -30,6 +30,9 @@ pub(crate) const T: Duration = Duration::from_secs(10);
 /// (far above what the tests allow).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Shortest watch: probes run at least this long.
+const MIN_WATCH: Duration = Duration::from_secs(1);
+
 /// Time between two probes.
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 
@@ -161,7 +164,11 @@ impl Raw {
     /// Connects from `source` (another loopback address), with a receive
     /// buffer of `rcvbuf` bytes when given (a peer that stops reading then
     /// fills up after a few KiB instead of megabytes).
-    pub(crate) async fn connect_with(url: &str, source: Option<IpAddr>, rcvbuf: Option<u32>) -> Raw {
+    pub(crate) async fn connect_with(
+        url: &str,
+        source: Option<IpAddr>,
+        rcvbuf: Option<u32>,
+    ) -> Raw {
         let s = TcpSocket::new_v4().unwrap();
         if let Some(ip) = source {
             s.bind(SocketAddr::new(ip, 0)).unwrap();
@@ -259,7 +266,9 @@ impl Raw {
                     Ok(f) => {
                         *got.kinds.entry(f.kind()).or_default() += 1;
                         let msg = match &f.body {
-                            Some(Body::StoreError(e)) => e.error.as_ref().map(|e| e.message.clone()),
+                            Some(Body::StoreError(e)) => {
+                                e.error.as_ref().map(|e| e.message.clone())
+                            }
                             Some(Body::Close(c)) => Some(format!("close {}: {}", c.code, c.reason)),
                             _ => None,
                         };
@@ -331,13 +340,22 @@ impl Probe {
         let halt = stop.clone();
         let task = tokio::spawn(async move {
             let mut took = Vec::new();
+            let start = Instant::now();
             while !halt.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                match tokio::time::timeout(PROBE_TIMEOUT, ask()).await {
-                    Ok(Ok(())) => took.push(t.elapsed()),
+                let d = match tokio::time::timeout(PROBE_TIMEOUT, ask()).await {
+                    Ok(Ok(())) => t.elapsed(),
                     Ok(Err(e)) => panic!("probe {name} failed: {e}"),
-                    Err(_) => took.push(PROBE_TIMEOUT),
+                    Err(_) => PROBE_TIMEOUT,
+                };
+                if d > PROBE_MEDIAN {
+                    println!(
+                        "probe {name}: {:.1} ms at {:.2} s",
+                        ms(d),
+                        (t - start).as_secs_f64()
+                    );
                 }
+                took.push(d);
                 tokio::time::sleep(PROBE_EVERY).await;
             }
             took
@@ -448,6 +466,9 @@ pub(crate) struct Watch {
     name: &'static str,
     idle_kib: u64,
     peak: Arc<AtomicU64>,
+    pid: u32,
+    started: Instant,
+    cpu: (Duration, Duration),
     stop: Arc<AtomicBool>,
     sampler: std::thread::JoinHandle<()>,
     probes: Vec<Probe>,
@@ -464,6 +485,12 @@ pub(crate) struct Report {
     pub(crate) peak_kib: u64,
     /// Per probe: name, answers, median, max.
     pub(crate) probes: Vec<(&'static str, usize, Duration, Duration)>,
+    /// CPU time the node used meanwhile (user and system).
+    pub(crate) node_cpu: Duration,
+    /// CPU time this test process used meanwhile (attackers, probes).
+    pub(crate) test_cpu: Duration,
+    /// How long the watch ran.
+    pub(crate) wall: Duration,
 }
 
 impl Watch {
@@ -485,6 +512,9 @@ impl Watch {
             name,
             idle_kib,
             peak,
+            pid,
+            started: Instant::now(),
+            cpu: (cpu_time(pid), cpu_time(std::process::id())),
             stop,
             sampler,
             probes,
@@ -493,6 +523,11 @@ impl Watch {
 
     /// Stops the probes and the sampling; prints and returns the figures.
     pub(crate) async fn finish(self) -> Report {
+        // Enough probes to say something, however short the attack.
+        tokio::time::sleep_until((self.started + MIN_WATCH).into()).await;
+        let wall = self.started.elapsed();
+        let node_cpu = cpu_time(self.pid).saturating_sub(self.cpu.0);
+        let test_cpu = cpu_time(std::process::id()).saturating_sub(self.cpu.1);
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.sampler.join();
         let mut probes = Vec::new();
@@ -512,12 +547,18 @@ impl Watch {
             idle_kib: self.idle_kib,
             peak_kib: self.peak.load(Ordering::Relaxed),
             probes,
+            node_cpu,
+            test_cpu,
+            wall,
         };
         println!(
-            "{}: RSS idle {:.1} MiB, peak {:.1} MiB",
+            "{}: RSS idle {:.1} MiB, peak {:.1} MiB; {:.1} s: node CPU {:.1} s, test CPU {:.1} s",
             r.name,
             mib(r.idle_kib),
-            mib(r.peak_kib)
+            mib(r.peak_kib),
+            r.wall.as_secs_f64(),
+            r.node_cpu.as_secs_f64(),
+            r.test_cpu.as_secs_f64()
         );
         for (name, n, median, max) in &r.probes {
             println!(
@@ -545,7 +586,11 @@ impl Report {
             mib(self.peak_kib)
         );
         for (name, n, median, max) in &self.probes {
-            assert!(*n >= 5, "{}: probe {name} answered only {n} times", self.name);
+            assert!(
+                *n >= 5,
+                "{}: probe {name} answered only {n} times",
+                self.name
+            );
             assert!(
                 *median <= PROBE_MEDIAN && *max <= PROBE_MAX,
                 "{}: probe {name}: median {:.1} ms (at most {} ms), max {:.1} ms (at most {} ms)",
@@ -573,6 +618,21 @@ pub(crate) async fn rss_after(node: &NodeProc, r: &Report, after: Duration) -> u
         after.as_secs()
     );
     kib
+}
+
+/// User and system CPU time of process `pid` so far (`/proc/PID/stat`, in
+/// clock ticks of 10 ms).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
 }
 
 pub(crate) fn mib(kib: u64) -> f64 {

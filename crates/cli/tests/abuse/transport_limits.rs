@@ -22,7 +22,10 @@ async fn big_frames_before_the_hello_are_refused() {
     let _one = serial().await;
     let dir = tmpdir();
     let node = start_node(dir.path(), "", "");
-    let probes = vec![Probe::echo(&node.url).await, Probe::dispatch(&node.url).await];
+    let probes = vec![
+        Probe::echo(&node.url).await,
+        Probe::dispatch(&node.url).await,
+    ];
     let watch = Watch::start("finding 4 (big frames before the hello)", &node, probes);
     let mut attackers = Vec::new();
     for _ in 0..100 {
@@ -59,7 +62,9 @@ async fn big_frames_before_the_hello_are_refused() {
         closed += usize::from(ended);
     }
     let r = watch.finish().await;
-    println!("finding 4: 100 connections, at most {most} bytes sent on one, {closed} closed by the node");
+    println!(
+        "finding 4: 100 connections, at most {most} bytes sent on one, {closed} closed by the node"
+    );
     assert_eq!(closed, 100, "every connection must be closed by the node");
     rss_after(&node, &r, Duration::from_secs(3)).await;
     r.check(32);
@@ -82,7 +87,10 @@ async fn connections_per_address_are_limited() {
         "max_connections_per_ip = 100\nmax_connections = 1000",
         "",
     );
-    let probes = vec![Probe::echo(&node.url).await, Probe::dispatch(&node.url).await];
+    let probes = vec![
+        Probe::echo(&node.url).await,
+        Probe::dispatch(&node.url).await,
+    ];
     let fds_before = node.fds();
     let watch = Watch::start("finding 8 (connections per address)", &node, probes);
     let mut silent = Vec::new();
@@ -103,8 +111,14 @@ async fn connections_per_address_are_limited() {
     let r = watch.finish().await;
     let n = refused(&silent);
     println!("finding 8: 300 connections from one address, {n} closed at once; descriptors {fds_before} -> {fds}");
-    assert!(all_refused, "only {n} of the 200 connections past the limit were closed");
-    assert!(n <= 200, "{n} connections closed, the limit is 100 per address");
+    assert!(
+        all_refused,
+        "only {n} of the 200 connections past the limit were closed"
+    );
+    assert!(
+        n <= 200,
+        "{n} connections closed, the limit is 100 per address"
+    );
     assert!(
         fds <= fds_before + 100 + 16,
         "{fds} descriptors for 100 connections (before: {fds_before})"
