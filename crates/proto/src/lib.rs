@@ -145,6 +145,88 @@ impl Frame {
     pub fn from_json(text: &str) -> Result<Frame, JsonError> {
         serde_json::from_str(text)
     }
+
+    /// Decodes a frame from proto3 JSON as [`Frame::from_json`] does, except
+    /// that a store frame (`storeHello`, `dispatch`, ...) whose `store` can
+    /// be read but which has a bad value elsewhere (an unknown enum name, a
+    /// value of the wrong type, an unknown field) comes back as a
+    /// `StoreError` for that store with code [`STORE_ERROR_BAD_FRAME`] and
+    /// the decoding error as its message, so that the receiver answers it
+    /// for that store instead of closing the connection. The error keeps
+    /// the frame's op id (and, for a dispatch, the count of its actions and
+    /// its client id) when they can be read. Anything else that does not
+    /// decode is an error.
+    pub fn from_json_or_store_error(text: &str) -> Result<Frame, JsonError> {
+        Frame::from_json(text).or_else(|e| bad_store_frame(text, &e).ok_or(e))
+    }
+}
+
+/// The `ErrorInfo.code` of a `StoreError` about a store frame with a value
+/// that could not be read (the store crate's `ErrorCode::BadFrame`).
+pub const STORE_ERROR_BAD_FRAME: u32 = 11;
+
+/// The JSON keys of the store frames (and their proto names).
+const STORE_FRAME_KEYS: [(&str, &str); 9] = [
+    ("storeHello", "store_hello"),
+    ("storeWelcome", "store_welcome"),
+    ("dispatch", "dispatch"),
+    ("committed", "committed"),
+    ("actions", "actions"),
+    ("snapshot", "snapshot"),
+    ("digest", "digest"),
+    ("resync", "resync"),
+    ("storeError", "store_error"),
+];
+
+/// The `StoreError` answering a JSON store frame that did not decode;
+/// `None` when `text` is not such a frame (or names no store).
+fn bad_store_frame(text: &str, error: &JsonError) -> Option<Frame> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    let mut fields = value.as_object()?.iter();
+    let (key, body) = fields.next()?;
+    if fields.next().is_some() {
+        return None;
+    }
+    let (kind, _) = STORE_FRAME_KEYS
+        .iter()
+        .find(|(json, proto)| key == json || key == proto)?;
+    let body = body.as_object()?;
+    let store = body.get("store")?.as_str()?.to_owned();
+    let field = |json: &str, proto: &str| body.get(json).or_else(|| body.get(proto));
+    let mut op_id = 0;
+    let mut count = 0;
+    let mut client_id = String::new();
+    if matches!(*kind, "dispatch" | "committed" | "storeError") {
+        op_id = field("opId", "op_id").and_then(json_u64).unwrap_or(0);
+    }
+    if *kind == "dispatch" && op_id != 0 {
+        let more = body
+            .get("more")
+            .and_then(|m| m.as_array())
+            .map_or(0, Vec::len);
+        count = if more > 0 { more as u64 + 1 } else { 0 };
+        if let Some(c) = field("clientId", "client_id").and_then(|c| c.as_str()) {
+            client_id = c.to_owned();
+        }
+    }
+    Some(Frame::new(frame::Body::StoreError(StoreError {
+        store,
+        op_id,
+        error: Some(ErrorInfo {
+            code: STORE_ERROR_BAD_FRAME,
+            message: format!("bad {kind} frame: {error}"),
+        }),
+        client_id,
+        count,
+    })))
+}
+
+/// A proto3 JSON 64-bit integer: a decimal string or a number.
+fn json_u64(v: &serde_json::Value) -> Option<u64> {
+    match v {
+        serde_json::Value::String(s) => s.parse().ok(),
+        other => other.as_u64(),
+    }
 }
 
 impl CloseCode {

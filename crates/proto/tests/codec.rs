@@ -215,3 +215,43 @@ fn close_codes_are_enum_names_in_json_and_varints_on_the_wire() {
         other => panic!("expected a close, got {other:?}"),
     }
 }
+
+#[test]
+fn a_json_store_frame_with_a_bad_value_becomes_a_store_error_for_its_store() {
+    use replimesh_proto::STORE_ERROR_BAD_FRAME;
+    let bad = r#"{"storeHello":{"store":"s","schema":1,"encoding":"ENCODING_XML"}}"#;
+    assert!(Frame::from_json(bad).is_err());
+    match Frame::from_json_or_store_error(bad).unwrap().body {
+        Some(Body::StoreError(e)) => {
+            assert_eq!((e.store.as_str(), e.op_id, e.count), ("s", 0, 0));
+            let info = e.error.unwrap();
+            assert_eq!(info.code, STORE_ERROR_BAD_FRAME);
+            assert!(info.message.contains("ENCODING_XML"), "{}", info.message);
+        }
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    // A dispatch keeps its op ids (action and more) and client id.
+    let bad = r#"{"dispatch":{"store":"s","opId":"4","action":"!!","more":["e30=","e30="],"clientId":"c"}}"#;
+    match Frame::from_json_or_store_error(bad).unwrap().body {
+        Some(Body::StoreError(e)) => {
+            assert_eq!((e.op_id, e.count, e.client_id.as_str()), (4, 3, "c"));
+        }
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    // Good frames decode as they are; frames that name no store, other
+    // frames and broken JSON stay errors.
+    let good = r#"{"resync":{"store":"s","lastSeq":"2"}}"#;
+    assert_eq!(
+        Frame::from_json_or_store_error(good).unwrap(),
+        Frame::from_json(good).unwrap()
+    );
+    for text in [
+        r#"{"storeHello":{"schema":"x"}}"#,
+        r#"{"storeHello":{"store":7,"schema":"x"}}"#,
+        r#"{"subscribe":{"groups":"g"}}"#,
+        r#"{"storeHello":{"store":"s"},"ping":{}}"#,
+        r#"{"storeHello":{"store":"s""#,
+    ] {
+        assert!(Frame::from_json_or_store_error(text).is_err(), "{text}");
+    }
+}

@@ -30,6 +30,10 @@ pub enum ErrorCode {
     /// action (a client id reused by a client that numbers its ops from 1
     /// again); nothing was committed.
     OpIdReused,
+    /// A store frame had a value that could not be read (an enum value
+    /// the schema does not have, a JSON value of the wrong type); the frame
+    /// was ignored and the connection goes on.
+    BadFrame,
     /// A code this version does not know.
     Unknown(u32),
 }
@@ -48,6 +52,7 @@ impl ErrorCode {
             ErrorCode::HistoryLost => 8,
             ErrorCode::Internal => 9,
             ErrorCode::OpIdReused => 10,
+            ErrorCode::BadFrame => proto::STORE_ERROR_BAD_FRAME,
             ErrorCode::Unknown(c) => c,
         }
     }
@@ -65,6 +70,7 @@ impl ErrorCode {
             8 => ErrorCode::HistoryLost,
             9 => ErrorCode::Internal,
             10 => ErrorCode::OpIdReused,
+            proto::STORE_ERROR_BAD_FRAME => ErrorCode::BadFrame,
             c => ErrorCode::Unknown(c),
         }
     }

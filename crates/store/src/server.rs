@@ -410,6 +410,13 @@ async fn serve_frames(shared: Arc<ServerShared>, login: String, tx: LinkTx, mut 
         let Some(name) = store_of(&frame).map(str::to_owned) else {
             continue;
         };
+        if let Some(Body::StoreError(e)) = frame.body {
+            // Replicas send no errors: this is a store frame the transport
+            // could not decode (`Frame::from_json_or_store_error`), answered
+            // for its store; the connection goes on.
+            let _ = tx.send(&bad_frame_answer(e));
+            continue;
+        }
         if let Some(Body::StoreHello(h)) = &frame.body {
             if let Some((s, fid, _)) = attached.remove(&name) {
                 s.detach(fid);
@@ -470,4 +477,19 @@ async fn serve_frames(shared: Arc<ServerShared>, login: String, tx: LinkTx, mut 
     for (_, (s, fid, _)) in attached {
         s.detach(fid);
     }
+}
+
+/// The answer to a `StoreError` a replica sent: the same error (store, op
+/// ids, client id) with the code `BAD_FRAME`.
+fn bad_frame_answer(mut e: proto::StoreError) -> Frame {
+    let message = e.error.take().map(|i| i.message).unwrap_or_default();
+    e.error = Some(proto::ErrorInfo {
+        code: ErrorCode::BadFrame.as_u32(),
+        message: if message.is_empty() {
+            "a replica does not send store errors".to_owned()
+        } else {
+            message
+        },
+    });
+    Frame::new(Body::StoreError(e))
 }

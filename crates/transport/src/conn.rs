@@ -2000,13 +2000,18 @@ async fn ws_reader<S>(
                 Some(Ok(msg @ (WsMessage::Binary(_) | WsMessage::Text(_)))) => {
                     let incoming = match msg {
                         WsMessage::Binary(data) => handle_body(&shared, data),
-                        WsMessage::Text(text) if json => match Frame::from_json(text.as_str()) {
-                            Ok(frame) => {
-                                let body = frame.encode_to_bytes();
-                                handle_control(&shared, frame, || body)
+                        // A store frame with a bad value comes up as a
+                        // `StoreError` for its store: the store answers it,
+                        // the connection goes on.
+                        WsMessage::Text(text) if json => {
+                            match Frame::from_json_or_store_error(text.as_str()) {
+                                Ok(frame) => {
+                                    let body = frame.encode_to_bytes();
+                                    handle_control(&shared, frame, || body)
+                                }
+                                Err(e) => Incoming::Malformed(format!("malformed JSON frame: {e}")),
                             }
-                            Err(e) => Incoming::Malformed(format!("malformed JSON frame: {e}")),
-                        },
+                        }
                         _ => Incoming::Malformed(
                             "text message on the binary subprotocol replimesh.v1".to_string(),
                         ),

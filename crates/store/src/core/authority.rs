@@ -613,7 +613,7 @@ pub(crate) fn check_client_id(client_id: &str, max: usize) -> Result<(), RemoteE
     Ok(())
 }
 
-/// Checks a `StoreHello` against a store's name and schema.
+/// Checks a `StoreHello` against a store's name and schema, and its encoding.
 pub(crate) fn check_hello(
     name: &str,
     schema: u32,
@@ -625,6 +625,15 @@ pub(crate) fn check_hello(
             format!("unknown store {:?}", hello.store),
         );
         return Err(e);
+    }
+    if proto::Encoding::try_from(hello.encoding).is_err() {
+        return Err(RemoteError::new(
+            ErrorCode::BadFrame,
+            format!(
+                "store {name:?}: unknown encoding {} (ENCODING_BINARY = 0, ENCODING_JSON = 1)",
+                hello.encoding
+            ),
+        ));
     }
     if hello.schema != schema {
         let e = RemoteError::new(
