@@ -525,7 +525,7 @@ async fn ping_flood_from_a_peer_that_never_reads_stays_bounded() {
         tokio_util::codec::Encoder::encode(&mut codec, &Frame::ping(i), &mut wire).unwrap();
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), raw.write_all(&wire)).await;
-    // The server stays healthy (the pong backlog is bounded: see the unit test in conn.rs).
+    // The server stays healthy (the pong backlog is bounded: see the unit test in conn/tests.rs).
     server.send(&Frame::data(&b"x"[..])).unwrap();
     assert!(!server.sender().is_closed());
 }
