@@ -255,3 +255,46 @@ fn a_json_store_frame_with_a_bad_value_becomes_a_store_error_for_its_store() {
         assert!(Frame::from_json_or_store_error(text).is_err(), "{text}");
     }
 }
+
+proptest! {
+    /// Any value in any field of a JSON store frame that names its store
+    /// gives that frame or a `StoreError` for that store, never a panic or
+    /// another store; the result survives `to_json` -> `from_json`.
+    #[test]
+    fn json_store_frames_with_any_value_answer_for_their_store(
+        kind in prop::sample::select(vec![
+            "storeHello", "storeWelcome", "dispatch", "committed", "actions",
+            "snapshot", "digest", "resync", "storeError",
+        ]),
+        store in "[a-z]{1,8}",
+        field in prop::sample::select(vec![
+            "schema", "clientId", "historyId", "lastSeq", "encoding", "mode", "opId",
+            "action", "more", "seq", "moreSeqs", "firstSeq", "actions", "state",
+            "digest", "error", "count", "resync", "nope",
+        ]),
+        value in prop::sample::select(vec![
+            "0", "1", "-1", "7", "\"7\"", "\"x\"", "\"ENCODING_JSON\"", "\"ENCODING_XML\"",
+            "\"aGk=\"", "\"!!\"", "true", "null", "[]", "[\"aGk=\"]", "[1]", "{}",
+            "18446744073709551616", "1.5",
+        ]),
+    ) {
+        let text = format!(r#"{{"{kind}":{{"store":"{store}","{field}":{value}}}}}"#);
+        let frame = Frame::from_json_or_store_error(&text)
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+        let json = frame.to_json();
+        prop_assert_eq!(&Frame::from_json(&json).unwrap(), &frame);
+        let named = match &frame.body {
+            Some(Body::StoreHello(f)) => &f.store,
+            Some(Body::StoreWelcome(f)) => &f.store,
+            Some(Body::Dispatch(f)) => &f.store,
+            Some(Body::Committed(f)) => &f.store,
+            Some(Body::Actions(f)) => &f.store,
+            Some(Body::Snapshot(f)) => &f.store,
+            Some(Body::Digest(f)) => &f.store,
+            Some(Body::Resync(f)) => &f.store,
+            Some(Body::StoreError(f)) => &f.store,
+            other => panic!("{text} gave {other:?}"),
+        };
+        prop_assert_eq!(named, &store);
+    }
+}
