@@ -84,3 +84,53 @@ impl Reducer for Kv {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replimesh::store::Encoding;
+
+    /// The payloads `docs/protocol.md` promises for the built-in reducers.
+    #[test]
+    fn payloads_are_the_documented_ones() {
+        let counter = Counter { name: "c".into() };
+        let kv = Kv { name: "k".into() };
+        assert_eq!((counter.schema(), kv.schema()), (1, 1));
+        let json = |a: &CounterAction| Encoding::Json.encode(a).unwrap();
+        assert_eq!(&json(&CounterAction::Add(5))[..], br#"{"Add":5}"#);
+        assert_eq!(&json(&CounterAction::Reset)[..], br#""Reset""#);
+        let bin = |a: &CounterAction| Encoding::Binary.encode(a).unwrap();
+        assert_eq!(&bin(&CounterAction::Add(5))[..], [0x00, 0x0a]);
+        assert_eq!(&bin(&CounterAction::Reset)[..], [0x01]);
+        assert_eq!(
+            &Encoding::Json.encode(&counter.initial_state()).unwrap()[..],
+            b"0"
+        );
+        let set = KvAction::Set {
+            key: "k".into(),
+            value: "v".into(),
+        };
+        for (action, text) in [
+            (set, r#"{"Set":{"key":"k","value":"v"}}"#),
+            (KvAction::Delete("k".into()), r#"{"Delete":"k"}"#),
+            (KvAction::Clear, r#""Clear""#),
+        ] {
+            assert_eq!(
+                &Encoding::Json.encode(&action).unwrap()[..],
+                text.as_bytes()
+            );
+            assert_eq!(
+                Encoding::Json.decode::<KvAction>(text.as_bytes()).unwrap(),
+                action
+            );
+        }
+        assert_eq!(
+            &Encoding::Json.encode(&kv.initial_state()).unwrap()[..],
+            b"{}"
+        );
+        // A negative number and wrapping, as documented.
+        let mut n = i64::MAX;
+        counter.reduce(&mut n, &CounterAction::Add(1));
+        assert_eq!(n, i64::MIN);
+    }
+}
