@@ -496,8 +496,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         c.close();
     }
     for (r, c) in &replicas {
-        c.shutdown();
-        r.shutdown();
+        c.shutdown().await;
+        r.shutdown().await;
     }
     for n in nodes.iter().rev() {
         n.shutdown().await?;

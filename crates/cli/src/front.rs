@@ -30,6 +30,7 @@ use replimesh::store;
 use replimesh::transport::{self, CloseReason, RecvError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{BanScope, CloneAuth, NodeConfig, NodeInfo, StoreSettings};
 use crate::metrics::{Counter, Gauge, Registry};
@@ -200,6 +201,8 @@ pub(crate) struct Front {
     accepting: CancellationToken,
     /// Stops everything (after the mesh and the stores said goodbye).
     stop: CancellationToken,
+    /// The accepting tasks and the connections' tasks.
+    tasks: TaskTracker,
     pub(crate) stats: FrontStats,
 }
 
@@ -234,6 +237,7 @@ impl Front {
             node_info: config.security.node_info,
             accepting: stop.child_token(),
             stop,
+            tasks: TaskTracker::new(),
             stats: FrontStats::new(registry, settings),
         });
         let weak = Arc::downgrade(&front);
@@ -255,7 +259,7 @@ impl Front {
     /// Accepts on `listener` until the node stops.
     pub(crate) fn serve(self: &Arc<Self>, listener: transport::Listener) {
         let front = self.clone();
-        store::accept_each(listener, self.accepting.clone(), move |c| {
+        store::accept_each(listener, self.accepting.clone(), &self.tasks, move |c| {
             front.clone().connection(c)
         });
     }
@@ -268,6 +272,13 @@ impl Front {
     /// Stops accepting connections (the open ones go on).
     pub(crate) fn stop_accepting(&self) {
         self.accepting.cancel();
+    }
+
+    /// Waits until the listeners are closed and, once the node's stop is
+    /// cancelled, every connection's task has ended.
+    pub(crate) async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// One accepted connection: its hello, then its frames.

@@ -68,8 +68,8 @@ impl HostedStore {
     pub fn connected(&self) -> bool {
         with_store!(self, s => s.connected())
     }
-    fn shutdown(&self) {
-        with_store!(self, s => s.shutdown())
+    async fn shutdown(&self) {
+        with_store!(self, s => s.shutdown().await)
     }
     fn add_to(&self, server: &store::Server) {
         with_store!(self, s => { server.add(s); })
@@ -171,11 +171,12 @@ struct Hosted {
 }
 
 impl Hosted {
-    /// Stops the store; an authority with a backup writes its final state
-    /// there (through [`CountedBackup`]).
-    fn shutdown(&self) -> anyhow::Result<()> {
+    /// Stops the store and waits for it; an authority with a backup writes
+    /// its final state there (through [`CountedBackup`]) and releases the
+    /// backup's lock.
+    async fn shutdown(&self) -> anyhow::Result<()> {
         let failures = self.backup.as_ref().map(|b| b.failures.get());
-        self.store.shutdown();
+        self.store.shutdown().await;
         match (&self.backup, failures) {
             (Some(b), Some(before)) if b.failures.get() > before => Err(anyhow::anyhow!(
                 "final backup of store {} failed (see the log)",
@@ -749,20 +750,24 @@ impl Node {
 
     /// Graceful shutdown: `/health` turns 503, listeners stop, clients are
     /// told to go elsewhere (close code "going away"), peers are told this
-    /// clone left, final backups are written.
+    /// clone left, final backups are written and the backups' locks
+    /// released. Returns once all that is done: a node on the same backup
+    /// paths can start right after (also in the same process).
     pub async fn shutdown(&self) -> anyhow::Result<()> {
         let s = &self.shared;
         s.healthy.store(false, Ordering::Relaxed);
         s.front.stop_accepting();
-        s.front.stores().shutdown();
-        s.mesh.stop().await;
+        s.front.stores().shutdown().await;
+        s.mesh.shutdown().await;
         s.stop.cancel();
+        s.front.stopped().await;
         let mut result = Ok(());
         for h in &s.stores {
-            if let Some(c) = h.upstream.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                c.shutdown();
+            let upstream = h.upstream.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(c) = upstream {
+                c.shutdown().await;
             }
-            if let Err(e) = h.shutdown() {
+            if let Err(e) = h.shutdown().await {
                 tracing::error!(error = %e, "final backup failed");
                 result = Err(e);
             }

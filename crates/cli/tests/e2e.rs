@@ -285,7 +285,7 @@ async fn three_nodes_sigterm_one_nothing_lost() {
     sub.close();
     publ.close();
     asker.close();
-    link3.shutdown();
+    link3.shutdown().await;
     assert!(n3.sigterm().success());
     assert!(n1.sigterm().success());
     let backup = dir.path().join("kv.backup");

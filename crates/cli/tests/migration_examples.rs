@@ -441,29 +441,21 @@ async fn redux_cluster_counter_runs_and_restores() {
         .unwrap();
     assert!(refused.is_err());
 
-    link.shutdown();
+    tokio::time::timeout(T, link.shutdown()).await.unwrap();
     tokio::time::timeout(T, node.shutdown())
         .await
         .unwrap()
         .unwrap();
 
-    // Boot at start-up: the same history, the same state. The backup is
-    // locked (one process per backup path) until the old node is dropped
-    // and its tasks have let go of the store.
-    drop((node, link, replica, wrong));
-    let node = tokio::time::timeout(T, async {
-        loop {
-            match Node::start(config()).await {
-                Ok(n) => return n,
-                Err(e) if format!("{e:#}").contains("in use") => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(e) => panic!("{e:#}"),
-            }
-        }
-    })
-    .await
-    .expect("the backup stayed locked");
+    // Boot at start-up: the same history, the same state. `shutdown`
+    // released the backup's lock (one process per backup path), even with
+    // the old node's handles still around.
+    let old = node;
+    let node = tokio::time::timeout(T, Node::start(config()))
+        .await
+        .unwrap()
+        .unwrap();
+    drop((old, link, replica, wrong));
     let hosted = node.store("counter").unwrap();
     assert_eq!(hosted.seq(), 3);
     assert_eq!(hosted.state_json(), serde_json::json!(3));
@@ -525,37 +517,24 @@ async fn redux_cluster_rust_authority_restores() {
         .unwrap();
     assert_eq!((seq, *replica.state()), (2, 42));
 
-    link.shutdown();
-    tcp.shutdown();
-    ws.shutdown();
-    authority.shutdown();
+    tokio::time::timeout(T, link.shutdown()).await.unwrap();
+    tokio::time::timeout(T, tcp.shutdown()).await.unwrap();
+    tokio::time::timeout(T, ws.shutdown()).await.unwrap();
+    tokio::time::timeout(T, authority.shutdown()).await.unwrap();
     drop(authority);
 
-    // `shutdown` returned after the final snapshot was written; the backup
-    // stays locked until the last handle of the store (its servers' tasks)
-    // is gone.
-    drop((tcp, ws, link));
-    let persistence = tokio::time::timeout(T, async {
-        loop {
-            match BackupPersistence::open(
-                BackupConfig::new(&path).key("password-for-encrypter"),
-                "counter",
-                1,
-            ) {
-                Ok(p) => return p,
-                Err(e) if e.to_string().contains("in use") => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .expect("the backup stayed locked");
+    // `shutdown` returned after the final snapshot was written and the
+    // backup's lock released.
+    let persistence = BackupPersistence::open(
+        BackupConfig::new(&path).key("password-for-encrypter"),
+        "counter",
+        1,
+    )
+    .unwrap();
     let restored =
         Store::authority_with_persistence(Counter, StoreConfig::default(), Box::new(persistence))
             .unwrap();
     assert_eq!(restored.seq(), 2);
     assert_eq!(*restored.state(), 42);
-    restored.shutdown();
+    tokio::time::timeout(T, restored.shutdown()).await.unwrap();
 }

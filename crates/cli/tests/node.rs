@@ -11,7 +11,7 @@ use replimesh::transport::{self, Connection, RecvError};
 use replimesh_cli::admin::http_get;
 use replimesh_cli::config::NodeConfig;
 use replimesh_cli::metrics::parse_text;
-use replimesh_cli::node::Node;
+use replimesh_cli::node::{HostedStore, Node};
 use replimesh_cli::reducers::{Counter, CounterAction, Kv, KvAction};
 
 const T: Duration = Duration::from_secs(20);
@@ -549,4 +549,55 @@ async fn tls_and_wss_nodes() {
     publ.close();
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
+}
+
+/// `Node::shutdown` returns once the final backups are written and their
+/// locks released: a node on the same backup path starts right after, in
+/// the same process, while the old node and its store handles are still
+/// held, and finds the state. The old handles refuse dispatches.
+#[testkit::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarts_on_its_backup_right_after_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+        id = "restart"
+        [[listen]]
+        url = "tcp://127.0.0.1:0"
+        [[store]]
+        name = "counter"
+        reducer = "counter"
+        logins = {{ app = "{}" }}
+        [store.backup]
+        path = "counter.backup"
+        "#,
+        phc("pw")
+    );
+    let mut old = Vec::new();
+    for round in 0..3 {
+        let config = NodeConfig::parse(&text, dir.path()).unwrap();
+        let node = tokio::time::timeout(T, Node::start(config))
+            .await
+            .expect("start")
+            .unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+        let Some(HostedStore::Counter(s)) = node.store("counter") else {
+            panic!("no counter store");
+        };
+        assert_eq!(s.seq(), 2 * round, "round {round}: state from the backup");
+        for _ in 0..2 {
+            tokio::time::timeout(T, s.dispatch(CounterAction::Add(1)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        tokio::time::timeout(T, node.shutdown())
+            .await
+            .expect("shutdown")
+            .unwrap();
+        assert!(matches!(
+            s.dispatch(CounterAction::Add(1)).await,
+            Err(store::DispatchError::Closed)
+        ));
+        old.push((node, s));
+    }
+    assert_eq!(old[2].1.seq(), 6);
 }

@@ -11,6 +11,7 @@ use proto::frame::Body;
 use proto::{CloseCode, Frame, PROTOCOL_VERSION};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::core::store_of;
@@ -118,6 +119,8 @@ struct ClientCore {
     /// Index in `Target::Urls` of the current (or last) server.
     url_index: AtomicUsize,
     stop: CancellationToken,
+    /// The client's task (reading the link, reconnecting).
+    tasks: TaskTracker,
 }
 
 impl ClientCore {
@@ -131,6 +134,7 @@ impl ClientCore {
             links: AtomicU64::new(0),
             url_index: AtomicUsize::new(0),
             stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         })
     }
 
@@ -158,14 +162,24 @@ struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.core.stop.cancel();
+        self.core.tasks.close();
     }
 }
 
 /// A connection to a server (or to the parent process) carrying one or more
 /// replica stores. It reconnects by itself with exponential backoff; stores
 /// catch up and resend their unacknowledged dispatches after each
-/// reconnection. Cheap to clone; dropping the last clone (or
-/// [`Client::shutdown`]) closes it.
+/// reconnection. Cheap to clone.
+///
+/// # Stopping
+///
+/// [`Client::shutdown`]`.await` stops the client and waits until it has
+/// stopped: the link is closed (`Close{NORMAL}`), no more reconnection is
+/// tried and the client's task has ended. Dropping the last clone does the
+/// same without waiting. The stores it carries stay usable (their
+/// dispatches wait for another link); the client's own tasks do not count
+/// as handles. The client of a worker ([`Client::worker`]) is kept for the
+/// whole process.
 #[derive(Clone)]
 pub struct Client {
     guard: Arc<Guard>,
@@ -269,7 +283,7 @@ impl Client {
 
     fn start(core: Arc<ClientCore>, tx: LinkTx, rx: LinkRx) -> Client {
         let c = core.clone();
-        tokio::spawn(
+        core.tasks.spawn(
             async move { run(c, tx, rx).await }.instrument(tracing::debug_span!("store-client")),
         );
         Client {
@@ -354,9 +368,17 @@ impl Client {
         }
     }
 
-    /// Closes the link and stops reconnecting.
-    pub fn shutdown(&self) {
-        self.guard.core.stop.cancel();
+    /// Stops the client and waits until it has stopped (see
+    /// [Stopping](Client#stopping)): the link closed, no more reconnection,
+    /// the client's task ended.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the stop goes on if the future is dropped.
+    pub async fn shutdown(&self) {
+        let core = &self.guard.core;
+        core.stop.cancel();
+        core.tasks.close();
+        core.tasks.wait().await;
     }
 }
 

@@ -15,19 +15,28 @@ use std::time::Duration;
 use proto::frame::Body;
 use proto::{CloseCode, Frame, Hello, PROTOCOL_VERSION};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::{Bans, Busy, CheckPool};
 
 /// Accepts connections on `listener` until `stop` is cancelled or the
 /// listener fails (logged), and runs `serve` on each in a task of its own.
-/// Returns at once: the accepting runs in a task. Must be called inside a
-/// Tokio runtime.
-pub fn accept_each<F, Fut>(listener: transport::Listener, stop: CancellationToken, mut serve: F)
-where
+/// Returns at once: the accepting runs in a task. The accepting task and
+/// the connections' tasks are spawned on `tasks`, so that whoever stops the
+/// server can wait for them; once the accepting task has ended, the
+/// listener is closed (a new connection is refused, a Unix socket's file is
+/// gone). Must be called inside a Tokio runtime.
+pub fn accept_each<F, Fut>(
+    listener: transport::Listener,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+    mut serve: F,
+) where
     F: FnMut(transport::Connection) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    tokio::spawn(async move {
+    let spawner = tasks.clone();
+    tasks.spawn(async move {
         loop {
             let conn = tokio::select! {
                 c = listener.accept() => c,
@@ -35,7 +44,7 @@ where
             };
             match conn {
                 Ok(c) => {
-                    tokio::spawn(serve(c));
+                    spawner.spawn(serve(c));
                 }
                 Err(e) => {
                     tracing::error!(url = %listener.local_url(), error = %e, "listener failed");
@@ -43,6 +52,7 @@ where
                 }
             }
         }
+        listener.close().await;
     });
 }
 

@@ -17,11 +17,9 @@
 //! caught up, and [`crate::Store::try_dispatch`] on the authority fails with
 //! [`crate::DispatchError::OutboxFull`] ([`crate::Store::dispatch`] waits).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-
 use bytes::Bytes;
-use tokio::sync::Notify;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{oneshot, Notify};
 
 use crate::core::Origin;
 use crate::persist::PersistError;
@@ -43,13 +41,15 @@ pub(crate) enum JournalJob {
         state: Bytes,
         origins: Vec<Origin>,
     },
-    /// The final state ([`crate::Store::shutdown`]); the thread ends after it.
+    /// The final state ([`crate::Store::shutdown`], or the last handle
+    /// dropped); the thread ends after it. `done` is answered once the
+    /// persistence is dropped (a backup's lock released).
     Shutdown {
         history_id: u64,
         seq: u64,
         state: Bytes,
         origins: Vec<Origin>,
-        done: mpsc::Sender<Result<(), PersistError>>,
+        done: oneshot::Sender<Result<(), PersistError>>,
     },
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use proto::frame::Body;
 use proto::{CloseCode, Frame, PROTOCOL_VERSION};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::Logins;
@@ -104,14 +105,24 @@ struct ServerShared {
     /// The login table, shared with the password checks.
     logins: Arc<Logins>,
     stop: CancellationToken,
+    /// The accepting tasks, the connections' tasks and the workers' control
+    /// sockets.
+    tasks: TaskTracker,
 }
 
 /// Serves stores to replicas: over listeners ([`Server::listen`]) and to
 /// worker processes ([`Server::spawn_worker`]). Several stores share one
 /// server and one connection; a replica picks a store by name.
 ///
-/// Dropping the server (or [`Server::shutdown`]) stops its listeners and
-/// closes its connections.
+/// # Stopping
+///
+/// [`Server::shutdown`]`.await` stops the server and waits until it has
+/// stopped: its listeners are closed (a new connection is refused, a Unix
+/// socket's file is gone), every connection got `Close{GOING_AWAY}` and its
+/// task has ended, and the workers' control sockets are closed. Dropping
+/// the server does the same without waiting. A server started by
+/// [`Store::serve`] also stops with that store (and
+/// [`Store::shutdown`] waits for it).
 pub struct Server {
     shared: Arc<ServerShared>,
 }
@@ -127,6 +138,7 @@ impl std::fmt::Debug for Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shared.stop.cancel();
+        self.shared.tasks.close();
     }
 }
 
@@ -153,6 +165,7 @@ impl Server {
                 urls: Mutex::new(Vec::new()),
                 logins,
                 stop,
+                tasks: TaskTracker::new(),
             }),
         }
     }
@@ -180,10 +193,15 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .push(local.clone());
         let shared = self.shared.clone();
-        accept_each(listener, shared.stop.clone(), move |conn| {
-            let span = tracing::debug_span!("store-conn", peer = %conn.peer_addr());
-            handle(shared.clone(), conn, false).instrument(span)
-        });
+        accept_each(
+            listener,
+            shared.stop.clone(),
+            &self.shared.tasks,
+            move |conn| {
+                let span = tracing::debug_span!("store-conn", peer = %conn.peer_addr());
+                handle(shared.clone(), conn, false).instrument(span)
+            },
+        );
         Ok(local)
     }
 
@@ -219,7 +237,9 @@ impl Server {
         }
         let shared = self.shared.clone();
         let span = tracing::debug_span!("store-worker", pid = child.id());
-        tokio::spawn(serve_worker(shared, ctrl).instrument(span));
+        self.shared
+            .tasks
+            .spawn(serve_worker(shared, ctrl).instrument(span));
         Ok(child)
     }
 
@@ -252,7 +272,7 @@ impl Server {
         let shared = self.shared.clone();
         let span = tracing::debug_span!("store-conn", peer = %sender.peer_addr());
         let login = login.to_owned();
-        tokio::spawn(
+        self.shared.tasks.spawn(
             serve_frames(
                 shared,
                 login,
@@ -272,18 +292,33 @@ impl Server {
             .clone()
     }
 
-    /// Stops the listeners and closes every connection of this server.
-    pub fn shutdown(&self) {
+    /// Stops the server and waits until it has stopped (see
+    /// [Stopping](Server#stopping)): listeners closed, connections closed
+    /// with "going away" and their tasks ended. Calling it again returns
+    /// once the server has stopped.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the stop goes on if the future is dropped.
+    pub async fn shutdown(&self) {
         self.shared.stop.cancel();
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
     }
 }
 
 impl<R: Reducer> Store<R> {
     /// Serves this store on `url` with `config` (a shortcut for a [`Server`]
     /// with one store). [`Server::add`] adds more stores to it;
-    /// [`Server::listen`] more listeners. Dropping the server stops it.
+    /// [`Server::listen`] more listeners. Dropping the server stops it, and
+    /// so does stopping this store ([`Store::shutdown`] waits for it).
     pub async fn serve(&self, url: &str, config: ServerConfig) -> Result<Server, ServeError> {
         let server = Server::with_stop(config, self.inner.stop.child_token());
+        {
+            let mut servers = self.inner.servers.lock().unwrap_or_else(|e| e.into_inner());
+            // Those that stopped already need no waiting for.
+            servers.retain(|t| !(t.is_closed() && t.is_empty()));
+            servers.push(server.shared.tasks.clone());
+        }
         server.add(self);
         server.listen(url).await?;
         Ok(server)
@@ -330,7 +365,9 @@ async fn serve_worker(shared: Arc<ServerShared>, ctrl: tokio::net::UnixStream) {
         }
         tracing::debug!("new worker link");
         let span = tracing::debug_span!("store-worker-conn");
-        tokio::spawn(handle(shared.clone(), conn, true).instrument(span));
+        shared
+            .tasks
+            .spawn(handle(shared.clone(), conn, true).instrument(span));
     }
 }
 

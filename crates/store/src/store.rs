@@ -14,12 +14,13 @@ use proto::frame::Body;
 use proto::Frame;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::core::{
     Authority, AuthorityConfig, FollowerId, LogConfig, OpSlots, Origin, Replica, ReplicaConfig,
     ReplicaEvent, SyncMode,
 };
-use crate::error::{DispatchError, RemoteError};
+use crate::error::{DispatchError, ErrorCode, RemoteError};
 use crate::journal::{JournalJob, JournalQueue};
 use crate::link::LinkTx;
 use crate::persist::{PersistError, Persistence};
@@ -265,6 +266,12 @@ pub(crate) struct Inner<R: Reducer> {
     roles: AtomicU8,
     stats: Counters,
     pub(crate) stop: CancellationToken,
+    /// The store's own tasks (followers' writers, the upstream writer).
+    pub(crate) tasks: TaskTracker,
+    /// The tasks of the servers started by [`Store::serve`].
+    pub(crate) servers: Mutex<Vec<TaskTracker>>,
+    /// Set once [`Store::shutdown`] has finished: later calls return at once.
+    stopped: tokio::sync::OnceCell<()>,
 }
 
 #[derive(Default)]
@@ -288,16 +295,43 @@ pub struct StoreStats {
 
 /// A replicated store: a cloneable handle over an authority or a replica.
 ///
-/// Dropping every handle does not stop servers or client links that were
-/// started from it; call [`Store::shutdown`] for that.
+/// # Stopping
+///
+/// [`Store::shutdown`]`.await` stops the store and waits until it has
+/// stopped: the servers started by [`Store::serve`] have closed their
+/// listeners and connections (replicas get `Close{GOING_AWAY}`), the
+/// store's tasks have ended, and a persistent authority has written its
+/// final state and dropped its persistence (a backup's lock is released,
+/// so the same path can be opened again at once). Dropping the last
+/// handle stops it too, in the background and without a final state: the
+/// journal thread writes what is queued (every committed action), drops
+/// the persistence and ends. Servers ([`crate::Server`]) and clients
+/// ([`crate::Client`]) that serve or carry the store do not count as
+/// handles. A stopped store refuses dispatches ([`DispatchError::Closed`])
+/// and new replicas.
 pub struct Store<R: Reducer> {
     pub(crate) inner: Arc<Inner<R>>,
+    /// Shared by the user's handles only: its drop stops the store.
+    _handle: Arc<Handle<R>>,
+}
+
+/// Stops the store when the last user handle goes.
+struct Handle<R: Reducer> {
+    inner: Arc<Inner<R>>,
+}
+
+impl<R: Reducer> Drop for Handle<R> {
+    fn drop(&mut self) {
+        // No final state: the journal holds every committed action.
+        drop(self.inner.begin_stop(false));
+    }
 }
 
 impl<R: Reducer> Clone for Store<R> {
     fn clone(&self) -> Self {
         Store {
             inner: self.inner.clone(),
+            _handle: self._handle.clone(),
         }
     }
 }
@@ -324,17 +358,24 @@ impl<R: Reducer> Store<R> {
         } else {
             LinkState::Down
         };
+        let inner = Arc::new(Inner {
+            name,
+            schema,
+            shared: Mutex::new(shared),
+            seq_tx: watch::channel(head).0,
+            link_tx: watch::channel(link).0,
+            roles: AtomicU8::new(role.bit()),
+            stats: Counters::default(),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            servers: Mutex::new(Vec::new()),
+            stopped: tokio::sync::OnceCell::new(),
+        });
         Store {
-            inner: Arc::new(Inner {
-                name,
-                schema,
-                shared: Mutex::new(shared),
-                seq_tx: watch::channel(head).0,
-                link_tx: watch::channel(link).0,
-                roles: AtomicU8::new(role.bit()),
-                stats: Counters::default(),
-                stop: CancellationToken::new(),
+            _handle: Arc::new(Handle {
+                inner: inner.clone(),
             }),
+            inner,
         }
     }
 
@@ -494,6 +535,10 @@ impl<R: Reducer> Store<R> {
     /// to its sequence number. Fails at once when the outbox is full.
     pub fn try_dispatch(&self, action: &R::Action) -> Result<Pending, DispatchError> {
         let mut g = self.inner.lock();
+        // Checked under the lock: the stop takes the journal under it.
+        if self.inner.stop.is_cancelled() {
+            return Err(DispatchError::Closed);
+        }
         // Checked under the lock: `link_failed` sets the state, then fails the
         // waiters under the lock, so no waiter is left behind.
         if let LinkState::Refused(e) = &*self.inner.link_tx.borrow() {
@@ -634,46 +679,27 @@ impl<R: Reducer> Store<R> {
         self.inner.roles.load(Ordering::Relaxed) & Role::Authority.bit() != 0
     }
 
-    /// Stops the servers, client links and tasks started from this store.
-    /// An authority with persistence hands its final state to it.
-    pub fn shutdown(&self) {
-        self.inner.stop.cancel();
-        let done = {
-            let mut g = self.inner.lock();
-            let Core::Authority {
-                a,
-                journal: Some(j),
-                ..
-            } = &mut g.core
-            else {
-                return;
-            };
-            match a.take_snapshot() {
-                Ok((seq, state)) => {
-                    let (done, rx) = mpsc::channel();
-                    let job = JournalJob::Shutdown {
-                        history_id: a.history_id(),
-                        seq,
-                        origins: a.known_origins(seq),
-                        state,
-                        done,
-                    };
-                    j.send(job, 0).then_some(rx)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "encoding the final state failed");
-                    None
-                }
-            }
-        };
-        // Outside the lock: the journal thread takes it to acknowledge what
-        // it wrote before the final state.
-        match done.map(|rx| rx.recv()) {
-            Some(Ok(Err(e))) => tracing::error!(error = %e, "persisting the final state failed"),
-            Some(Err(_)) => tracing::error!("the journal thread ended before the final state"),
-            _ => {}
-        }
+    /// Stops the store and waits until it has stopped (see
+    /// [Stopping](Store#stopping)): the servers started by [`Store::serve`]
+    /// and the store's tasks have ended, and a persistent authority has
+    /// handed its final state to its persistence and dropped it (a failure
+    /// is logged). Calling it again, or from another handle meanwhile,
+    /// waits for the same stop.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the stop runs in a task of its own and goes on if the
+    /// future is dropped; awaiting `shutdown` again waits for it.
+    pub async fn shutdown(&self) {
+        let inner = self.inner.clone();
+        let stop = tokio::spawn(async move {
+            inner.stopped.get_or_init(|| inner.stop_and_wait()).await;
+        });
+        let _ = stop.await;
     }
+}
+
+fn lock_unpoisoned<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Read access to a store's state (see [`Store::state`]).
@@ -845,6 +871,19 @@ impl Journal {
     }
 }
 
+impl Journal {
+    /// Queues the last job (if any) and lets the thread end by itself once
+    /// it has written everything queued, without waiting for it. False when
+    /// the thread is gone.
+    fn finish(mut self, last: Option<JournalJob>) -> bool {
+        let sent = last.is_some_and(|job| self.send(job, 0));
+        self.tx.take();
+        // Detached: whoever waits, waits for the job's answer.
+        self.thread.take();
+        sent
+    }
+}
+
 impl Drop for Journal {
     /// Lets the thread write what is queued and waits for it (unless the
     /// store is dropped on that very thread).
@@ -992,6 +1031,8 @@ fn journal_thread<R: Reducer>(
         }
         queue.taken(taken);
         if let Some((done, r)) = finished {
+            // Dropped first: a backup's lock is released before the answer.
+            drop(p);
             let _ = done.send(r);
             return;
         }
@@ -1063,6 +1104,70 @@ impl<R: Reducer> Inner<R> {
         self.roles.fetch_or(role.bit(), Ordering::Relaxed);
     }
 
+    /// Starts the stop without waiting: cancels the store's tasks and the
+    /// servers started from it, fails a replica's waiting dispatches, and
+    /// lets the journal thread of a persistent authority end once it has
+    /// written what is queued, and the final state if `last_state`. Returns
+    /// what the thread answers once it has dropped the persistence (`None`:
+    /// no journal or no final state, or the stop had started already).
+    fn begin_stop(&self, last_state: bool) -> Option<oneshot::Receiver<Result<(), PersistError>>> {
+        self.stop.cancel();
+        let mut g = self.lock();
+        let (a, journal) = match &mut g.core {
+            Core::Authority { a, journal, .. } => (a, journal),
+            Core::Replica { waiters, .. } => {
+                // Their answers would never come: the link is closing.
+                for (_, w) in waiters.drain() {
+                    let _ = w.send(Err(DispatchError::Closed));
+                }
+                return None;
+            }
+        };
+        // Taken out: nothing is queued behind the final state.
+        let j = journal.take()?;
+        if !last_state {
+            j.finish(None);
+            return None;
+        }
+        let (done, rx) = oneshot::channel();
+        match a.take_snapshot() {
+            Ok((seq, state)) => {
+                let job = JournalJob::Shutdown {
+                    history_id: a.history_id(),
+                    seq,
+                    origins: a.known_origins(seq),
+                    state,
+                    done,
+                };
+                j.finish(Some(job)).then_some(rx)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "encoding the final state failed");
+                j.finish(None);
+                None
+            }
+        }
+    }
+
+    /// [`Store::shutdown`]'s work: the stop, then waiting for the final
+    /// state, the store's tasks and its servers' tasks.
+    async fn stop_and_wait(&self) {
+        if let Some(done) = self.begin_stop(true) {
+            match done.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "persisting the final state failed"),
+                Err(_) => tracing::error!("the journal thread ended before the final state"),
+            }
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+        let servers = std::mem::take(&mut *lock_unpoisoned(&self.servers));
+        for t in servers {
+            t.close();
+            t.wait().await;
+        }
+    }
+
     fn publish(&self, head: u64) {
         self.seq_tx.send_if_modified(|s| {
             if *s != head {
@@ -1092,6 +1197,12 @@ impl<R: Reducer> Inner<R> {
         };
         let fid = {
             let mut g = self.lock();
+            if self.stop.is_cancelled() {
+                return Err(RemoteError::new(
+                    ErrorCode::UnknownStore,
+                    format!("store {:?} has stopped", self.name),
+                ));
+            }
             let fid = match &mut g.core {
                 Core::Authority { a, .. } => a.on_hello_as(hello, login)?,
                 Core::Replica { r, .. } => r.serve_hello_as(hello, login)?,
@@ -1106,7 +1217,7 @@ impl<R: Reducer> Inner<R> {
             fid
         };
         let inner = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             inner.follower_task(fid, wake, io).await;
         });
         Ok(fid)
@@ -1158,6 +1269,10 @@ impl<R: Reducer> Inner<R> {
     /// number of acks and errors waiting for it (for backpressure).
     pub(crate) fn follower_frame(&self, fid: FollowerId, frame: Frame) -> usize {
         let mut g = self.lock();
+        if self.stop.is_cancelled() {
+            // Stopping: nothing more is committed (its connection closes).
+            return 0;
+        }
         let mut committed = false;
         let backlog = match &mut g.core {
             Core::Authority {
@@ -1215,6 +1330,9 @@ impl<R: Reducer> Inner<R> {
 
     /// The link to upstream is up: hello, then the writer task.
     pub(crate) fn link_up(self: &Arc<Self>, tx: LinkTx, cancel: CancellationToken) -> bool {
+        if self.stop.is_cancelled() {
+            return false;
+        }
         let send = Arc::new(tokio::sync::Mutex::new(()));
         let wake = {
             let mut g = self.lock();
@@ -1235,7 +1353,7 @@ impl<R: Reducer> Inner<R> {
         self.link_tx.send_replace(LinkState::Down);
         wake.notify_one();
         let inner = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 let guard = send.lock().await;
                 let frames = {

@@ -19,7 +19,7 @@ use common::{
 /// A replica connected over a Unix socket while its authority is stopped and
 /// restarted from the same backup: it reconnects by itself and catches up
 /// from the backlog (no snapshot), in the same history.
-#[tokio::test]
+#[testkit::test]
 async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("store.sock");
@@ -43,7 +43,7 @@ async fn restart_keeps_history_and_a_reconnecting_replica_gets_a_tail() {
     assert!(before.snapshots_received >= 1 && before.actions_received > 0);
 
     // Stop the authority (final snapshot at seq 40) and its listener.
-    a.shutdown();
+    a.shutdown().await;
     until("the replica to see the link go down", || {
         !client.connected()
     })
@@ -91,7 +91,7 @@ async fn serve_backed(dir: &Path, sock: &str) -> (Store<Counter>, Server, String
 /// A replica that was behind when the authority shut down cleanly: the
 /// final snapshot keeps the last actions as a tail, so after the restart the
 /// replica catches up with the actions it missed, not with a snapshot.
-#[tokio::test]
+#[testkit::test]
 async fn after_a_clean_shutdown_a_replica_behind_gets_a_tail() {
     let dir = tempfile::tempdir().unwrap();
     let (a, server, url_a) = serve_backed(dir.path(), "a.sock").await;
@@ -108,7 +108,7 @@ async fn after_a_clean_shutdown_a_replica_behind_gets_a_tail() {
         a.dispatch(Act::Add(i)).await.unwrap();
     }
     let history = a.history_id();
-    a.shutdown();
+    a.shutdown().await;
     drop(server);
     drop(a);
 
@@ -127,7 +127,7 @@ async fn after_a_clean_shutdown_a_replica_behind_gets_a_tail() {
 
     // A tail written by one restart survives the next: stopped again at
     // once, restarted, a raw replica at seq 12 gets actions from 13.
-    b.shutdown();
+    b.shutdown().await;
     drop(server);
     drop(b);
     let (_c, _server, url_c) = serve_backed(dir.path(), "c.sock").await;
@@ -190,7 +190,7 @@ fn assert_tail(frames: &[Frame], history: u64, first: u64, last: u64) {
 /// After a crash (no final snapshot), the restarted authority serves a
 /// replica that was behind with the tail from its journal: the first frames
 /// after the welcome are `Actions` continuing at `last_seq + 1`.
-#[tokio::test]
+#[testkit::test]
 async fn after_a_crash_a_replica_behind_gets_the_journaled_tail() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}/store.sock", dir.path().display());
@@ -235,7 +235,7 @@ async fn after_a_crash_a_replica_behind_gets_the_journaled_tail() {
 /// The `timeout` policy writes a snapshot after the deadline even when no
 /// further action comes (the store's timer), also for a journal replayed at
 /// start-up.
-#[tokio::test]
+#[testkit::test]
 async fn timeout_policy_snapshots_without_a_further_action() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("counter.backup");
@@ -343,7 +343,7 @@ async fn resend_after_restart(graceful: bool) {
     if graceful {
         // A final snapshot at seq 4: the journal is emptied, the origins
         // travel in the snapshot.
-        a.shutdown();
+        a.shutdown().await;
     }
     drop(server);
     drop(a);
@@ -367,12 +367,12 @@ async fn resend_after_restart(graceful: bool) {
     assert_eq!(got, vec![(1, 6)]);
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn resent_after_a_crash_applies_once() {
     resend_after_restart(false).await;
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn resent_after_a_graceful_restart_applies_once() {
     resend_after_restart(true).await;
 }
@@ -380,7 +380,7 @@ async fn resent_after_a_graceful_restart_applies_once() {
 /// Two authorities on the same backup path: the second fails at start-up
 /// with an error naming the path and the holder's pid (before, both ran and
 /// one's acknowledged dispatches were lost at the next restart).
-#[tokio::test]
+#[testkit::test]
 async fn a_second_authority_on_the_same_backup_fails_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("counter.backup");

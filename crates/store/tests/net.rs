@@ -72,34 +72,34 @@ async fn replicate_over(url: &str, tcfg: transport::Config) {
     assert!(authority.role().contains(&Role::Authority));
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn replicates_over_unix() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}/s.sock", dir.path().display());
     replicate_over(&url, transport::Config::default()).await;
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn replicates_over_tcp() {
     replicate_over("tcp://127.0.0.1:0", transport::Config::default()).await;
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn replicates_over_ws() {
     replicate_over("ws://127.0.0.1:0/store", transport::Config::default()).await;
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn replicates_over_tls() {
     replicate_over("tls://127.0.0.1:0", tls_transport()).await;
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn replicates_over_wss() {
     replicate_over("wss://127.0.0.1:0/store", tls_transport()).await;
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn logins_right_and_wrong_and_phc() {
     let authority = Store::authority(counter(), StoreConfig::default());
     let mut l = logins();
@@ -129,7 +129,7 @@ async fn logins_right_and_wrong_and_phc() {
     assert_eq!(r2.state().total, 1);
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn ban_after_five_failures_expires_and_success_resets() {
     let authority = Store::authority(counter(), StoreConfig::default());
     let mut sc = server_config();
@@ -168,7 +168,7 @@ async fn ban_after_five_failures_expires_and_success_resets() {
     r2.dispatch(Act::Add(3)).await.unwrap();
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn auth_timeout_closes_silent_connections() {
     let authority = Store::authority(counter(), StoreConfig::default());
     let mut sc = server_config();
@@ -186,7 +186,7 @@ async fn auth_timeout_closes_silent_connections() {
     }
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn several_stores_one_connection_and_clear_errors() {
     let a = Store::authority(counter(), StoreConfig::default());
     let b = Store::authority(
@@ -296,7 +296,7 @@ async fn several_stores_one_connection_and_clear_errors() {
     assert_eq!(seq, a.seq());
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn outbox_survives_server_restart_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}/s.sock", dir.path().display());
@@ -324,7 +324,7 @@ async fn outbox_survives_server_restart_exactly_once() {
     assert_eq!(*r.state(), *authority.state());
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn outbox_full_is_an_error() {
     let r = Store::replica(counter(), StoreConfig::default().max_pending(3));
     for i in 0..3 {
@@ -337,7 +337,7 @@ async fn outbox_full_is_an_error() {
     }
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn relay_replicas_see_the_same_history() {
     let dir = tempfile::tempdir().unwrap();
     let up = format!("unix://{}/up.sock", dir.path().display());
@@ -372,7 +372,7 @@ async fn relay_replicas_see_the_same_history() {
     assert!(relay.role().contains(&Role::Replica));
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn persistence_restores_history() {
     let mem = replimesh_store::MemoryPersistence::new();
     let a = Store::authority_with_persistence(
@@ -394,7 +394,7 @@ async fn persistence_restores_history() {
     assert_eq!(b.history_id(), history);
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn encrypted_backup_restores_history() {
     let dir = tempfile::tempdir().unwrap();
     let config = backup_config(&dir.path().join("counter.backup")).count(5);
@@ -419,7 +419,7 @@ async fn encrypted_backup_restores_history() {
     assert_eq!(*b.state(), before);
     assert_eq!((b.seq(), b.history_id()), (12, history));
     b.dispatch(Act::Add(100)).await.unwrap();
-    b.shutdown();
+    b.shutdown().await;
     drop(b);
     let c =
         Store::authority_with_persistence(counter(), StoreConfig::default(), open(&config).await)
@@ -430,7 +430,7 @@ async fn encrypted_backup_restores_history() {
     assert!(replimesh_store::BackupPersistence::open(config, "other", 1).is_err());
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn backup_timeout_policy_snapshots_after_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("counter.backup");
