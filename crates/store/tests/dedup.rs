@@ -88,7 +88,7 @@ async fn serve() -> (
 /// again gets its new action refused (`OP_ID_REUSED`), not a `Committed`
 /// for the old one; resending the same action is still answered with its
 /// first seq.
-#[tokio::test]
+#[testkit::test]
 async fn reused_op_id_with_another_action_is_refused() {
     let (a, _server, url, _dir) = serve().await;
     let (tx, mut rx) = attach(&url, "client-1").await;
@@ -123,7 +123,7 @@ async fn reused_op_id_with_another_action_is_refused() {
 
 /// Op ids do not wrap: op 2^64 - 1 with one more action is refused whole,
 /// with one error, and nothing is committed; the connection still works.
-#[tokio::test]
+#[testkit::test]
 async fn op_ids_do_not_wrap() {
     let (a, _server, url, _dir) = serve().await;
     let (tx, mut rx) = attach(&url, "client-2").await;
@@ -146,7 +146,7 @@ async fn op_ids_do_not_wrap() {
 /// naming the range and nothing is committed; a batch of undecodable actions
 /// gets one error frame too (not one per action); a client id longer than
 /// `max_client_id_len` is refused.
-#[tokio::test]
+#[testkit::test]
 async fn bad_batches_get_one_error() {
     let (a, _server, url, _dir) = serve().await;
     let (tx, mut rx) = attach(&url, "client-3").await;

@@ -90,7 +90,7 @@ impl Persistence for Gated {
 /// from being committed; dispatches that arrive during the fsync share the
 /// next one; nothing is acknowledged before it is recorded. On a
 /// single-threaded runtime, as the node's worst case.
-#[tokio::test]
+#[testkit::test]
 async fn a_slow_fsync_stalls_nothing_else_and_dispatches_share_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}", dir.path().join("s.sock").display());
@@ -173,7 +173,7 @@ async fn a_slow_fsync_stalls_nothing_else_and_dispatches_share_the_next() {
 /// fails at once with `OutboxFull` (`dispatch` waits), and a connection that
 /// dispatches is not read until the journal has caught up; everything is
 /// then acknowledged.
-#[tokio::test]
+#[testkit::test]
 async fn a_full_journal_queue_pushes_back() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}", dir.path().join("s.sock").display());

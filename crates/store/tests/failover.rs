@@ -26,7 +26,7 @@ async fn serve(a: &Store<Tally>, url: &str) -> Server {
     server
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn replica_fails_over_between_two_servers() {
     let dir = tempfile::tempdir().unwrap();
     let url1 = format!("unix://{}/one.sock", dir.path().display());
@@ -78,7 +78,7 @@ async fn replica_fails_over_between_two_servers() {
     assert_eq!(*r.state(), *a.state());
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn connect_any_skips_dead_servers_and_reports_the_telling_error() {
     let dir = tempfile::tempdir().unwrap();
     let dead = format!("unix://{}/dead.sock", dir.path().display());

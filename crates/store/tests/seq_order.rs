@@ -11,7 +11,7 @@ use replimesh_store::{MemoryPersistence, Server, Store, StoreConfig};
 
 use common::{counter, server_config, Act, T};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[testkit::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_authoritys_seq_never_moves_back() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("unix://{}", dir.path().join("s.sock").display());

@@ -17,7 +17,7 @@ const WORKERS: u64 = 2;
 #[test]
 fn worker_child() {
     let Some(rt) = child_runtime() else { return };
-    rt.block_on(async {
+    rt.block_on(child_deadline(async {
         let store = Store::replica(Tally, StoreConfig::default());
         let _client = store.connect_worker().await.expect("worker link");
         assert!(store.role().contains(&Role::Worker));
@@ -34,10 +34,10 @@ fn worker_child() {
             .await
             .expect("all actions applied");
         assert_eq!(store.state().count, total);
-    });
+    }));
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn workers_share_the_parents_store() {
     let authority = Store::authority(Tally, StoreConfig::default());
     let server = Server::new(ServerConfig::default());
@@ -66,16 +66,30 @@ fn spawn_child(server: &Server, name: &str) -> std::process::Child {
     server.spawn_worker(&mut cmd).unwrap()
 }
 
+/// Waits (at most a minute) for `child` to exit successfully; kills it
+/// past the deadline.
 async fn wait_success(mut child: std::process::Child) {
-    let status = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || child.wait()),
-    )
-    .await
-    .expect("worker exited")
-    .unwrap()
-    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the worker did not exit within 60 s (killed)");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(status.success(), "worker failed: {status}");
+}
+
+/// A worker's body, failing (the child exits non-zero) if it has not ended
+/// within a minute: its network waits are bounded.
+async fn child_deadline(body: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(60), body)
+        .await
+        .expect("the worker did not end within 60 s");
 }
 
 fn child_runtime() -> Option<tokio::runtime::Runtime> {
@@ -95,7 +109,7 @@ const RECOVER_ACTIONS: u64 = 100;
 #[test]
 fn worker_child_recovers() {
     let Some(rt) = child_runtime() else { return };
-    rt.block_on(async {
+    rt.block_on(child_deadline(async {
         let store = Store::replica(Tally, StoreConfig::default());
         let client = store.connect_worker().await.expect("worker link");
         for i in 1..=RECOVER_ACTIONS / 2 {
@@ -116,10 +130,10 @@ fn worker_child_recovers() {
         assert!(client.reconnects() >= 1, "the link was never dropped");
         assert!(client.connected());
         assert_eq!(store.state().count, RECOVER_ACTIONS);
-    });
+    }));
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn a_broken_worker_link_is_re_established() {
     let authority = Store::authority(Tally, StoreConfig::default());
     let mut config = ServerConfig::default();
@@ -140,7 +154,7 @@ async fn a_broken_worker_link_is_re_established() {
 #[test]
 fn worker_child_orphan() {
     let Some(rt) = child_runtime() else { return };
-    rt.block_on(async {
+    rt.block_on(child_deadline(async {
         let store = Store::replica(Tally, StoreConfig::default());
         let client = store.connect_worker().await.expect("worker link");
         store.dispatch(1).await.unwrap();
@@ -158,10 +172,10 @@ fn worker_child_orphan() {
             store.connect_worker().await,
             Err(replimesh_store::ConnectError::ParentGone(_))
         ));
-    });
+    }));
 }
 
-#[tokio::test]
+#[testkit::test]
 async fn a_worker_whose_parent_is_gone_fails_clearly() {
     let authority = Store::authority(Tally, StoreConfig::default());
     let server = Server::new(ServerConfig::default());
