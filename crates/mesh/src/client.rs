@@ -289,10 +289,15 @@ struct Inner {
     inbox_taken: std::sync::atomic::AtomicBool,
 }
 
-/// A client of a mesh. Cheap to clone. It stops (closes its connection
-/// and stops reconnecting) when [`Client::close`] or
-/// [`Client::shutdown`] is called or the last `Client` handle is dropped
-/// (its own tasks do not count).
+/// A client of a mesh. Cheap to clone.
+///
+/// # Stopping
+///
+/// [`Client::shutdown`]`.await` stops the client and waits until it has
+/// stopped: the connection is closed (`Close{NORMAL}`), no more dialling,
+/// the client's task has ended (the inbox ends once read out). Dropping the
+/// last `Client` handle does the same without waiting (its own tasks do not
+/// count as handles), and so does [`Client::close`].
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,

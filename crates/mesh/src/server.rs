@@ -327,13 +327,19 @@ struct Shared {
     stats: Counters,
 }
 
-/// A running clone. Cheap to clone; [`Server::stop`] stops it gracefully,
-/// and it also stops by itself (gracefully, in the background) when the last
-/// `Server` handle is dropped.
+/// A running clone. Cheap to clone.
+///
+/// # Stopping
+///
+/// [`Server::shutdown`]`.await` (also [`Server::stop`]) stops the clone
+/// gracefully and waits until it has stopped: other clones are told it
+/// left, clients and links are closed (`Close{GOING_AWAY}`), the listeners
+/// are closed, then [`ServerEvent::Stop`] is sent. Dropping the last
+/// `Server` handle does the same in the background, without waiting.
 ///
 /// Handlers reach the server through [`Ctx::server`](crate::Ctx::server);
 /// a closure given to [`Server::route`] that owns a `Server` keeps it running
-/// until [`Server::stop`] — hold a [`WeakServer`] there instead.
+/// until [`Server::shutdown`] — hold a [`WeakServer`] there instead.
 #[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,
