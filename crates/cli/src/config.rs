@@ -167,6 +167,11 @@ pub struct Limits {
     /// default 64); more are closed with "going away", not counted as
     /// failed logins.
     pub logins_per_address: usize,
+    /// Routed requests (and sends) of one client connection being handled
+    /// at once (`limits.max_requests_in_flight`, default 64); past it a
+    /// request is answered with an error (code 429) naming the limit and a
+    /// send is dropped.
+    pub max_requests_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -185,6 +190,7 @@ impl Default for Limits {
             login_threads: 1,
             login_queue: 256,
             logins_per_address: replimesh::store::DEFAULT_LOGINS_PER_ADDRESS,
+            max_requests_in_flight: 64,
         }
     }
 }
@@ -439,6 +445,7 @@ struct RawLimits {
     login_threads: Option<usize>,
     login_queue: Option<usize>,
     logins_per_address: Option<usize>,
+    max_requests_in_flight: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -886,6 +893,11 @@ impl RawLimits {
                 self.max_connections_per_ip,
                 d.max_connections_per_ip,
             )?,
+            max_requests_in_flight: count(
+                "limits.max_requests_in_flight",
+                self.max_requests_in_flight,
+                d.max_requests_in_flight,
+            )?,
             handshake_timeout: match self.handshake_timeout_ms {
                 None => d.handshake_timeout,
                 Some(0) => {
@@ -1113,6 +1125,10 @@ mod tests {
             ("[tls]\nca_file = \"missing.pem\"", "tls.ca_file"),
             ("[limits]\nmax_frame = 1", "limits.max_frame"),
             ("[limits]\nlogin_threads = 0", "limits.login_threads"),
+            (
+                "[limits]\nmax_requests_in_flight = 0",
+                "limits.max_requests_in_flight",
+            ),
             (
                 "[limits]\nlogins_per_address = 0",
                 "limits.logins_per_address",

@@ -525,6 +525,7 @@ impl Node {
             data: Bytes::from(config.data.clone().into_bytes()),
             transport: transport.clone(),
             hello_timeout: config.limits.handshake_timeout,
+            max_requests_in_flight: config.limits.max_requests_in_flight,
             ..Default::default()
         };
         if let Some(token) = &config.token {

@@ -83,7 +83,7 @@ mod wire;
 
 pub use client::{Client, ClientConfig, ClientStatus, Deliveries, Delivery};
 pub use error::{MeshError, RouteError};
-pub use router::{Ctx, Flow, Peer, Router, CODE_HANDLER, CODE_NO_ROUTE};
+pub use router::{Ctx, Flow, Peer, Router, CODE_BUSY, CODE_HANDLER, CODE_NO_ROUTE};
 pub use server::{
     auth_out_async, auth_out_sync, AuthIn, AuthOut, ClientInfo, CloneTarget, Events, Groups,
     Server, ServerConfig, ServerEvent, ServerStats, WeakServer,

@@ -19,6 +19,10 @@ use crate::server::Server;
 pub const CODE_NO_ROUTE: u32 = 404;
 /// Error code of a response when a handler failed.
 pub const CODE_HANDLER: u32 = 500;
+/// Error code of a request refused because its connection has
+/// [`ServerConfig::max_requests_in_flight`](crate::ServerConfig::max_requests_in_flight)
+/// requests being handled already.
+pub const CODE_BUSY: u32 = 429;
 
 /// One end of a connection between a client and a server, seen from either
 /// side: send to it, request from it (with a timeout), close it.

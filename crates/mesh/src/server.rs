@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use proto::{frame::Body, CloseCode, Frame, PeerKind};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::core::{
@@ -18,7 +18,7 @@ use crate::core::{
     PeerInfo,
 };
 use crate::error::MeshError;
-use crate::router::{handle_routed, Flow, Peer, Router};
+use crate::router::{handle_routed, Flow, Peer, Router, CODE_BUSY};
 use crate::wire;
 
 /// Decides whether a dialing clone may join, from the auth value it presents
@@ -84,6 +84,21 @@ pub struct ServerConfig {
     /// 256). A longer one in the `Hello`, a `Subscribe`, `Unsubscribe` or
     /// `Publish` closes the connection as a protocol error naming the limit.
     pub max_name_len: usize,
+    /// A client's `Publish` frames waiting for the task that owns the core,
+    /// per connection (default 8; at least 1). A connection with this many
+    /// is not read until the core has taken one (push back on its socket,
+    /// as with a full [`ServerConfig::command_queue`]), so one flooding
+    /// publisher holds at most this many places in the shared queue and
+    /// the other connections' commands get through.
+    pub max_publishes_in_flight: usize,
+    /// Routed `Request` and `Send` frames of one client connection being
+    /// handled at once (default 64; at least 1). Handlers run in tasks of
+    /// their own (one may wait for a response from the same client), so
+    /// this bounds the tasks and memory one connection can hold. Past it a
+    /// `Request` is answered at once with an error ([`CODE_BUSY`], the
+    /// message names the limit) and a `Send` is dropped and reported as
+    /// [`ServerEvent::Error`]; the connection stays open.
+    pub max_requests_in_flight: usize,
     /// Transport settings for listeners and dials (`inline_reads` is always
     /// on: every connection is read by a loop that waits in `recv`).
     pub transport: transport::Config,
@@ -116,6 +131,8 @@ impl Default for ServerConfig {
             max_groups_per_client: 1000,
             max_groups: 100_000,
             max_name_len: 256,
+            max_publishes_in_flight: 8,
+            max_requests_in_flight: 64,
             transport: transport::Config::default(),
         }
     }
@@ -284,6 +301,10 @@ enum Cmd {
         groups: Groups,
         not_to_me: bool,
         data: Bytes,
+        /// A client's place among its publishes in flight (see
+        /// [`ServerConfig::max_publishes_in_flight`]), given back when the
+        /// core task has handled the command; `None` for the application's.
+        _permit: Option<OwnedSemaphorePermit>,
     },
     CreateGroup(String, Bytes),
     DeleteGroup(String),
@@ -321,6 +342,8 @@ struct Shared {
     response_timeout: Duration,
     max_groups_per_client: usize,
     max_name_len: usize,
+    max_publishes_in_flight: usize,
+    max_requests_in_flight: usize,
     transport: transport::Config,
     listen_urls: Vec<String>,
     acceptors: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -562,6 +585,11 @@ impl Server {
         if config.command_queue == 0 {
             return Err(MeshError::Config("command_queue must be at least 1".into()));
         }
+        if config.max_publishes_in_flight == 0 || config.max_requests_in_flight == 0 {
+            return Err(MeshError::Config(
+                "max_publishes_in_flight and max_requests_in_flight must be at least 1".into(),
+            ));
+        }
         let (cmd_tx, cmd_rx) = mpsc::channel(config.command_queue);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
@@ -583,6 +611,8 @@ impl Server {
             response_timeout: config.response_timeout,
             max_groups_per_client: config.max_groups_per_client,
             max_name_len: config.max_name_len,
+            max_publishes_in_flight: config.max_publishes_in_flight,
+            max_requests_in_flight: config.max_requests_in_flight,
             transport: config.transport.clone(),
             listen_urls,
             acceptors: std::sync::Mutex::new(Vec::new()),
@@ -763,6 +793,7 @@ impl Server {
             groups,
             not_to_me: not_to.is_some(),
             data: data.into(),
+            _permit: None,
         })
     }
 
@@ -1031,6 +1062,8 @@ async fn serve_client(
         key,
         id: id.clone(),
     });
+    let publishes = Arc::new(Semaphore::new(server.shared.max_publishes_in_flight));
+    let requests = Arc::new(Semaphore::new(server.shared.max_requests_in_flight));
     loop {
         let f = match rx.recv().await {
             Ok(f) => f,
@@ -1073,19 +1106,27 @@ async fn serve_client(
                 .await
                 .is_ok(),
             Body::Unsubscribe(s) => server.cmd(Cmd::Unsubscribe(key, s.groups)).await.is_ok(),
-            Body::Publish(p) => server
-                .cmd(Cmd::Publish {
-                    from: Some(key),
-                    groups: if p.all {
-                        Groups::All
-                    } else {
-                        Groups::Some(p.groups)
-                    },
-                    not_to_me: p.not_to_me,
-                    data: p.data,
-                })
-                .await
-                .is_ok(),
+            Body::Publish(p) => {
+                // Not read further while this connection has its most
+                // publishes waiting for the core (push back).
+                let Ok(permit) = publishes.clone().acquire_owned().await else {
+                    break;
+                };
+                server
+                    .cmd(Cmd::Publish {
+                        from: Some(key),
+                        groups: if p.all {
+                            Groups::All
+                        } else {
+                            Groups::Some(p.groups)
+                        },
+                        not_to_me: p.not_to_me,
+                        data: p.data,
+                        _permit: Some(permit),
+                    })
+                    .await
+                    .is_ok()
+            }
             Body::Response(r) => {
                 peer.resolve(r);
                 true
@@ -1096,6 +1137,10 @@ async fn serve_client(
                     Body::Send(s) => (s.route.clone(), s.act.clone()),
                     _ => (String::new(), String::new()),
                 };
+                let Ok(permit) = requests.clone().try_acquire_owned() else {
+                    busy(&server, &sender, &id, b);
+                    continue;
+                };
                 // handlers run in their own task: one may await a response
                 // from this very client, which this loop must read
                 let (srv, p) = (server.clone(), peer.clone());
@@ -1103,6 +1148,7 @@ async fn serve_client(
                     if handle_routed(&srv.shared.router, &p, srv.upgrade(), b).await {
                         srv.event(ServerEvent::NoRoute { route, act });
                     }
+                    drop(permit);
                 });
                 run_or_spawn(fut);
                 true
@@ -1120,6 +1166,25 @@ async fn serve_client(
     peer.fail_all();
     let _ = server.cmd(Cmd::ClientDown(key)).await;
     server.event(ServerEvent::ClientClosed { key, id });
+}
+
+/// Answers a routed frame that came when its connection had
+/// [`ServerConfig::max_requests_in_flight`] being handled: a `Request` gets
+/// an error response, a `Send` is dropped; both are reported.
+fn busy(server: &Srv, sender: &transport::Sender, client: &str, b: Body) {
+    let limit = server.shared.max_requests_in_flight;
+    let why = format!("limit: {limit} requests in flight on this connection");
+    if let Body::Request(r) = &b {
+        let _ = sender.send(&Frame::new(Body::Response(proto::Response {
+            id: r.id,
+            error: Some(proto::ErrorInfo {
+                code: CODE_BUSY,
+                message: why.clone(),
+            }),
+            ..Default::default()
+        })));
+    }
+    server.event(ServerEvent::Error(format!("client {client}: {why}")));
 }
 
 /// The group names of a client's `Subscribe`, `Unsubscribe` or `Publish`
@@ -1378,6 +1443,7 @@ impl CoreTask {
                 groups,
                 not_to_me,
                 data,
+                _permit,
             } => {
                 let (groups, all) = match groups {
                     Groups::All => (Vec::new(), true),

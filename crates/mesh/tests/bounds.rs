@@ -398,3 +398,127 @@ async fn a_dropped_client_stops_dialling() {
         "dialling after shutdown"
     );
 }
+
+/// A client flooding `Publish` frames holds at most
+/// `max_publishes_in_flight` places in the core's command queue: its
+/// connection is not read past them (push back), so the queue stays short
+/// and another client's publish gets through at once. The old code let one
+/// connection fill the whole shared queue (here 64): every other
+/// connection's command waited behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_publisher_holds_few_places_in_the_core_queue() {
+    let _watchdog = common::watchdog("a_flooding_publisher_holds_few_places_in_the_core_queue");
+    let mut cfg = ServerConfig::new("a", "tcp://127.0.0.1:0");
+    cfg.command_queue = 64;
+    cfg.max_publishes_in_flight = 2;
+    let s = Server::start(cfg).await.unwrap();
+    // Subscribers that read, each in a group of its own: publishes to all
+    // cost the core some work.
+    let mut subs = Vec::new();
+    for i in 0..50 {
+        let c = Client::connect(client_config(s.url())).await.unwrap();
+        c.subscribe(&[&format!("g{i}")]).unwrap();
+        let mut inbox = c.deliveries().unwrap();
+        tokio::spawn(async move { while inbox.recv().await.is_some() {} });
+        subs.push(c);
+    }
+    let (tx, _rx) = raw_client(s.url(), "flooder").await;
+    let publish = proto::Frame::new(proto::frame::Body::Publish(proto::Publish {
+        all: true,
+        data: Bytes::from_static(b"flood"),
+        ..Default::default()
+    }));
+    let flood = tokio::spawn(async move {
+        let mut n = 0u64;
+        while tx.send_wait(&publish).await.is_ok() {
+            n += 1;
+            if n % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        n
+    });
+    let mut max_queued = 0;
+    let end = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < end {
+        max_queued = max_queued.max(s.stats().queued_commands);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(s.stats().published > 100, "{:?}", s.stats());
+    assert!(
+        max_queued <= 2,
+        "{max_queued} commands queued by one publisher (2 allowed)"
+    );
+    tokio::time::timeout(T, s.shutdown())
+        .await
+        .expect("shutdown during a flood");
+    let _ = tokio::time::timeout(T, flood).await;
+}
+
+/// Routed requests being handled are bounded per connection: past
+/// `max_requests_in_flight` a request is answered at once with an error
+/// naming the limit (the connection stays open), and once handlers finish
+/// requests are served again. The old code spawned a task for each,
+/// without limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_per_connection_are_bounded() {
+    use proto::{frame::Body, Frame};
+    let _watchdog = common::watchdog("requests_in_flight_per_connection_are_bounded");
+    let mut cfg = ServerConfig::new("a", "tcp://127.0.0.1:0");
+    cfg.max_requests_in_flight = 4;
+    let s = Server::start(cfg).await.unwrap();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    s.route("slow", "", move |ctx| {
+        let g = g.clone();
+        async move {
+            let _p = g.acquire().await;
+            Ok(ctx.data)
+        }
+    });
+    let (tx, mut rx) = raw_client(s.url(), "asker").await;
+    let request = |id: u64| {
+        Frame::new(Body::Request(proto::Request {
+            id,
+            route: "slow".into(),
+            act: String::new(),
+            data: Bytes::from(id.to_string()),
+        }))
+    };
+    for id in 1..=6 {
+        tx.send(&request(id)).unwrap();
+    }
+    // Requests 5 and 6 are refused at once; 1 to 4 wait for the gate.
+    for want in [5, 6] {
+        let f = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        match f.body {
+            Some(Body::Response(r)) => {
+                assert_eq!(r.id, want);
+                let e = r.error.expect("an error response");
+                assert_eq!(e.code, replimesh_mesh::CODE_BUSY);
+                assert!(e.message.contains("limit"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    gate.add_permits(4);
+    let mut answered = Vec::new();
+    while answered.len() < 4 {
+        let f = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        if let Some(Body::Response(r)) = f.body {
+            assert!(r.error.is_none(), "{r:?}");
+            answered.push(r.id);
+        }
+    }
+    answered.sort();
+    assert_eq!(answered, [1, 2, 3, 4]);
+    // Served again.
+    gate.add_permits(1);
+    tx.send(&request(7)).unwrap();
+    let f = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert!(
+        matches!(&f.body, Some(Body::Response(r)) if r.id == 7 && r.error.is_none()),
+        "{f:?}"
+    );
+    s.shutdown().await;
+}
