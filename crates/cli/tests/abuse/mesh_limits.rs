@@ -1,5 +1,5 @@
-//! Findings 3 and 7: the mesh (groups per client, slow consumers of tiny
-//! frames).
+//! Findings 2, 3 and 7: the mesh (publish to all, groups per client, slow
+//! consumers of tiny frames).
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,58 @@ fn publish(groups: Vec<String>, all: bool, data: &[u8]) -> Frame {
         data: data.to_vec().into(),
         ..Default::default()
     }))
+}
+
+/// Finding 2: 100 idle clients, each in a group of its own, and one client
+/// publishing to all groups as fast as the node reads, for 3 s. At 87102c1
+/// a publish to all cost O(clients x groups) in the mesh core and its queue
+/// was unbounded: the core fell behind, frames piled up (RSS 28 MiB -> 4.1
+/// GiB in 25 s) and other publishes were not delivered for seconds. Now it
+/// costs O(subscribers), the core's command queue is bounded and pushes back
+/// on the publisher's socket, one connection holds at most 8 places in that
+/// queue (`max_publishes_in_flight`: without it the publisher filled all
+/// 1,024 and the round-trip probe waited seconds behind them), and the idle
+/// clients (which do not read) are cut once their 256 KiB queue is full.
+/// The round-trip probe's messages go through the same core. Bound: RSS
+/// +96 MiB.
+#[testkit::test(flavor = "multi_thread", worker_threads = 2, deadline = 180)]
+async fn publish_to_all_stays_linear_and_bounded() {
+    let _one = serial().await;
+    let dir = tmpdir();
+    let node = start_node(dir.path(), "max_queue_bytes = 262144", "");
+    let mut idle = Vec::new();
+    for i in 0..100 {
+        let mut c = Raw::client(&node.url, &format!("idle-{i}"), "").await;
+        c.send(&subscribe(vec![format!("group-{i}")]))
+            .await
+            .unwrap();
+        idle.push(c);
+    }
+    let probes = vec![
+        Probe::echo(&node.url).await,
+        Probe::round_trip(&node.url).await,
+    ];
+    let watch = Watch::start("finding 2 (publish to all)", &node, probes);
+    let mut publisher = Raw::client(&node.url, "to-all", "").await;
+    publisher.drain();
+    let many: Vec<u8> = (0..100)
+        .flat_map(|_| wire(&publish(Vec::new(), true, &[7; 16])))
+        .collect();
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        match tokio::time::timeout(Duration::from_secs(1), publisher.send_bytes(&many)).await {
+            Ok(Ok(())) => sent += 100,
+            Ok(Err(e)) => panic!("the publisher was cut: {e}"),
+            // Pushed back for a whole second: try again until the end.
+            Err(_) => {}
+        }
+    }
+    let r = watch.finish().await;
+    let published = metric(&node, "replimesh_messages_published_total", None).await;
+    println!("finding 2: {sent} publishes to all sent, {published} published on the node");
+    drop(idle);
+    r.check(96);
 }
 
 /// Finding 3: 20 clients subscribe to 1,000 groups each (the default limit
