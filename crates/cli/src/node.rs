@@ -370,12 +370,20 @@ impl std::fmt::Debug for Node {
 }
 
 /// The transport settings of one listener: the node's limits plus the
-/// listener's own certificate for `tls://` and `wss://`.
+/// listener's own certificate for `tls://` and `wss://`, and the browser
+/// client (`/replimesh.js`) for plain HTTP GETs on `ws://` and `wss://`.
 fn listener_transport(
     l: &crate::config::Listen,
     base: &replimesh::transport::Config,
 ) -> anyhow::Result<replimesh::transport::Config> {
     let mut t = base.clone();
+    // WebSocket listeners also serve the browser client to a plain GET, so
+    // pages need not reach the (private) admin port.
+    t.http_files = std::sync::Arc::new([replimesh::transport::HttpFile {
+        path: "/replimesh.js".into(),
+        content_type: crate::assets::JS.into(),
+        body: Bytes::from_static(crate::assets::REPLIMESH_JS.as_bytes()),
+    }]);
     if let (Some(cert), Some(key)) = (&l.cert, &l.key) {
         let c = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
         let k = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;

@@ -186,6 +186,13 @@ pub struct Config {
     /// what an idle WebSocket connection costs in memory; larger values
     /// trade memory for fewer read calls on busy connections.
     pub ws_read_buffer: usize,
+    /// WebSocket listeners: files answered to a plain HTTP `GET` of their
+    /// path (a request without `Upgrade`), such as a browser client module
+    /// served where the WebSocket clients connect (default: none). The
+    /// request head is then read before the WebSocket handshake (within
+    /// [`Config::handshake_timeout`]); everything that is not a `GET` of one
+    /// of these paths goes on to the handshake as before.
+    pub http_files: std::sync::Arc<[crate::HttpFile]>,
 }
 
 impl Default for Config {
@@ -207,6 +214,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             ws_json: false,
             ws_read_buffer: 4 * 1024,
+            http_files: std::sync::Arc::new([]),
         }
     }
 }

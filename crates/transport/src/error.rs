@@ -23,12 +23,18 @@ pub enum Error {
     /// The WebSocket handshake failed.
     #[error("websocket: {0}")]
     WebSocket(String),
+    /// An accepted connection was a plain HTTP `GET` of one of
+    /// [`crate::Config::http_files`]: the file was sent and the connection
+    /// closed (no [`crate::Connection`]).
+    #[error("answered a plain HTTP GET of {0}")]
+    HttpServed(String),
     /// A `connect` or an incoming handshake did not finish within
     /// [`crate::Config::handshake_timeout`].
     #[error("{step} timed out after {after:?} (the handshake timeout)")]
     HandshakeTimeout {
         /// The step that was still running: `connect` (the TCP or Unix
-        /// connect), `tls` or `websocket upgrade`.
+        /// connect), `tls`, `http request` (reading the request head, on
+        /// listeners with [`crate::Config::http_files`]) or `websocket upgrade`.
         step: &'static str,
         /// The handshake timeout.
         after: std::time::Duration,

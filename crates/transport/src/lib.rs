@@ -63,6 +63,7 @@ mod config;
 mod conn;
 mod endpoint;
 mod error;
+mod http;
 mod net;
 mod sock;
 
@@ -71,6 +72,7 @@ pub use config::{Config, SlowConsumerPolicy, TlsConfig, QUEUE_FRAME_OVERHEAD};
 pub use conn::{Connection, PeerAddr, Receiver, Sender};
 pub use endpoint::Endpoint;
 pub use error::{CloseReason, Error, RecvError, SendError};
+pub use http::HttpFile;
 pub use net::{connect, from_std_unix_stream, from_unix_stream, listen, pair, Listener};
 pub use proto;
 

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::conn::{spawn_sock, spawn_stream, spawn_ws, Limit, Meter, Metered};
 use crate::sock::{Limits, Over, Slot, Sock, SockIo, Stream};
-use crate::{Config, Connection, Endpoint, Error, PeerAddr};
+use crate::{http, Config, Connection, Endpoint, Error, PeerAddr};
 
 fn ws_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
@@ -533,6 +533,7 @@ async fn handshake(
                     })
                     .await?;
                     let tls = Metered::new(tls, meter.clone());
+                    let tls = http_or_upgrade(tls, config, deadline).await?;
                     let ws = step(config, deadline, upgrade, async {
                         tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(wscfg))
                             .await
@@ -544,6 +545,7 @@ async fn handshake(
                 }
                 None => {
                     let io = Metered::new(io, meter.clone());
+                    let io = http_or_upgrade(io, config, deadline).await?;
                     let ws = step(config, deadline, upgrade, async {
                         tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(wscfg))
                             .await
@@ -555,6 +557,28 @@ async fn handshake(
                 }
             }
         }
+    }
+}
+
+/// The stream to upgrade, or [`Error::HttpServed`] when the connection was
+/// a plain `GET` of one of [`Config::http_files`] (answered and closed).
+async fn http_or_upgrade<S>(
+    s: S,
+    config: &Config,
+    deadline: tokio::time::Instant,
+) -> Result<http::Prefixed<S>, Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let head = step(config, deadline, "http request", async {
+        http::serve_or_upgrade(s, &config.http_files)
+            .await
+            .map_err(Error::Io)
+    })
+    .await?;
+    match head {
+        http::Head::Upgrade(s) => Ok(s),
+        http::Head::Served(path) => Err(Error::HttpServed(path)),
     }
 }
 

@@ -752,3 +752,58 @@ async fn try_recv_reads_what_has_arrived() {
     let end = tokio::time::timeout(T, rx.recv()).await.unwrap();
     assert!(end.is_err(), "{end:?}");
 }
+
+fn with_files(mut config: Config) -> Config {
+    config.http_files = std::sync::Arc::new([replimesh_transport::HttpFile {
+        path: "/hello.js".into(),
+        content_type: "text/javascript; charset=utf-8".into(),
+        body: Bytes::from_static(b"export const hello = 1;\n"),
+    }]);
+    config
+}
+
+/// What a raw HTTP request to `url`'s host gets back (the connection is
+/// read to its end).
+async fn http_request(url: &str, request: &str) -> String {
+    let host = url.trim_start_matches("ws://").trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .expect("the listener never closed the connection")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn ws_listener_answers_plain_gets_of_its_files() {
+    let config = with_files(Config::default());
+    let listener = listen("ws://127.0.0.1:0/", &config).await.unwrap();
+    let url = listener.local_url();
+    let got = http_request(&url, "GET /hello.js?v=2 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.contains("Content-Type: text/javascript; charset=utf-8\r\n"));
+    assert!(got.contains("Content-Length: 24\r\n"));
+    assert!(got.ends_with("\r\n\r\nexport const hello = 1;\n"), "{got}");
+    // Another path, or a method other than GET, is not a file.
+    for req in [
+        "GET /other.js HTTP/1.1\r\nHost: x\r\n\r\n",
+        "POST /hello.js HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let got = http_request(&url, req).await;
+        assert!(!got.contains("hello = 1"), "{req:?} got {got}");
+    }
+    // WebSocket clients go on as before on the same listener.
+    let (client, server) = tokio::join!(connect(&url, &config), listener.accept());
+    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    client.send(&Frame::data(&b"after the GETs"[..])).unwrap();
+    assert_eq!(recv(&mut server).await, Frame::data(&b"after the GETs"[..]));
+    server.send(&Frame::data(&b"back"[..])).unwrap();
+    assert_eq!(recv(&mut client).await, Frame::data(&b"back"[..]));
+}
+
+#[tokio::test]
+async fn wss_round_trip_with_http_files() {
+    round_trip("wss://127.0.0.1:0/", &with_files(tls_config())).await;
+}
