@@ -29,7 +29,7 @@ use crate::config::{
 };
 use crate::metrics::Registry;
 use crate::node::{HostedStore, Node};
-use crate::reducers::{Counter, CounterAction};
+use crate::reducers::{CounterAction, CounterReducer};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -344,7 +344,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     let mut replicas = Vec::new();
     for (ni, n) in nodes.iter().enumerate() {
         let r = Store::replica(
-            Counter {
+            CounterReducer {
                 name: "counter".into(),
             },
             StoreConfig::default(),

@@ -343,7 +343,7 @@ impl Front {
             };
             // (A crafted body whose first field is a store field but whose
             // last one is not decodes to another frame: dropped.)
-            let Some(name) = store::core::store_of(&f) else {
+            let Some(name) = store::store_of(&f) else {
                 continue;
             };
             if let Some(Body::StoreHello(_)) = &f.body {

@@ -23,7 +23,7 @@ use crate::admin::{AdminServer, AdminSource};
 use crate::config::{Journal, Mode, NodeConfig, ReducerKind, StoreSettings};
 use crate::front::Front;
 use crate::metrics::{Counter, Registry};
-use crate::reducers::{Counter as CounterReducer, Kv};
+use crate::reducers::{CounterReducer, Kv};
 
 /// Longest group name that gets a `replimesh_group_subscribers` label.
 const MAX_GROUP_LABEL: usize = 128;
@@ -606,7 +606,10 @@ impl Node {
                 let s = shared.clone();
                 let u = u.clone();
                 tokio::spawn(async move {
-                    let mut delay = Duration::from_millis(100);
+                    let mut backoff = replimesh::transport::Backoff::new(
+                        Duration::from_millis(100),
+                        Duration::from_secs(5),
+                    );
                     loop {
                         let h = &s.stores[i];
                         let mut cc = store::ClientConfig::new(&u.login, &u.password);
@@ -621,10 +624,9 @@ impl Node {
                             }
                         }
                         tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
+                            _ = tokio::time::sleep(backoff.next_random_delay()) => {}
                             _ = s.stop.cancelled() => break,
                         }
-                        delay = (delay * 2).min(Duration::from_secs(5));
                     }
                 });
             }

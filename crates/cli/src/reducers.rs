@@ -8,12 +8,12 @@ use serde::{Deserialize, Serialize};
 
 /// An `i64` counter store.
 #[derive(Debug, Clone)]
-pub struct Counter {
+pub struct CounterReducer {
     /// The store's name.
     pub name: String,
 }
 
-/// Actions of [`Counter`] (JSON: `{"Add": 5}`, `"Reset"`).
+/// Actions of [`CounterReducer`] (JSON: `{"Add": 5}`, `"Reset"`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CounterAction {
     /// Adds a number (may be negative).
@@ -22,7 +22,7 @@ pub enum CounterAction {
     Reset,
 }
 
-impl Reducer for Counter {
+impl Reducer for CounterReducer {
     type State = i64;
     type Action = CounterAction;
     fn name(&self) -> &str {
@@ -93,7 +93,7 @@ mod tests {
     /// The payloads `docs/protocol.md` promises for the built-in reducers.
     #[test]
     fn payloads_are_the_documented_ones() {
-        let counter = Counter { name: "c".into() };
+        let counter = CounterReducer { name: "c".into() };
         let kv = Kv { name: "k".into() };
         assert_eq!((counter.schema(), kv.schema()), (1, 1));
         let json = |a: &CounterAction| Encoding::Json.encode(a).unwrap();

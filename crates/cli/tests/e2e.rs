@@ -100,7 +100,7 @@ async fn three_nodes_sigterm_one_nothing_lost() {
 
     // A subscriber on n2 (n3 as its second URL), a publisher on n3.
     let mut sc = mesh::ClientConfig::new([n2.url.clone(), n3.url.clone()]);
-    sc.reconnect_delay = Duration::from_millis(20);
+    sc.reconnect_min = Duration::from_millis(20);
     let sub = mesh::Client::connect(sc).await.unwrap();
     let mut inbox = sub.deliveries().unwrap();
     sub.subscribe(&["e2e"]).unwrap();

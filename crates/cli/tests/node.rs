@@ -12,7 +12,7 @@ use replimesh_cli::admin::http_get;
 use replimesh_cli::config::NodeConfig;
 use replimesh_cli::metrics::parse_text;
 use replimesh_cli::node::{HostedStore, Node};
-use replimesh_cli::reducers::{Counter, CounterAction, Kv, KvAction};
+use replimesh_cli::reducers::{CounterAction, CounterReducer, Kv, KvAction};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -212,7 +212,7 @@ async fn one_connection_subscribes_and_replicates() {
     );
 
     // Per-store logins: `app` with the kv password may not use `counter`.
-    let counter = Counter {
+    let counter = CounterReducer {
         name: "counter".into(),
     };
     c.send(&store_hello("counter", counter.schema())).unwrap();
@@ -286,7 +286,7 @@ async fn logins_are_per_store() {
     let kv = Store::replica(Kv { name: "kv".into() }, StoreConfig::default());
     let _kv_link = kv.connect(&url, "app", "kv-pass").await.unwrap();
     let counter = Store::replica(
-        Counter {
+        CounterReducer {
             name: "counter".into(),
         },
         StoreConfig::default(),
@@ -302,7 +302,7 @@ async fn logins_are_per_store() {
     assert_eq!(node.store("counter").unwrap().seq(), 1);
     // `viewer` may read kv but is refused on counter.
     let other = Store::replica(
-        Counter {
+        CounterReducer {
             name: "counter".into(),
         },
         StoreConfig::default(),

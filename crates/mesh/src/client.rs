@@ -28,10 +28,10 @@ pub struct ClientConfig {
     pub data: Bytes,
     /// Reconnect after a broken connection (default `true`).
     pub reconnect: bool,
-    /// First reconnect delay (default 100 ms); doubles up to `max_reconnect_delay`, jittered.
-    pub reconnect_delay: Duration,
+    /// First reconnect delay (default 100 ms); doubles up to `reconnect_max`, jittered.
+    pub reconnect_min: Duration,
     /// Largest reconnect delay (default 5 s).
-    pub max_reconnect_delay: Duration,
+    pub reconnect_max: Duration,
     /// Consecutive failed attempts before giving up; 0 = forever (default).
     pub attempts: u32,
     /// Response timeout of requests (default 10 s).
@@ -71,8 +71,8 @@ impl Default for ClientConfig {
             urls: Vec::new(),
             data: Bytes::new(),
             reconnect: true,
-            reconnect_delay: Duration::from_millis(100),
-            max_reconnect_delay: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
             attempts: 0,
             response_timeout: Duration::from_secs(10),
             outbox: 1024,
@@ -771,6 +771,7 @@ async fn hand_over(c: &Inner, inbox: &Inbox, batch: Vec<Delivery>) {
 async fn run(c: Arc<Inner>, inbox: Inbox) {
     let mut stop = c.shutdown.subscribe();
     let mut failures: u32 = 0;
+    let mut backoff = transport::Backoff::new(c.config.reconnect_min, c.config.reconnect_max);
     loop {
         if *stop.borrow() {
             break;
@@ -794,6 +795,7 @@ async fn run(c: Arc<Inner>, inbox: Inbox) {
             if let Ok((peer, rx)) = attempt {
                 connected = true;
                 failures = 0;
+                backoff.reset();
                 {
                     let mut st = lock(&c.state);
                     st.peer = Some(peer.clone());
@@ -828,12 +830,8 @@ async fn run(c: Arc<Inner>, inbox: Inbox) {
                 break;
             }
         }
-        let cfg = &c.config;
-        let exp = cfg.reconnect_delay.saturating_mul(1u32 << failures.min(10));
-        let d = exp.min(cfg.max_reconnect_delay);
-        let jittered = d.mul_f64(0.5 + rand::random::<f64>() * 0.5);
         tokio::select! {
-            _ = tokio::time::sleep(jittered) => {}
+            _ = tokio::time::sleep(backoff.next_random_delay()) => {}
             _ = stop.changed() => break,
         }
     }

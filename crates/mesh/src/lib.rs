@@ -74,6 +74,9 @@
 //! deleted clone may come back.
 
 mod client;
+// The sans-IO core: public only for the simulation tests; hidden, not
+// part of the API and not covered by semver.
+#[doc(hidden)]
 pub mod core;
 mod error;
 mod router;
@@ -81,6 +84,7 @@ mod server;
 mod shared_str;
 mod wire;
 
+pub use crate::core::{CloneInfo, CoreError, CoreEvent, GroupInfo, LinkRefusal, PeerInfo};
 pub use client::{Client, ClientConfig, ClientStatus, Deliveries, Delivery};
 pub use error::{MeshError, RouteError};
 pub use router::{Ctx, Flow, Peer, Router, CODE_BUSY, CODE_HANDLER, CODE_NO_ROUTE};

@@ -68,8 +68,8 @@ where
 
 async fn client(url: &str) -> Client {
     let mut c = ClientConfig::new([url]);
-    c.reconnect_delay = Duration::from_millis(20);
-    c.max_reconnect_delay = Duration::from_millis(100);
+    c.reconnect_min = Duration::from_millis(20);
+    c.reconnect_max = Duration::from_millis(100);
     Client::connect(c).await.expect("client")
 }
 
@@ -524,8 +524,8 @@ async fn client_reconnects_round_robin_and_restores_subscriptions() {
     a.add_clone("b", b.url(), None).await.unwrap();
     eventually("linked", || async { linked_ids(&a).await == ["b"] }).await;
     let mut cc = ClientConfig::new([a.url(), b.url()]);
-    cc.reconnect_delay = Duration::from_millis(10);
-    cc.max_reconnect_delay = Duration::from_millis(50);
+    cc.reconnect_min = Duration::from_millis(10);
+    cc.reconnect_max = Duration::from_millis(50);
     let c = Client::connect(cc).await.unwrap();
     assert_eq!(c.info().connected_to.as_deref(), Some(a.url()));
     let mut inbox = c.deliveries().unwrap();

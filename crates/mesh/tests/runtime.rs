@@ -15,8 +15,8 @@ const T: Duration = Duration::from_secs(10);
 
 fn client_config(url: &str) -> ClientConfig {
     let mut c = ClientConfig::new([url]);
-    c.reconnect_delay = Duration::from_millis(10);
-    c.max_reconnect_delay = Duration::from_millis(50);
+    c.reconnect_min = Duration::from_millis(10);
+    c.reconnect_max = Duration::from_millis(50);
     c
 }
 

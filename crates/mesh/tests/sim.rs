@@ -188,8 +188,8 @@ impl Sim {
         let mut c = CoreConfig::new(name(i), url(i), inc);
         c.gossip_interval = Duration::from_millis(1000);
         c.forget_after = Duration::from_millis(1000);
-        c.dial_backoff_min = Duration::from_millis(10);
-        c.dial_backoff_max = Duration::from_millis(400);
+        c.reconnect_min = Duration::from_millis(10);
+        c.reconnect_max = Duration::from_millis(400);
         c.dedup_window = 1024;
         c.group_tombstone_ttl = Duration::from_secs(20);
         c.seed = self.seed ^ (i as u64) << 32 ^ inc;

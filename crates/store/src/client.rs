@@ -512,7 +512,11 @@ async fn handshake(
 }
 
 async fn run(core: Arc<ClientCore>, mut tx: LinkTx, mut rx: LinkRx) {
-    let mut backoff = Duration::ZERO;
+    let (min, max) = match &core.target {
+        Target::Urls(_, config) => (config.reconnect_min, config.reconnect_max),
+        Target::Worker(_) => (WORKER_RECONNECT_MIN, WORKER_RECONNECT_MAX),
+    };
+    let mut backoff = transport::Backoff::new(min, max);
     loop {
         let cancel = core.stop.child_token();
         {
@@ -581,23 +585,13 @@ async fn run(core: Arc<ClientCore>, mut tx: LinkTx, mut rx: LinkRx) {
             }
         }
         core.up.send_replace(false);
-        let (min, max) = match &core.target {
-            Target::Urls(_, config) => (config.reconnect_min, config.reconnect_max),
-            Target::Worker(_) => (WORKER_RECONNECT_MIN, WORKER_RECONNECT_MAX),
-        };
         // Reconnect with jittered exponential backoff, to the next URL each time.
         loop {
             if core.stop.is_cancelled() {
                 return;
             }
-            backoff = if backoff.is_zero() {
-                min
-            } else {
-                (backoff * 2).min(max)
-            };
-            let delay = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next_random_delay()) => {}
                 _ = core.stop.cancelled() => return,
             }
             let dialed = tokio::select! {
@@ -617,7 +611,7 @@ async fn run(core: Arc<ClientCore>, mut tx: LinkTx, mut rx: LinkRx) {
                 Ok((t, r)) => {
                     tx = t;
                     rx = r;
-                    backoff = Duration::ZERO;
+                    backoff.reset();
                     break;
                 }
                 Err(ConnectError::ParentGone(reason)) => {

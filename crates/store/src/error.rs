@@ -1,6 +1,6 @@
 //! Error types.
 
-use crate::reducer::CodecError;
+use crate::reducer::PayloadError;
 
 /// The codes carried in `StoreError.error.code`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -148,7 +148,7 @@ pub enum DispatchError {
     },
     /// The action could not be encoded.
     #[error(transparent)]
-    Encode(#[from] CodecError),
+    Encode(#[from] PayloadError),
     /// The authority refused the action (or the store).
     #[error("rejected: {0}")]
     Rejected(#[from] RemoteError),

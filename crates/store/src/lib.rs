@@ -95,6 +95,9 @@
 
 mod auth;
 mod client;
+// The sans-IO core: public only for the simulation tests; hidden, not
+// part of the API and not covered by semver.
+#[doc(hidden)]
 pub mod core;
 mod error;
 mod gate;
@@ -106,7 +109,7 @@ mod server;
 mod store;
 mod worker;
 
-pub use crate::core::SyncMode;
+pub use crate::core::{store_of, SyncMode};
 pub use auth::{argon2_runs, hash_password, Busy, CheckPool, HashCost, LoginError, Logins};
 pub use client::{Client, ClientConfig, ConnectError};
 pub use error::{DispatchError, ErrorCode, RemoteError};
@@ -114,6 +117,6 @@ pub use gate::{accept_each, Gate, Refusal, DEFAULT_LOGINS_PER_ADDRESS};
 pub use persist::{
     BackupPersistence, MemoryPersistence, Origin, PersistError, Persistence, Recovered,
 };
-pub use reducer::{CodecError, Encoding, Reducer};
+pub use reducer::{Encoding, PayloadError, Reducer};
 pub use server::{ServeError, Server, ServerConfig, WORKER_ENV};
 pub use store::{Pending, Role, StateRef, Store, StoreConfig, StoreStats, Subscription};

@@ -79,22 +79,26 @@ impl Encoding {
     }
 
     /// Encodes a value.
-    pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, CodecError> {
+    pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, PayloadError> {
         match self {
             Encoding::Binary => postcard::to_stdvec(value)
                 .map(Bytes::from)
-                .map_err(|e| CodecError(e.to_string())),
+                .map_err(|e| PayloadError(e.to_string())),
             Encoding::Json => serde_json::to_vec(value)
                 .map(Bytes::from)
-                .map_err(|e| CodecError(e.to_string())),
+                .map_err(|e| PayloadError(e.to_string())),
         }
     }
 
     /// Decodes a value.
-    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, PayloadError> {
         match self {
-            Encoding::Binary => postcard::from_bytes(bytes).map_err(|e| CodecError(e.to_string())),
-            Encoding::Json => serde_json::from_slice(bytes).map_err(|e| CodecError(e.to_string())),
+            Encoding::Binary => {
+                postcard::from_bytes(bytes).map_err(|e| PayloadError(e.to_string()))
+            }
+            Encoding::Json => {
+                serde_json::from_slice(bytes).map_err(|e| PayloadError(e.to_string()))
+            }
         }
     }
 }
@@ -102,13 +106,13 @@ impl Encoding {
 /// A payload that could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("payload encoding: {0}")]
-pub struct CodecError(pub String);
+pub struct PayloadError(pub String);
 
 /// Re-encodes a binary payload for a peer that wants `to`.
 pub(crate) fn transcode<T: Serialize + DeserializeOwned>(
     binary: &Bytes,
     to: Encoding,
-) -> Result<Bytes, CodecError> {
+) -> Result<Bytes, PayloadError> {
     match to {
         Encoding::Binary => Ok(binary.clone()),
         Encoding::Json => {
@@ -122,7 +126,7 @@ pub(crate) fn transcode<T: Serialize + DeserializeOwned>(
 pub(crate) fn to_binary<T: Serialize + DeserializeOwned>(
     bytes: &Bytes,
     from: Encoding,
-) -> Result<(T, Bytes), CodecError> {
+) -> Result<(T, Bytes), PayloadError> {
     let value: T = from.decode(bytes)?;
     let binary = match from {
         Encoding::Binary => bytes.clone(),

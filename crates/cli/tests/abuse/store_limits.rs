@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use replimesh::proto::{self, frame::Body, Frame};
 use replimesh::store::{Encoding, Reducer};
-use replimesh_cli::reducers::{Counter, CounterAction};
+use replimesh_cli::reducers::{CounterAction, CounterReducer};
 
 use crate::harness::{metric, serial, start_node, tmpdir, Probe, Raw, Watch, T};
 
@@ -26,7 +26,7 @@ fn durable_counter() -> String {
 }
 
 fn counter_schema() -> u32 {
-    Counter {
+    CounterReducer {
         name: "counter".into(),
     }
     .schema()

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use transport::Backoff;
 
 use dedup::Window;
 
@@ -61,9 +62,9 @@ pub struct CoreConfig {
     /// How long a clone may stay down before it is forgotten (learned clones only).
     pub forget_after: Duration,
     /// First redial delay after a failure.
-    pub dial_backoff_min: Duration,
+    pub reconnect_min: Duration,
     /// Largest redial delay.
-    pub dial_backoff_max: Duration,
+    pub reconnect_max: Duration,
     /// Size of the duplicate window per origin (message ids).
     pub dedup_window: u64,
     /// How long a group delete is re-sent (to every new link and in every
@@ -95,8 +96,8 @@ impl CoreConfig {
             incarnation,
             gossip_interval: Duration::from_secs(2),
             forget_after: Duration::from_secs(30),
-            dial_backoff_min: Duration::from_millis(50),
-            dial_backoff_max: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(5),
             dedup_window: 1 << 16,
             group_tombstone_ttl: Duration::from_secs(300),
             max_group_tombstones: 4096,
@@ -121,7 +122,7 @@ pub struct PeerInfo {
 /// Why a core refused a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum Refusal {
+pub enum LinkRefusal {
     /// The peer claims this clone's own id.
     #[error("the peer uses this clone's own id")]
     SelfLink,
@@ -266,7 +267,7 @@ pub enum CoreEvent {
         /// The peer.
         peer: String,
         /// Why.
-        reason: Refusal,
+        reason: LinkRefusal,
     },
     /// A group was deleted (locally or by a remote clone).
     GroupDeleted {
@@ -313,7 +314,7 @@ pub enum Action {
         /// The link.
         link: LinkId,
         /// Why.
-        reason: Refusal,
+        reason: LinkRefusal,
     },
     /// Deliver a group message to local clients.
     Deliver {
@@ -376,7 +377,7 @@ struct CloneRec {
     link: Option<LinkId>,
     dial: Option<LinkId>,
     next_dial: Duration,
-    backoff: Duration,
+    backoff: Backoff,
     up: bool,
     down_since: Option<Duration>,
 }
@@ -525,7 +526,7 @@ impl Core {
             return Err(CoreError::AddSelf);
         }
         self.tombs.remove(id);
-        let min = self.cfg.dial_backoff_min;
+        let backoff = self.backoff();
         match self.clones.get_mut(id) {
             Some(rec) => {
                 rec.configured = true;
@@ -534,12 +535,12 @@ impl Core {
                 }
                 if rec.link.is_none() {
                     rec.next_dial = now;
-                    rec.backoff = min;
+                    rec.backoff.reset();
                 }
             }
             None => {
                 self.clones
-                    .insert(id.to_string(), new_rec(url, 0, true, now, min));
+                    .insert(id.to_string(), new_rec(url, 0, true, now, backoff));
                 self.actions
                     .push_back(Action::Event(CoreEvent::CloneLearned(id.to_string())));
             }
@@ -600,12 +601,12 @@ impl Core {
             self.drop_link(l, now, true);
             self.actions.push_back(Action::Close {
                 link: l,
-                reason: Refusal::Unwanted,
+                reason: LinkRefusal::Unwanted,
             });
         }
         for rec in self.clones.values_mut() {
             rec.next_dial = now;
-            rec.backoff = self.cfg.dial_backoff_min;
+            rec.backoff.reset();
         }
         self.drive(now);
     }
@@ -615,7 +616,12 @@ impl Core {
     /// An authenticated clone says hello on an accepted link. On `Ok` the
     /// caller sends `Welcome`, then the queued actions (which include the full
     /// table and interest for this link).
-    pub fn accept(&mut self, link: LinkId, peer: PeerInfo, now: Duration) -> Result<(), Refusal> {
+    pub fn accept(
+        &mut self,
+        link: LinkId,
+        peer: PeerInfo,
+        now: Duration,
+    ) -> Result<(), LinkRefusal> {
         let r = self.check_new_link(&peer, false, now);
         if let Err(reason) = r {
             self.actions
@@ -632,15 +638,20 @@ impl Core {
 
     /// The clone dialed with `link` welcomed us. On `Err` the core has queued
     /// a [`Action::Close`] for the link.
-    pub fn dial_ok(&mut self, link: LinkId, peer: PeerInfo, now: Duration) -> Result<(), Refusal> {
+    pub fn dial_ok(
+        &mut self,
+        link: LinkId,
+        peer: PeerInfo,
+        now: Duration,
+    ) -> Result<(), LinkRefusal> {
         let expected = match self.links.get(&link) {
             Some(l) if !l.established => l.peer.clone(),
             _ => {
                 self.actions.push_back(Action::Close {
                     link,
-                    reason: Refusal::Unwanted,
+                    reason: LinkRefusal::Unwanted,
                 });
-                return Err(Refusal::Unwanted);
+                return Err(LinkRefusal::Unwanted);
             }
         };
         self.links.remove(&link);
@@ -651,11 +662,11 @@ impl Core {
         }
         let result = if peer.id != expected {
             if let Some(rec) = self.clones.get_mut(&expected) {
-                rec.next_dial = now + self.cfg.dial_backoff_max;
+                rec.next_dial = now + self.cfg.reconnect_max;
             }
-            Err(Refusal::WrongId)
+            Err(LinkRefusal::WrongId)
         } else if !self.clones.contains_key(&expected) {
-            Err(Refusal::Unwanted)
+            Err(LinkRefusal::Unwanted)
         } else {
             self.check_new_link(&peer, true, now)
         };
@@ -1051,10 +1062,15 @@ impl Core {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn jitter(&mut self, d: Duration) -> Duration {
-        let ms = d.as_millis().max(1) as u64;
-        let half = ms / 2;
-        Duration::from_millis(half + self.rand() % (ms - half + 1))
+    /// A number in `[0, 1)` from the seeded generator: the jitter of a
+    /// redial delay.
+    fn unit(&mut self) -> f64 {
+        (self.rand() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A fresh redial policy for one clone.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max)
     }
 
     fn self_entry(&self, gone: bool) -> CloneEntry {
@@ -1107,18 +1123,18 @@ impl Core {
         peer: &PeerInfo,
         dialed_by_me: bool,
         now: Duration,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), LinkRefusal> {
         if peer.id == self.cfg.id {
-            return Err(Refusal::SelfLink);
+            return Err(LinkRefusal::SelfLink);
         }
         if peer.id.is_empty() {
-            return Err(Refusal::WrongId);
+            return Err(LinkRefusal::WrongId);
         }
         if self.tombstoned(&peer.id, peer.incarnation) {
-            return Err(Refusal::Deleted);
+            return Err(LinkRefusal::Deleted);
         }
         if self.left {
-            return Err(Refusal::Unwanted);
+            return Err(LinkRefusal::Unwanted);
         }
         let me_lower = self.cfg.id < peer.id;
         let Some(rec) = self.clones.get(&peer.id) else {
@@ -1134,19 +1150,19 @@ impl Core {
                 ex_by_me == me_lower
             };
             if keep_existing {
-                return Err(Refusal::Duplicate);
+                return Err(LinkRefusal::Duplicate);
             }
             self.drop_link(existing, now, true);
             self.actions.push_back(Action::Close {
                 link: existing,
-                reason: Refusal::Duplicate,
+                reason: LinkRefusal::Duplicate,
             });
         }
         if !dialed_by_me {
             if let Some(dial) = self.clones.get(&peer.id).and_then(|r| r.dial) {
                 if me_lower && !newer {
                     // my dial wins; the peer will accept it
-                    return Err(Refusal::Duplicate);
+                    return Err(LinkRefusal::Duplicate);
                 }
                 // the peer's dial wins: forget mine (if it is welcomed anyway,
                 // dial_ok sees the established link and refuses it)
@@ -1160,19 +1176,19 @@ impl Core {
     }
 
     fn establish(&mut self, link: LinkId, peer: PeerInfo, dialed_by_me: bool, now: Duration) {
-        let min = self.cfg.dial_backoff_min;
+        let backoff = self.backoff();
         self.tombs.remove(&peer.id);
         let learned = !self.clones.contains_key(&peer.id);
         let rec = self
             .clones
             .entry(peer.id.clone())
-            .or_insert_with(|| new_rec(&peer.url, peer.incarnation, false, now, min));
+            .or_insert_with(|| new_rec(&peer.url, peer.incarnation, false, now, backoff));
         if !peer.url.is_empty() {
             rec.url = peer.url.clone();
         }
         rec.incarnation = peer.incarnation;
         rec.link = Some(link);
-        rec.backoff = min;
+        rec.backoff.reset();
         self.links.insert(
             link,
             LinkRec {
@@ -1224,25 +1240,17 @@ impl Core {
             return;
         };
         self.direct_cache = None;
-        let min = self.cfg.dial_backoff_min;
-        let max = self.cfg.dial_backoff_max;
-        let jit;
-        {
-            let backoff = self.clones.get(&l.peer).map(|r| r.backoff).unwrap_or(min);
-            jit = self.jitter(backoff);
-        }
+        let jitter = self.unit();
         if let Some(rec) = self.clones.get_mut(&l.peer) {
             if rec.link == Some(link) {
                 rec.link = None;
                 if !quiet {
-                    rec.next_dial = now + jit;
-                    rec.backoff = (rec.backoff * 2).clamp(min, max);
+                    rec.next_dial = now + rec.backoff.next_delay(jitter);
                 }
                 self.pushed.insert(l.peer.clone());
             } else if rec.dial == Some(link) {
                 rec.dial = None;
-                rec.next_dial = now + jit;
-                rec.backoff = (rec.backoff * 2).clamp(min, max);
+                rec.next_dial = now + rec.backoff.next_delay(jitter);
             }
         }
         if l.established {
@@ -1291,7 +1299,7 @@ impl Core {
             if self.links.remove(&l).is_some() {
                 self.actions.push_back(Action::Close {
                     link: l,
-                    reason: Refusal::Unwanted,
+                    reason: LinkRefusal::Unwanted,
                 });
             }
         }
@@ -1338,7 +1346,7 @@ impl Core {
                         // (higher incarnation) is welcome again
                         if let Some(rec) = self.clones.get_mut(&e.id) {
                             rec.incarnation = e.incarnation;
-                            rec.next_dial = now + self.cfg.dial_backoff_max;
+                            rec.next_dial = now + self.cfg.reconnect_max;
                         }
                         touched.push(e.id.clone());
                     } else {
@@ -1380,10 +1388,10 @@ impl Core {
                 None => {
                     if e.up {
                         self.tombs.remove(&e.id);
-                        let min = self.cfg.dial_backoff_min;
+                        let backoff = self.backoff();
                         self.clones.insert(
                             e.id.clone(),
-                            new_rec(&e.url, e.incarnation, false, now, min),
+                            new_rec(&e.url, e.incarnation, false, now, backoff),
                         );
                         self.actions
                             .push_back(Action::Event(CoreEvent::CloneLearned(e.id.clone())));
@@ -1808,7 +1816,7 @@ fn new_rec(
     incarnation: u64,
     configured: bool,
     now: Duration,
-    backoff: Duration,
+    backoff: Backoff,
 ) -> CloneRec {
     CloneRec {
         url: url.to_string(),
@@ -1856,7 +1864,7 @@ mod tests {
         let db = dial_of(&mut b);
         // both hellos arrive before either welcome
         let la = a.new_link_id();
-        assert_eq!(a.accept(la, info(&b), t), Err(Refusal::Duplicate));
+        assert_eq!(a.accept(la, info(&b), t), Err(LinkRefusal::Duplicate));
         let lb = b.new_link_id();
         assert_eq!(b.accept(lb, info(&a), t), Ok(()));
         assert_eq!(a.dial_ok(da, info(&b), t), Ok(()));
@@ -1962,7 +1970,7 @@ mod tests {
         assert!(a.delete_clone("b", t));
         assert!(a.clones().is_empty());
         let l2 = a.new_link_id();
-        assert_eq!(a.accept(l2, info(&b), t), Err(Refusal::Deleted));
+        assert_eq!(a.accept(l2, info(&b), t), Err(LinkRefusal::Deleted));
         let b6 = Core::new(CoreConfig::new("b", "x://b", 6), t);
         let l3 = a.new_link_id();
         assert_eq!(a.accept(l3, info(&b6), t), Ok(()));
