@@ -108,14 +108,21 @@ pub(super) fn refuse(shared: &Shared, code: CloseCode, reason: &str) {
     shared.writer_wake.notify_one();
 }
 
-/// Ends a connection whose reader stopped for `reason`.
+/// Whether the reader stopped because we refused the peer's input (our
+/// `Close` frame says why and should reach the peer).
+pub(super) fn refused(reason: &RecvError) -> bool {
+    matches!(
+        reason,
+        RecvError::FrameTooLarge { .. } | RecvError::Malformed(_)
+    )
+}
+
+/// Ends a connection whose reader (byte stream, inline or WebSocket)
+/// stopped for `reason`.
 pub(super) async fn finish_reader(shared: Arc<Shared>, reason: RecvError) {
     tracing::debug!(conn = shared.id, reason = %reason, "reader finished");
     // After an error we still give the writer a moment to send our Close frame.
-    if matches!(
-        reason,
-        RecvError::FrameTooLarge { .. } | RecvError::Malformed(_)
-    ) {
+    if refused(&reason) {
         let _ = tokio::time::timeout(Duration::from_millis(200), shared.done.cancelled()).await;
     }
     shared.finish(reason);

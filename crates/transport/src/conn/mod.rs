@@ -32,7 +32,7 @@ use crate::{CloseReason, Config, RecvError, SendError, SlowConsumerPolicy};
 use queue::Queue;
 use reader::{stream_reader, StreamReader};
 use receiver::Source;
-use writer::stream_writer;
+use writer::{writer_task, StreamOut};
 
 pub(crate) use meter::{Meter, Metered};
 pub(crate) use reader::split_chunks;
@@ -324,7 +324,7 @@ where
         ));
     }
     tokio::spawn(tracing::Instrument::instrument(
-        stream_writer(writer, shared, codec, config.clone()),
+        writer_task(StreamOut::new(writer, codec), shared, config.clone()),
         span,
     ));
     conn

@@ -9,7 +9,7 @@ use futures_util::FutureExt;
 use proto::{CloseCode, Frame, Message as _};
 use tokio::sync::mpsc;
 
-use super::control::{finish_reader, refuse};
+use super::control::{finish_reader, refuse, refused};
 use super::reader::InlineReader;
 use super::sender::release;
 use super::{PeerAddr, Shared};
@@ -128,12 +128,8 @@ impl Receiver {
         if let Source::Inline(reader) = &mut self.source {
             *reader = None;
         }
-        let refused = matches!(
-            reason,
-            RecvError::FrameTooLarge { .. } | RecvError::Malformed(_)
-        );
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) if refused => {
+            Ok(rt) if refused(&reason) => {
                 self.shared.set_end(reason.clone());
                 rt.spawn(finish_reader(self.shared.clone(), reason));
             }

@@ -1,5 +1,6 @@
-//! The stream writer: drains the queue and writes it in as few
-//! (vectored) writes as it can.
+//! The writer task, one per connection, over a byte stream or a WebSocket
+//! ([`Outbound`]), and the byte-stream writer: the drained queue goes out in
+//! as few (vectored) writes as it can.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -140,13 +141,79 @@ async fn write_pieces<'b, W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-pub(super) async fn stream_writer<W: AsyncWrite + Unpin>(
-    mut writer: W,
-    shared: Arc<Shared>,
+/// One drained batch, in the order it goes out: `partial` (the raw rest of
+/// a direct write), the `urgent` frames, the queue's `frames`, then `close`
+/// (our encoded `Close` frame).
+///
+/// `frames` count against the queue's bound until written: they are taken
+/// off `frames` as they go out, and the writer tells [`Shared`] the room
+/// made ([`Shared::written`]). `urgent` frames do not count.
+pub(super) struct Batch<'a> {
+    pub(super) partial: Option<Bytes>,
+    pub(super) urgent: Vec<Bytes>,
+    pub(super) frames: &'a mut VecDeque<Bytes>,
+    pub(super) close: Option<&'a Bytes>,
+}
+
+/// Where a connection's writer task writes: a byte stream ([`StreamOut`])
+/// or a WebSocket ([`super::ws::WsOut`]). The task ([`writer_task`]) is the
+/// same for both: it drains the queue, sends pings and ends the connection.
+pub(super) trait Outbound {
+    /// Writes `batch` (telling `shared` the room it makes) and flushes.
+    async fn write(&mut self, shared: &Shared, batch: Batch<'_>) -> std::io::Result<()>;
+
+    /// Shuts the stream down after our `Close` frame was written.
+    async fn shutdown(&mut self);
+}
+
+/// A byte stream's writing half, with the buffer small frames are
+/// coalesced in.
+pub(super) struct StreamOut<W> {
+    writer: W,
+    buf: BytesMut,
     codec: FrameCodec,
-    config: Config,
-) {
-    let mut buf = BytesMut::with_capacity(FLUSH_AT + 64 * 1024);
+}
+
+impl<W> StreamOut<W> {
+    pub(super) fn new(writer: W, codec: FrameCodec) -> Self {
+        StreamOut {
+            writer,
+            buf: BytesMut::with_capacity(FLUSH_AT + 64 * 1024),
+            codec,
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Outbound for StreamOut<W> {
+    async fn write(&mut self, shared: &Shared, batch: Batch<'_>) -> std::io::Result<()> {
+        // What a failed or cancelled write left in the buffer is not sent.
+        self.buf.clear();
+        if let Some(p) = &batch.partial {
+            self.writer.write_all(p).await?;
+        }
+        write_batch(
+            &mut self.writer,
+            &mut self.buf,
+            self.codec,
+            &batch.urgent,
+            batch.frames,
+            batch.close,
+            shared,
+        )
+        .await
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = self.writer.flush().await;
+        let _ = self.writer.shutdown().await;
+    }
+}
+
+/// The writer task of a connection: drains the queue whenever woken (one
+/// write for everything queued meanwhile), sends a ping every
+/// [`Config::ping_interval`] while idle, and after our `Close` frame shuts
+/// the stream down and waits up to [`Config::linger`] for the peer's end.
+pub(super) async fn writer_task<O: Outbound>(mut out: O, shared: Arc<Shared>, config: Config) {
     let mut timers = Timers::new(&config);
     let mut spare = VecDeque::new();
     let mut nonce = 0u64;
@@ -190,27 +257,16 @@ pub(super) async fn stream_writer<W: AsyncWrite + Unpin>(
             .encode_to_bytes()
         });
         let ok = tokio::select! {
-            r = async {
-                if let Some(p) = &partial {
-                    writer.write_all(p).await?;
-                }
-                write_batch(
-                    &mut writer,
-                    &mut buf,
-                    codec,
-                    &urgent,
-                    &mut frames,
-                    close_body.as_ref(),
-                    &shared,
-                )
-                .await
-            } => r.is_ok(),
+            r = out.write(&shared, Batch {
+                partial,
+                urgent,
+                frames: &mut frames,
+                close: close_body.as_ref(),
+            }) => r.is_ok(),
             _ = shared.done.cancelled() => false,
         };
-        frames.clear();
         shared.written(None);
         spare = keep_spare(frames);
-        buf.clear();
         if !ok {
             if !shared.done.is_cancelled() {
                 shared.finish(RecvError::Eof);
@@ -218,8 +274,7 @@ pub(super) async fn stream_writer<W: AsyncWrite + Unpin>(
             break;
         }
         if let Some((code, reason)) = close {
-            let _ = writer.flush().await;
-            let _ = writer.shutdown().await;
+            out.shutdown().await;
             // Wait for the peer to close its side (the reader sees EOF), bounded by linger.
             let _ = tokio::time::timeout(config.linger, shared.done.cancelled()).await;
             shared.finish(RecvError::Local(CloseReason::Requested { code, reason }));

@@ -1,25 +1,27 @@
-//! WebSocket connections: reader and writer tasks over tungstenite.
+//! WebSocket connections: the reader task, and the WebSocket side of the
+//! writer task ([`WsOut`]), over tungstenite.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::stream::SplitSink;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use proto::{frame::Body, CloseCode, Frame, Message as _};
+use proto::{CloseCode, Frame, Message as _};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::WebSocketStream;
 
-use super::control::{handle_body, handle_control, refuse, tick, tick_idle, Incoming, Timers};
+use super::control::{
+    finish_reader, handle_body, handle_control, refuse, tick_idle, Incoming, Timers,
+};
 use super::meter::Meter;
-use super::queue::{drain, keep_spare, Drained};
 use super::reader::{io_reason, wait_while_limited, READ_CHUNK};
-use super::writer::FLUSH_AT;
+use super::writer::{writer_task, Batch, Outbound, FLUSH_AT};
 use super::{new_connection, Connection, Limit, PeerAddr, Shared};
-use crate::{CloseReason, Config, RecvError, QUEUE_FRAME_OVERHEAD};
+use crate::{Config, RecvError, QUEUE_FRAME_OVERHEAD};
 
 /// Starts reader and writer tasks over an established WebSocket.
 ///
@@ -51,7 +53,7 @@ where
         span.clone(),
     ));
     tokio::spawn(tracing::Instrument::instrument(
-        ws_writer(sink, shared, config.clone(), json),
+        writer_task(WsOut { sink, json }, shared, config.clone()),
         span,
     ));
     conn
@@ -205,96 +207,53 @@ async fn ws_reader<S>(
             }
         }
     };
-    if matches!(
-        reason,
-        RecvError::FrameTooLarge { .. } | RecvError::Malformed(_)
-    ) {
-        let _ = tokio::time::timeout(Duration::from_millis(200), shared.done.cancelled()).await;
-    }
-    shared.finish(reason);
+    finish_reader(shared, reason).await;
 }
 
-async fn ws_writer<S>(
-    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
-    shared: Arc<Shared>,
-    config: Config,
+/// A WebSocket's writing half: one message per frame, transcoded to JSON
+/// on the `replimesh.v1.json` subprotocol.
+pub(super) struct WsOut<S> {
+    sink: SplitSink<WebSocketStream<S>, WsMessage>,
     json: bool,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut timers = Timers::new(&config);
-    let mut spare = VecDeque::new();
-    let mut nonce = 0u64;
-    loop {
-        // A connection that ended (a slow consumer cut, the peer gone) writes
-        // nothing more, not even a close frame requested afterwards.
-        if shared.done.is_cancelled() {
-            break;
-        }
-        let drained = match drain(&shared, std::mem::take(&mut spare)) {
-            Some(d) => d,
-            None => {
-                tokio::select! {
-                    _ = shared.writer_wake.notified() => {
-                        // Let the tasks that are ready to send run first, so
-                        // one write carries all their frames (coalescing).
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                    _ = tick(&mut timers.ping) => {
-                        nonce += 1;
-                        shared.enqueue_urgent(Frame::ping(nonce).encode_to_bytes());
-                        continue;
-                    }
-                    _ = shared.done.cancelled() => break,
-                }
-            }
-        };
-        let Drained {
-            partial: _,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsOut<S> {
+    /// [`Outbound::write`], with tungstenite's error.
+    async fn feed_all(&mut self, shared: &Shared, batch: Batch<'_>) -> Result<(), WsError> {
+        // No direct writes on a WebSocket: `batch.partial` is always empty.
+        let Batch {
             urgent,
-            mut frames,
+            frames,
             close,
-        } = drained;
+            ..
+        } = batch;
         let counted = urgent.len();
-        let write = async {
-            let mut freed = (0, 0);
-            for (i, b) in urgent.into_iter().chain(frames.drain(..)).enumerate() {
-                if i >= counted {
-                    freed.0 += b.len() + QUEUE_FRAME_OVERHEAD;
-                    freed.1 += 1;
-                }
-                sink.feed(ws_message(b, json)).await?;
-                if freed.0 >= FLUSH_AT {
-                    shared.written(Some(std::mem::take(&mut freed)));
-                }
+        let mut freed = (0, 0);
+        for (i, b) in urgent.into_iter().chain(frames.drain(..)).enumerate() {
+            if i >= counted {
+                freed.0 += b.len() + QUEUE_FRAME_OVERHEAD;
+                freed.1 += 1;
             }
-            if let Some((code, reason)) = &close {
-                let f = Frame::new(Body::Close(proto::Close {
-                    code: *code as i32,
-                    reason: reason.clone(),
-                }));
-                sink.feed(ws_message(f.encode_to_bytes(), json)).await?;
+            self.sink.feed(ws_message(b, self.json)).await?;
+            if freed.0 >= FLUSH_AT {
+                shared.written(Some(std::mem::take(&mut freed)));
             }
-            sink.flush().await
-        };
-        let ok = tokio::select! {
-            r = write => r.is_ok(),
-            _ = shared.done.cancelled() => false,
-        };
-        shared.written(None);
-        spare = keep_spare(frames);
-        if !ok {
-            if !shared.done.is_cancelled() {
-                shared.finish(RecvError::Eof);
-            }
-            break;
         }
-        if let Some((code, reason)) = close {
-            let _ = sink.close().await;
-            let _ = tokio::time::timeout(config.linger, shared.done.cancelled()).await;
-            shared.finish(RecvError::Local(CloseReason::Requested { code, reason }));
-            break;
+        if let Some(b) = close {
+            self.sink.feed(ws_message(b.clone(), self.json)).await?;
         }
+        self.sink.flush().await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Outbound for WsOut<S> {
+    async fn write(&mut self, shared: &Shared, batch: Batch<'_>) -> std::io::Result<()> {
+        self.feed_all(shared, batch)
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = self.sink.close().await;
     }
 }
