@@ -1,12 +1,17 @@
 //! Dialing: `connect` by URL, with its TLS and WebSocket handshakes.
 
 use proto::{WS_SUBPROTOCOL, WS_SUBPROTOCOL_JSON};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use super::{deadline, step, ws_config};
+use super::{deadline, step, tls_step, ws_config};
 use crate::conn::{spawn_sock, spawn_stream, spawn_ws, Limit};
 use crate::sock::{Sock, Stream};
 use crate::{Config, Connection, Endpoint, Error, PeerAddr};
@@ -14,11 +19,11 @@ use crate::{Config, Connection, Endpoint, Error, PeerAddr};
 fn tls_connector(
     config: &Config,
     host: &str,
-) -> Result<(TlsConnector, rustls_pki_types::ServerName<'static>), Error> {
+) -> Result<(TlsConnector, ServerName<'static>), Error> {
     let client = config.tls.client.clone().ok_or_else(|| {
         Error::Tls("connecting to tls:// or wss:// needs Config::tls.client (trusted roots)".into())
     })?;
-    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+    let name = ServerName::try_from(host.to_string())
         .map_err(|e| Error::Tls(format!("invalid server name `{host}`: {e}")))?;
     Ok((TlsConnector::from(client), name))
 }
@@ -38,6 +43,47 @@ async fn dial_tcp(
     Ok((stream, peer))
 }
 
+/// The TLS handshake of a dialed connection, with the `connector` and
+/// server name [`tls_connector`] made.
+async fn tls_client(
+    (connector, name): (TlsConnector, ServerName<'static>),
+    stream: TcpStream,
+    config: &Config,
+    deadline: Instant,
+) -> Result<TlsStream<TcpStream>, Error> {
+    tls_step(config, deadline, connector.connect(name, stream)).await
+}
+
+/// The WebSocket upgrade of a dialed connection (`request` offers the
+/// subprotocol), then its tasks.
+async fn ws_client<S>(
+    request: Request,
+    stream: S,
+    peer: PeerAddr,
+    config: &Config,
+    deadline: Instant,
+) -> Result<Connection, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ws = step(config, deadline, "websocket upgrade", async {
+        let (ws, _resp) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config(config)))
+                .await
+                .map_err(|e| Error::WebSocket(e.to_string()))?;
+        Ok(ws)
+    })
+    .await?;
+    Ok(spawn_ws(
+        ws,
+        peer,
+        config,
+        config.ws_json,
+        Limit::Full,
+        None,
+    ))
+}
+
 /// Connects to `url` (see the crate docs for the schemes).
 ///
 /// TLS (`tls://`, `wss://`) needs [`crate::TlsConfig::client`]. The whole of
@@ -55,15 +101,9 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
             Ok(spawn_sock(sock, peer, config, Limit::Full))
         }
         Endpoint::Tls { host, port } => {
-            let (connector, name) = tls_connector(config, &host)?;
+            let connector = tls_connector(config, &host)?;
             let (stream, peer) = dial_tcp(&host, port, config, deadline).await?;
-            let tls = step(config, deadline, "tls", async {
-                connector
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| Error::Tls(e.to_string()))
-            })
-            .await?;
+            let tls = tls_client(connector, stream, config, deadline).await?;
             let (r, w) = tokio::io::split(tls);
             Ok(spawn_stream(r, w, peer, config, None, Limit::Full))
         }
@@ -104,35 +144,12 @@ pub async fn connect(url: &str, config: &Config) -> Result<Connection, Error> {
                 None
             };
             let (stream, peer) = dial_tcp(host, port, config, deadline).await?;
-            let wscfg = ws_config(config);
-            let upgrade = "websocket upgrade";
-            if let Some((connector, name)) = tls {
-                let tls = step(config, deadline, "tls", async {
-                    connector
-                        .connect(name, stream)
-                        .await
-                        .map_err(|e| Error::Tls(e.to_string()))
-                })
-                .await?;
-                let ws = step(config, deadline, upgrade, async {
-                    let (ws, _resp) =
-                        tokio_tungstenite::client_async_with_config(request, tls, Some(wscfg))
-                            .await
-                            .map_err(|e| Error::WebSocket(e.to_string()))?;
-                    Ok(ws)
-                })
-                .await?;
-                Ok(spawn_ws(ws, peer, config, json, Limit::Full, None))
-            } else {
-                let ws = step(config, deadline, upgrade, async {
-                    let (ws, _resp) =
-                        tokio_tungstenite::client_async_with_config(request, stream, Some(wscfg))
-                            .await
-                            .map_err(|e| Error::WebSocket(e.to_string()))?;
-                    Ok(ws)
-                })
-                .await?;
-                Ok(spawn_ws(ws, peer, config, json, Limit::Full, None))
+            match tls {
+                Some(connector) => {
+                    let tls = tls_client(connector, stream, config, deadline).await?;
+                    ws_client(request, tls, peer, config, deadline).await
+                }
+                None => ws_client(request, stream, peer, config, deadline).await,
             }
         }
     }

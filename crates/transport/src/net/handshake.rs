@@ -4,14 +4,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use proto::{WS_SUBPROTOCOL, WS_SUBPROTOCOL_JSON};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 
 use super::listen::{Accepted, Mode};
-use super::{deadline, step, ws_config};
+use super::{deadline, step, tls_step, ws_config};
 use crate::conn::{spawn_sock, spawn_stream, spawn_ws, Limit, Meter, Metered};
 use crate::sock::{Slot, Sock, SockIo, Stream};
-use crate::{http, Config, Connection, Error};
+use crate::{http, Config, Connection, Error, PeerAddr};
 
 /// The TLS and WebSocket handshakes of an accepted connection, together
 /// bounded by [`Config::handshake_timeout`]. The connection keeps `slot`
@@ -35,58 +39,66 @@ pub(super) async fn handshake(
         }
         (Accepted::Tcp(s, peer), Mode::Tls(acceptor)) => {
             let io = SockIo::whole(&Sock::new(Stream::Tcp(s), Some(slot)));
-            let tls = step(config, deadline, "tls", async {
-                acceptor
-                    .accept(io)
-                    .await
-                    .map_err(|e| Error::Tls(e.to_string()))
-            })
-            .await?;
+            let tls = tls_server(acceptor, io, config, deadline).await?;
             let (r, w) = tokio::io::split(tls);
             Ok(spawn_stream(r, w, peer, config, None, limit))
         }
         (Accepted::Tcp(s, peer), Mode::Ws { tls, path }) => {
             let io = SockIo::whole(&Sock::new(Stream::Tcp(s), Some(slot)));
-            let wscfg = ws_config(config);
-            let json = Arc::new(AtomicBool::new(false));
-            let callback = ws_callback(path.clone(), json.clone());
-            let meter = Meter::new(config);
-            let upgrade = "websocket upgrade";
             match tls {
                 Some(acceptor) => {
-                    let tls = step(config, deadline, "tls", async {
-                        acceptor
-                            .accept(io)
-                            .await
-                            .map_err(|e| Error::Tls(e.to_string()))
-                    })
-                    .await?;
-                    let tls = Metered::new(tls, meter.clone());
-                    let tls = http_or_upgrade(tls, config, deadline).await?;
-                    let ws = step(config, deadline, upgrade, async {
-                        tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(wscfg))
-                            .await
-                            .map_err(|e| Error::WebSocket(e.to_string()))
-                    })
-                    .await?;
-                    let json = json.load(Ordering::Relaxed);
-                    Ok(spawn_ws(ws, peer, config, json, limit, Some(meter)))
+                    let tls = tls_server(acceptor, io, config, deadline).await?;
+                    ws_server(tls, path, peer, config, deadline).await
                 }
-                None => {
-                    let io = Metered::new(io, meter.clone());
-                    let io = http_or_upgrade(io, config, deadline).await?;
-                    let ws = step(config, deadline, upgrade, async {
-                        tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(wscfg))
-                            .await
-                            .map_err(|e| Error::WebSocket(e.to_string()))
-                    })
-                    .await?;
-                    let json = json.load(Ordering::Relaxed);
-                    Ok(spawn_ws(ws, peer, config, json, limit, Some(meter)))
-                }
+                None => ws_server(io, path, peer, config, deadline).await,
             }
         }
     }
+}
+
+/// The TLS handshake of an accepted connection.
+async fn tls_server(
+    acceptor: &TlsAcceptor,
+    io: SockIo,
+    config: &Config,
+    deadline: Instant,
+) -> Result<TlsStream<SockIo>, Error> {
+    tls_step(config, deadline, acceptor.accept(io)).await
+}
+
+/// The WebSocket upgrade of an accepted connection (at `path`, with one of
+/// our subprotocols), then its tasks. Its reads are metered against the
+/// pre-hello frame limit from the upgrade request on.
+async fn ws_server<S>(
+    io: S,
+    path: &str,
+    peer: PeerAddr,
+    config: &Config,
+    deadline: Instant,
+) -> Result<Connection, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let json = Arc::new(AtomicBool::new(false));
+    let callback = ws_callback(path.to_string(), json.clone());
+    let meter = Meter::new(config);
+    let io = Metered::new(io, meter.clone());
+    let io = http_or_upgrade(io, config, deadline).await?;
+    let ws = step(config, deadline, "websocket upgrade", async {
+        tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(ws_config(config)))
+            .await
+            .map_err(|e| Error::WebSocket(e.to_string()))
+    })
+    .await?;
+    let json = json.load(Ordering::Relaxed);
+    Ok(spawn_ws(
+        ws,
+        peer,
+        config,
+        json,
+        Limit::BeforeHello,
+        Some(meter),
+    ))
 }
 
 /// The stream to upgrade, or [`Error::HttpServed`] when the connection was
@@ -94,10 +106,10 @@ pub(super) async fn handshake(
 async fn http_or_upgrade<S>(
     s: S,
     config: &Config,
-    deadline: tokio::time::Instant,
+    deadline: Instant,
 ) -> Result<http::Prefixed<S>, Error>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let head = step(config, deadline, "http request", async {
         http::serve_or_upgrade(s, &config.http_files)

@@ -47,6 +47,19 @@ async fn step<T>(
         })?
 }
 
+/// The `tls` step of a handshake: `handshake` (a rustls connect or accept)
+/// bounded by `deadline`, its failure an [`Error::Tls`].
+async fn tls_step<T>(
+    config: &Config,
+    deadline: tokio::time::Instant,
+    handshake: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, Error> {
+    step(config, deadline, "tls", async {
+        handshake.await.map_err(|e| Error::Tls(e.to_string()))
+    })
+    .await
+}
+
 /// Wraps an already-connected Unix stream (for example one end of a socket
 /// pair inherited by a child process, or received over `SCM_RIGHTS`) into a
 /// [`Connection`] with the same framing, queues and keep-alive as
