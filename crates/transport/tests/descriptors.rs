@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
-use replimesh_transport::{connect, listen, Config, Connection};
+use replimesh_transport::{listen, Config, Connection};
 
-const T: Duration = Duration::from_secs(10);
+mod common;
+
+use common::{dial, T};
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -15,16 +17,11 @@ fn open_fds() -> usize {
 async fn open_pairs(url: &str, n: usize) -> (replimesh_transport::Listener, Vec<Connection>) {
     let config = Config::default();
     let listener = listen(url, &config).await.unwrap();
-    let local = listener.local_url();
     let mut conns = Vec::new();
     for _ in 0..n {
-        let (c, s) = tokio::time::timeout(T, async {
-            tokio::join!(connect(&local, &config), listener.accept())
-        })
-        .await
-        .unwrap();
-        conns.push(c.unwrap());
-        conns.push(s.unwrap());
+        let (c, s) = dial(&listener, &config).await;
+        conns.push(c);
+        conns.push(s);
     }
     (listener, conns)
 }

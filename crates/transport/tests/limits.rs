@@ -6,42 +6,9 @@ use replimesh_transport::proto::{self, CloseCode, Frame};
 use replimesh_transport::{connect, listen, Config, Connection, RecvError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const T: Duration = Duration::from_secs(10);
+mod common;
 
-/// A raw TCP peer of a connection accepted with `config`.
-async fn raw_peer(config: &Config) -> (tokio::net::TcpStream, Connection) {
-    let listener = listen("tcp://127.0.0.1:0", config).await.unwrap();
-    let addr = listener
-        .local_url()
-        .trim_start_matches("tcp://")
-        .to_string();
-    let raw = tokio::time::timeout(T, tokio::net::TcpStream::connect(addr))
-        .await
-        .unwrap()
-        .unwrap();
-    let server = tokio::time::timeout(T, listener.accept())
-        .await
-        .unwrap()
-        .unwrap();
-    (raw, server)
-}
-
-/// The close code in what a raw peer reads until EOF.
-async fn close_code(raw: &mut tokio::net::TcpStream) -> Option<u32> {
-    let mut got = Vec::new();
-    tokio::time::timeout(T, raw.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .ok()?;
-    let mut buf = bytes::BytesMut::from(&got[..]);
-    let mut codec = proto::FrameCodec::default();
-    while let Ok(Some(f)) = tokio_util::codec::Decoder::decode(&mut codec, &mut buf) {
-        if let Some(proto::frame::Body::Close(c)) = f.body {
-            return Some(c.code as u32);
-        }
-    }
-    None
-}
+use common::{close_code, dial, frames_until_eof, raw_peer, T};
 
 fn framed(frame: &Frame) -> Vec<u8> {
     let mut wire = bytes::BytesMut::new();
@@ -75,7 +42,7 @@ async fn a_large_frame_before_the_raise_is_refused() {
             other => panic!("inline {inline_reads}: expected FrameTooLarge, got {other:?}"),
         }
         assert_eq!(
-            close_code(&mut raw).await,
+            close_code(&frames_until_eof(&mut raw).await),
             Some(CloseCode::FrameTooLarge as u32)
         );
     }
@@ -97,13 +64,7 @@ async fn after_the_raise_large_frames_pass_both_ways() {
                 ..Config::default()
             };
             let listener = listen(&url, &config).await.unwrap();
-            let local = listener.local_url();
-            let (client, server) = tokio::time::timeout(T, async {
-                tokio::join!(connect(&local, &config), listener.accept())
-            })
-            .await
-            .unwrap();
-            let (mut client, mut server) = (client.unwrap(), server.unwrap());
+            let (mut client, mut server) = dial(&listener, &config).await;
             assert_eq!(client.receiver().max_frame(), config.max_frame);
             client.send(&Frame::data(&b"hello"[..])).unwrap();
             let hello = tokio::time::timeout(T, server.recv()).await.unwrap();
@@ -130,13 +91,7 @@ async fn after_the_raise_large_frames_pass_both_ways() {
 async fn a_large_websocket_message_before_the_raise_is_refused() {
     let config = Config::default();
     let listener = listen("ws://127.0.0.1:0", &config).await.unwrap();
-    let local = listener.local_url();
-    let (client, server) = tokio::time::timeout(T, async {
-        tokio::join!(connect(&local, &config), listener.accept())
-    })
-    .await
-    .unwrap();
-    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (mut client, mut server) = dial(&listener, &config).await;
     let big = Frame::data(vec![7u8; 1 << 20]);
     client.send(&big).unwrap();
     match tokio::time::timeout(T, server.recv()).await.unwrap() {

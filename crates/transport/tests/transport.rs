@@ -9,7 +9,9 @@ use replimesh_transport::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const T: Duration = Duration::from_secs(10);
+mod common;
+
+use common::{close_code, dial, frames_until_eof, raw_peer, T};
 
 fn tls_config() -> Config {
     let cert =
@@ -27,12 +29,10 @@ fn tls_config() -> Config {
 
 async fn pair(url: &str, config: &Config) -> (Listener, Connection, Connection) {
     let listener = listen(url, config).await.unwrap();
-    let local = listener.local_url();
-    let (client, server) = tokio::join!(connect(&local, config), listener.accept());
-    let server = server.unwrap();
+    let (client, server) = dial(&listener, config).await;
     // As a server does once it accepted the peer's hello.
     server.raise_max_frame();
-    (listener, client.unwrap(), server)
+    (listener, client, server)
 }
 
 async fn recv(conn: &mut Connection) -> Frame {
@@ -232,8 +232,7 @@ async fn malformed_frame_closes_connection_and_listener_keeps_serving() {
         Err(RecvError::Malformed(_))
     ));
     // Another client is served as usual.
-    let (good, server) = tokio::join!(connect(&url, &config), listener.accept());
-    let (good, mut server) = (good.unwrap(), server.unwrap());
+    let (good, mut server) = dial(&listener, &config).await;
     good.send(&Frame::ping(9)).ok();
     good.send(&Frame::data(&b"ok"[..])).unwrap();
     assert_eq!(recv(&mut server).await, Frame::data(&b"ok"[..]));
@@ -446,9 +445,7 @@ async fn ws_json_subprotocol_round_trip() {
     let listener = listen("ws://127.0.0.1:0/", &server_cfg).await.unwrap();
     let mut client_cfg = Config::default();
     client_cfg.ws_json = true;
-    let url = listener.local_url();
-    let (client, server) = tokio::join!(connect(&url, &client_cfg), listener.accept());
-    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    let (mut client, mut server) = dial(&listener, &client_cfg).await;
     let frame = Frame::new(proto::frame::Body::Publish(proto::Publish {
         groups: vec!["g".into()],
         all: false,
@@ -577,40 +574,6 @@ async fn mixed_frames(config: &Config) {
 // ---- both modes and inline reads (`Config::inline_reads`) ----
 
 /// A raw TCP peer of a server connection.
-async fn raw_peer(config: &Config) -> (tokio::net::TcpStream, Connection) {
-    let listener = listen("tcp://127.0.0.1:0", config).await.unwrap();
-    let addr = listener
-        .local_url()
-        .trim_start_matches("tcp://")
-        .to_string();
-    let raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let server = listener.accept().await.unwrap();
-    (raw, server)
-}
-
-/// Reads frames from a raw peer until EOF.
-async fn frames_until_eof(raw: &mut tokio::net::TcpStream) -> Vec<Frame> {
-    let mut got = Vec::new();
-    tokio::time::timeout(T, raw.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    let mut buf = bytes::BytesMut::from(&got[..]);
-    let mut codec = proto::FrameCodec::default();
-    let mut frames = Vec::new();
-    while let Some(f) = tokio_util::codec::Decoder::decode(&mut codec, &mut buf).unwrap() {
-        frames.push(f);
-    }
-    frames
-}
-
-fn close_code(frames: &[Frame]) -> Option<u32> {
-    frames.iter().find_map(|f| match &f.body {
-        Some(proto::frame::Body::Close(c)) => Some(c.code as u32),
-        _ => None,
-    })
-}
-
 #[tokio::test]
 async fn pings_are_answered_and_bad_input_is_refused_with_a_close_frame() {
     // Inline, and with a reader task (the frames before the oversized one
@@ -682,14 +645,13 @@ async fn a_consumer_away_longer_than_the_idle_timeout_finds_its_frames() {
             ..Config::default()
         };
         let listener = listen("tcp://127.0.0.1:0", &config).await.unwrap();
-        let url = listener.local_url();
         // The client itself hears nothing back: no idle timeout there.
         let quiet = Config {
             idle_timeout: None,
             ..config
         };
-        let (client, server) = tokio::join!(connect(&url, &quiet), listener.accept());
-        let (mut server, (tx, _rx)) = (server.unwrap(), client.unwrap().split());
+        let (client, mut server) = dial(&listener, &quiet).await;
+        let (tx, _rx) = client.split();
         let sending = tokio::spawn(async move {
             for i in 0..40u32 {
                 tx.send(&Frame::data(i.to_be_bytes().to_vec())).unwrap();
