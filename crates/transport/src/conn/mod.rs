@@ -1,5 +1,51 @@
 //! Connections: the shared outbound queue, the sender and receiver handles,
 //! and the reader/writer tasks for byte streams and WebSocket.
+//!
+//! Every connection has one state, [`Shared`], that the files of this module
+//! each own a part of: `queue.rs` (the outbound queue), `direct.rs` (direct
+//! writes), `sender.rs` and `receiver.rs` (the handles), `control.rs`
+//! (ping/pong/close, timers, refusing input), `reader.rs` and `bigbuf.rs`
+//! (the stream reader and its large-frame buffers), `writer.rs` (the writer
+//! task, and the stream side of it), `ws.rs` and `meter.rs` (WebSocket).
+//!
+//! # Buffer tactics
+//!
+//! **Outbound.** A byte-bounded queue is shared by all `Sender` clones.
+//! The writer task yields once after a wake-up (so concurrent senders land
+//! in the same batch), drains the whole queue and writes it with as few
+//! syscalls as it can: small frames are copied into one reused buffer,
+//! large frames (≥ 16 KiB) go out from their own memory, all in vectored
+//! writes of about 256 KiB (several large frames per write). Pre-encoded
+//! `Bytes` let a broadcast encode once. The same task drives a WebSocket,
+//! one message per frame.
+//!
+//! **Direct writes** (plain TCP and Unix sockets). A frame of at most 4 KiB
+//! sent when the queue is empty, the writer idle (its last drain took at
+//! most one frame) and the connection quiet for 20 µs is written by the
+//! sending task itself (a non-blocking `send` on the connection's one
+//! socket, shared through an `Arc` by the reader, the writer and the queue,
+//! under the queue lock), saving the hand-off to the writer task; what the
+//! socket does not take goes to the writer as raw bytes to send first.
+//! Frames that follow closely are queued and coalesced as above.
+//! `Sender::send_all` writes several frames (up to 4 KiB together) in one
+//! direct write on an idle connection, so the peer wakes once for an answer
+//! and what follows it (the store sends a follower's ack and actions this
+//! way). One descriptor per connection: the socket closes when the reader,
+//! the writer and the queue have all let go of it.
+//!
+//! **Inbound.** The reader splits frame bodies off the stream and hands
+//! batches of bodies to the `Receiver`, which decodes them in the
+//! consumer's task. While large frames follow each other they are read,
+//! several per read when they are waiting, into a 512 KiB buffer and split
+//! off it (no copy); a read stops where the next frame, if as large as the
+//! last one, would not fit, so frames are rarely cut at a buffer's end (what
+//! is, is copied to the next buffer). The reader alternates between two
+//! such buffers, each used again from its start once the consumer has
+//! dropped every frame in it, so a stream of large frames does not fault in
+//! fresh memory per frame; back to small frames, both are released. A lone
+//! large frame gets a buffer of its own size. A frame the consumer keeps
+//! pins the buffer it is in. Ping/Pong/Close are recognised by their first
+//! byte and handled in the reader.
 
 mod bigbuf;
 mod control;
