@@ -5,7 +5,9 @@
 //! (they include this file), `store-latency`, and `store-durable` (over
 //! `unix://` with a persistent authority: `BackupPersistence`, journal
 //! `always`, in the bench's temporary directory; every acknowledged action
-//! is fsynced first; it also reports fsyncs/s and actions per fsync).
+//! is fsynced first; it also reports fsyncs/s, actions per fsync, and the
+//! floor: fsyncs/s of a bare write+fdatasync loop in the same directory,
+//! alternated with the rounds).
 //! Run it with `cargo xtask bench store-unix`; see `docs/store.md`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -289,7 +291,15 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
         let mut rates = Vec::new();
         let mut fsync_rates = Vec::new();
         let mut per_fsync = Vec::new();
+        let mut raw_rates = Vec::new();
         for r in 1..=nrounds {
+            if fsyncs.is_some() {
+                // The floor, alternated with the rounds (same background load).
+                let path = dir.path().join(format!("raw-fsync-{r}"));
+                let raw = tokio::task::spawn_blocking(move || raw_fsyncs(&path)).await??;
+                eprintln!("{scenario}: round {r}: raw write+fdatasync: {raw:.0}/s");
+                raw_rates.push(raw);
+            }
             let start = Instant::now();
             let calls0 = fsyncs
                 .as_ref()
@@ -338,6 +348,15 @@ async fn parent(scenario: &str, scheme: &str) -> Result<()> {
                 "actions_per_fsync",
                 median(&per_fsync),
                 "actions",
+                p.clone(),
+            );
+            let raw = median(&raw_rates);
+            emit(scenario, "raw_fsyncs", raw, "fsyncs/s", p.clone());
+            emit(
+                scenario,
+                "fsyncs_vs_raw",
+                median(&fsync_rates) / raw,
+                "x",
                 p.clone(),
             );
         }
@@ -504,6 +523,29 @@ async fn child(args: &[String]) -> Result<()> {
     // Stay connected until the parent closes our stdin.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// Bytes of one write of the raw fsync floor (about a group commit's record).
+const RAW_FSYNC_WRITE: usize = 4096;
+
+/// The platform's floor for `store-durable`: appends of 4 KiB to a new file
+/// in the bench's directory, each followed by `fdatasync`, for about 0.5 s,
+/// on one thread. Returns fsyncs/s.
+fn raw_fsyncs(path: &std::path::Path) -> Result<f64> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let buf = [7u8; RAW_FSYNC_WRITE];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_millis(500) {
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok(rate)
 }
 
 /// Bytes of one raw round trip (about a dispatch's size).
