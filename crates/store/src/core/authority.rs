@@ -1,6 +1,7 @@
 //! The authority: orders actions into a history.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use proto::frame::Body;
@@ -83,8 +84,9 @@ pub struct Recovered {
 pub struct Origin {
     /// The action's sequence number.
     pub seq: u64,
-    /// The client that dispatched it.
-    pub client_id: String,
+    /// The client that dispatched it (shared by the origins of one
+    /// client's dispatch frame: no copy per action).
+    pub client_id: Arc<str>,
     /// Its op id.
     pub op_id: u64,
     /// A digest of the binary action (FNV-1a 64; 0: unknown, as in files
@@ -98,7 +100,7 @@ impl Origin {
     pub fn to_proto(&self) -> proto::Origin {
         proto::Origin {
             seq: self.seq,
-            client_id: self.client_id.clone(),
+            client_id: self.client_id.to_string(),
             op_id: self.op_id,
             digest: self.digest,
         }
@@ -108,7 +110,7 @@ impl Origin {
     pub fn from_proto(o: proto::Origin) -> Self {
         Origin {
             seq: o.seq,
-            client_id: o.client_id,
+            client_id: o.client_id.into(),
             op_id: o.op_id,
             digest: o.digest,
         }
@@ -176,15 +178,23 @@ impl<R: Reducer> Authority<R> {
     /// Every committed origin still in the duplicate window, at most `seq`
     /// (what a snapshot at `seq` must keep).
     pub fn known_origins(&self, seq: u64) -> Vec<Origin> {
+        // One shared client id per client (the entries come client by client).
+        let mut last: Option<Arc<str>> = None;
         let mut v: Vec<Origin> = self
             .dedup
             .committed()
             .filter(|(_, _, s, _)| *s <= seq)
-            .map(|(c, op, s, digest)| Origin {
-                seq: s,
-                client_id: c.to_owned(),
-                op_id: op,
-                digest,
+            .map(|(c, op, s, digest)| {
+                let client_id = match &last {
+                    Some(l) if **l == *c => l.clone(),
+                    _ => last.insert(Arc::from(c)).clone(),
+                };
+                Origin {
+                    seq: s,
+                    client_id,
+                    op_id: op,
+                    digest,
+                }
             })
             .collect();
         v.sort_by_key(|o| o.seq);
@@ -392,6 +402,8 @@ impl<R: Reducer> Authority<R> {
         let mut committed = 0;
         let mut ops = self.dedup.take(&login, &client);
         let mut errors = ErrorRuns::default();
+        // The origins of this frame share one copy of the client id.
+        let mut shared_client: Option<Arc<str>> = None;
         let all = std::iter::once(d.action).chain(d.more);
         for (i, bytes) in all.enumerate() {
             let op = first_op + i as u64;
@@ -425,9 +437,12 @@ impl<R: Reducer> Authority<R> {
                         self.dedup
                             .record_in(&mut ops, op, OpState::Committed(seq), dg);
                         if let Some(o) = &mut self.origins {
+                            let client_id = shared_client
+                                .get_or_insert_with(|| Arc::from(client.as_str()))
+                                .clone();
                             o.push(Origin {
                                 seq,
-                                client_id: client.clone(),
+                                client_id,
                                 op_id: op,
                                 digest: dg,
                             });
