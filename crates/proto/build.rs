@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.compile_fds(fds)?;
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor_bytes)?
+        // As protobuf decoders do: a newer peer's fields and frame kinds are
+        // skipped (a frame of an unknown kind decodes with no `body`).
+        .ignore_unknown_fields()
         .build(&[".replimesh.v1"])?;
     Ok(())
 }

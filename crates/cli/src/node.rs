@@ -816,7 +816,7 @@ fn register_metrics(shared: &Arc<Shared>) {
         &'static [(&'static str, &'static str)],
         Stat,
     );
-    let mesh_counters: [MeshCounter; 5] = [
+    let mesh_counters: [MeshCounter; 6] = [
         (
             "replimesh_messages_published_total",
             "Group messages published on this clone",
@@ -846,6 +846,12 @@ fn register_metrics(shared: &Arc<Shared>) {
             "Frames on clone links",
             &[("dir", "out")],
             |s| s.clone_frames_out,
+        ),
+        (
+            "replimesh_unknown_frames_total",
+            "Frames of unknown kinds from clients and clones (ignored; a newer peer's)",
+            &[],
+            |s| s.unknown_frames,
         ),
     ];
     for (name, help, labels, f) in mesh_counters {

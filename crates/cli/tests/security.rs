@@ -360,3 +360,141 @@ async fn api_status_can_require_the_admin_token() {
     assert_eq!(get("/health").await.0, 200);
     node.shutdown().await.unwrap();
 }
+
+/// Receives frames until `f` picks one (each within the test's deadline).
+async fn recv_until<R>(
+    rx: &mut transport::Receiver,
+    mut f: impl FnMut(&Frame) -> Option<R>,
+) -> Result<R, RecvError> {
+    loop {
+        let frame = tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("nothing arrived in time")?;
+        if let Some(r) = f(&frame) {
+            return Ok(r);
+        }
+    }
+}
+
+/// A frame of a kind this version does not know: `Frame` field 99, an
+/// empty message.
+const UNKNOWN_KIND: [u8; 3] = [0x9a, 0x06, 0x00];
+
+/// Finding 9, binary encoding: frames of unknown kinds are ignored and
+/// counted, the connection goes on; the 1,025th closes it with
+/// `PROTOCOL_ERROR`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_frame_kinds_are_ignored_within_a_limit() {
+    let node = Node::start(node_config("")).await.unwrap();
+    let url = node.urls()[0].clone();
+    let (c, first) = say(&url, hello(PeerKind::Client, "", "", b"")).await;
+    assert!(is_welcome(&first), "{first:?}");
+    let (tx, mut rx) = c.split();
+    for _ in 0..3 {
+        tx.send_encoded(bytes::Bytes::from_static(&UNKNOWN_KIND))
+            .unwrap();
+    }
+    let sub = proto::Subscribe {
+        groups: vec!["g".into()],
+    };
+    tx.send(&Frame::new(Body::Subscribe(sub))).unwrap();
+    let publish = proto::Publish {
+        groups: vec!["g".into()],
+        data: bytes::Bytes::from_static(b"still here"),
+        ..Default::default()
+    };
+    tx.send(&Frame::new(Body::Publish(publish))).unwrap();
+    let got = recv_until(&mut rx, |f| match &f.body {
+        Some(Body::Deliver(d)) => Some(d.data.clone()),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(&got[..], b"still here");
+    assert_eq!(metric(&node, "replimesh_unknown_frames_total").await, 3.0);
+    for _ in 0..1022 {
+        tx.send_encoded(bytes::Bytes::from_static(&UNKNOWN_KIND))
+            .unwrap();
+    }
+    let end = recv_until(&mut rx, |_| None::<Frame>).await;
+    let (code, reason) = close_code(&end).expect("closed with a code");
+    assert_eq!(code, CloseCode::ProtocolError as u32, "{reason}");
+    assert!(reason.contains("unknown kinds"), "{reason}");
+    node.shutdown().await.unwrap();
+}
+
+/// Finding 9, JSON encoding (`replimesh.v1.json`): an unknown frame kind and
+/// unknown fields are skipped as in the binary encoding; past the limit
+/// the connection is closed with `PROTOCOL_ERROR`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_json_frame_kinds_are_ignored_within_a_limit() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let node = Node::start(node_config("[[listen]]\nurl = \"ws://127.0.0.1:0\""))
+        .await
+        .unwrap();
+    let url = node
+        .urls()
+        .iter()
+        .find(|u| u.starts_with("ws://"))
+        .unwrap()
+        .clone();
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        proto::WS_SUBPROTOCOL_JSON.parse().unwrap(),
+    );
+    let tcp =
+        tokio::net::TcpStream::connect(url.trim_start_matches("ws://").split('/').next().unwrap())
+            .await
+            .unwrap();
+    let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::client_async(request, tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    for text in [
+        r#"{"hello":{"version":1,"kind":"PEER_KIND_CLIENT","id":"j"}}"#,
+        r#"{"futureKind":{"x":1}}"#,
+        r#"{"subscribe":{"groups":["g"],"futureField":true}}"#,
+        r#"{"publish":{"groups":["g"],"data":"aGk="}}"#,
+    ] {
+        ws.send(Message::Text(text.into())).await.unwrap();
+    }
+    let mut texts = Vec::new();
+    let deliver = tokio::time::timeout(T, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                texts.push(t.to_string());
+                if t.contains("deliver") {
+                    return t.to_string();
+                }
+            }
+        }
+        panic!("closed before the deliver: {texts:?}");
+    })
+    .await
+    .expect("no deliver in time");
+    assert!(deliver.contains("aGk="), "{deliver}");
+    for _ in 0..1024 {
+        ws.send(Message::Text(r#"{"futureKind":{}}"#.into()))
+            .await
+            .unwrap();
+    }
+    let close = tokio::time::timeout(T, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                if t.contains("close") {
+                    return t.to_string();
+                }
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("not closed in time");
+    let close: serde_json::Value = serde_json::from_str(&close).unwrap();
+    assert_eq!(close["close"]["code"], "CLOSE_CODE_PROTOCOL_ERROR");
+    let reason = close["close"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("unknown kinds"), "{reason}");
+    node.shutdown().await.unwrap();
+}

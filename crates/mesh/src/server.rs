@@ -99,6 +99,11 @@ pub struct ServerConfig {
     /// message names the limit) and a `Send` is dropped and reported as
     /// [`ServerEvent::Error`]; the connection stays open.
     pub max_requests_in_flight: usize,
+    /// Frames of unknown kinds (a newer peer's, which decode with no
+    /// `body`) a client connection or clone link may send (default 1,024).
+    /// They are ignored and counted ([`ServerStats::unknown_frames`]); the
+    /// one past the limit closes the connection as a protocol error.
+    pub max_unknown_frames: u64,
     /// Transport settings for listeners and dials (`inline_reads` is always
     /// on: every connection is read by a loop that waits in `recv`).
     pub transport: transport::Config,
@@ -133,6 +138,7 @@ impl Default for ServerConfig {
             max_name_len: 256,
             max_publishes_in_flight: 8,
             max_requests_in_flight: 64,
+            max_unknown_frames: 1024,
             transport: transport::Config::default(),
         }
     }
@@ -344,6 +350,7 @@ struct Shared {
     max_name_len: usize,
     max_publishes_in_flight: usize,
     max_requests_in_flight: usize,
+    max_unknown_frames: u64,
     transport: transport::Config,
     listen_urls: Vec<String>,
     acceptors: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -613,6 +620,7 @@ impl Server {
             max_name_len: config.max_name_len,
             max_publishes_in_flight: config.max_publishes_in_flight,
             max_requests_in_flight: config.max_requests_in_flight,
+            max_unknown_frames: config.max_unknown_frames,
             transport: config.transport.clone(),
             listen_urls,
             acceptors: std::sync::Mutex::new(Vec::new()),
@@ -980,6 +988,7 @@ async fn serve_clone(
 
 /// Reads an established clone link and feeds the core task in batches.
 async fn link_reader(server: Srv, link: LinkId, mut rx: transport::Receiver) {
+    let mut unknown = Unknown::default();
     loop {
         let first = match rx.recv().await {
             Ok(f) => f,
@@ -1003,8 +1012,9 @@ async fn link_reader(server: Srv, link: LinkId, mut rx: transport::Receiver) {
                     bad = Some(other);
                     break;
                 }
+                None if unknown.ignore(&server.shared) => {}
                 None => {
-                    bad = Some("empty");
+                    bad = Some("unknown (past the limit)");
                     break;
                 }
             }
@@ -1064,6 +1074,7 @@ async fn serve_client(
     });
     let publishes = Arc::new(Semaphore::new(server.shared.max_publishes_in_flight));
     let requests = Arc::new(Semaphore::new(server.shared.max_requests_in_flight));
+    let mut unknown = Unknown::default();
     loop {
         let f = match rx.recv().await {
             Ok(f) => f,
@@ -1078,7 +1089,14 @@ async fn serve_client(
             }
         };
         let Some(body) = f.body else {
-            protocol_error(&server, &sender, format!("client {id}: empty frame"));
+            if unknown.ignore(&server.shared) {
+                continue;
+            }
+            let why = format!(
+                "client {id}: more than {} frames of unknown kinds",
+                server.shared.max_unknown_frames
+            );
+            protocol_error(&server, &sender, why);
             break;
         };
         if wire::is_clone_level(&body) {
@@ -1185,6 +1203,20 @@ fn busy(server: &Srv, sender: &transport::Sender, client: &str, b: Body) {
         })));
     }
     server.event(ServerEvent::Error(format!("client {client}: {why}")));
+}
+
+/// Frames of unknown kinds seen on one connection.
+#[derive(Default)]
+struct Unknown(u64);
+
+impl Unknown {
+    /// Counts one; `false` when it is past
+    /// [`ServerConfig::max_unknown_frames`] (the connection is closed).
+    fn ignore(&mut self, shared: &Shared) -> bool {
+        self.0 += 1;
+        shared.stats.unknown_frames.fetch_add(1, Ordering::Relaxed);
+        self.0 <= shared.max_unknown_frames
+    }
 }
 
 /// The group names of a client's `Subscribe`, `Unsubscribe` or `Publish`
@@ -1706,6 +1738,9 @@ pub struct ServerStats {
     /// Commands from connections waiting for the core task now (at most
     /// [`ServerConfig::command_queue`]).
     pub queued_commands: u64,
+    /// Frames of unknown kinds received from clients and clones (ignored;
+    /// see [`ServerConfig::max_unknown_frames`]).
+    pub unknown_frames: u64,
 }
 
 #[derive(Default)]
@@ -1716,6 +1751,7 @@ struct Counters {
     slow_consumers: AtomicU64,
     clone_frames_in: AtomicU64,
     clone_frames_out: AtomicU64,
+    unknown_frames: AtomicU64,
 }
 
 fn count(c: &AtomicU64, n: usize) {
@@ -1737,6 +1773,7 @@ impl Server {
             clone_frames_in: get(&c.clone_frames_in),
             clone_frames_out: get(&c.clone_frames_out),
             queued_commands: (self.shared.cmd.max_capacity() - self.shared.cmd.capacity()) as u64,
+            unknown_frames: get(&c.unknown_frames),
         }
     }
 }

@@ -298,3 +298,21 @@ proptest! {
         prop_assert_eq!(named, &store);
     }
 }
+
+/// As the binary decoder does, the JSON decoder skips what a newer peer
+/// may send: unknown fields, and unknown frame kinds (an empty frame).
+#[test]
+fn json_skips_unknown_fields_and_frame_kinds() {
+    let f = Frame::from_json(r#"{"futureKind":{"x":[1,2]}}"#).unwrap();
+    assert_eq!(f, Frame { body: None });
+    let f = Frame::from_json(r#"{"publish":{"groups":["g"],"futureField":{"a":1}}}"#).unwrap();
+    assert_eq!(
+        f,
+        Frame::new(Body::Publish(Publish {
+            groups: vec!["g".into()],
+            ..Default::default()
+        }))
+    );
+    // Still JSON, still the right types for known fields.
+    assert!(Frame::from_json(r#"{"publish":{"groups":"g"}}"#).is_err());
+}
