@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use replimesh::mesh;
-use replimesh::proto::{self, frame::Body, CloseCode, Frame, PeerKind};
+use replimesh::proto::{self, frame::Body, wire, CloseCode, Frame, PeerKind};
 use replimesh::store;
 use replimesh::transport::{self, CloseReason, RecvError};
 use tokio::sync::mpsc;
@@ -312,13 +312,13 @@ impl Front {
                 Ok(b) => b,
                 Err(e) => break Some(e),
             };
-            let field = field_of(&body);
-            if field == REQUEST_FIELD && self.refuse_info(&tx, &body, !login.is_empty()) {
+            let field = wire::frame_field(&body);
+            if field == wire::field::REQUEST && self.refuse_info(&tx, &body, !login.is_empty()) {
                 continue;
             }
-            if !STORE_FIELDS.contains(&field) {
+            if !wire::STORE_FIELDS.contains(&field) {
                 self.stats.frames_mesh.inc();
-                if field == PUBLISH_FIELD {
+                if field == wire::field::PUBLISH {
                     self.stats.published.inc();
                 }
                 match mesh_tx.try_send(body) {
@@ -510,47 +510,10 @@ impl Front {
     }
 }
 
-/// `Frame` fields of the store frames (see `replimesh.proto`).
-const STORE_FIELDS: std::ops::RangeInclusive<u32> = 30..=49;
-/// `Frame` field of `Publish`.
-const PUBLISH_FIELD: u32 = 15;
-/// `Frame` field of `Request`.
-const REQUEST_FIELD: u32 = 10;
-
 /// Compares two secrets in time that depends only on their lengths.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The `Frame` field number an encoded frame body starts with (its `body`
-/// variant, as the encoder writes one field); 0 for an empty or bad body.
-fn field_of(body: &[u8]) -> u32 {
-    let mut key = 0u64;
-    for (i, b) in body.iter().take(5).enumerate() {
-        key |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return (key >> 3) as u32;
-        }
-    }
-    0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn field_of_encoded_frames() {
-        let enc = |b: Body| Frame::new(b).encode_to_bytes();
-        assert_eq!(field_of(&enc(Body::Publish(Default::default()))), 15);
-        assert_eq!(field_of(&enc(Body::Subscribe(Default::default()))), 13);
-        assert_eq!(field_of(&enc(Body::StoreHello(Default::default()))), 30);
-        assert_eq!(field_of(&enc(Body::StoreError(Default::default()))), 38);
-        assert_eq!(field_of(&enc(Body::Data(Default::default()))), 100);
-        assert_eq!(field_of(&[]), 0);
-        assert_eq!(field_of(&[0xff; 8]), 0);
-    }
 }

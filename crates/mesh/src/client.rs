@@ -15,7 +15,6 @@ use crate::error::{MeshError, RouteError};
 use crate::router::{handle_routed, lock, Ctx, Flow, Peer, Router};
 use crate::server::{random_id, Groups};
 use crate::shared_str::{NameCache, SharedStr};
-use crate::wire;
 
 /// Client configuration.
 #[derive(Debug, Clone)]
@@ -899,7 +898,7 @@ async fn on_frame(
     body: Bytes,
 ) -> bool {
     // the common case, a plain `Deliver`: no decoding, no copies
-    if let Some(p) = wire::deliver_parts(&body) {
+    if let Some(p) = proto::wire::deliver_parts(&body) {
         if let (Some(group), Some(from)) = (names.get(&body[p.group]), names.get(&body[p.from])) {
             let mut data = body;
             data.truncate(p.data.end);

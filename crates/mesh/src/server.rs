@@ -1591,7 +1591,9 @@ impl CoreTask {
                             continue;
                         };
                         let bytes = cache[t.group]
-                            .get_or_insert_with(|| wire::encode_deliver(name, &msg.from, &msg.data))
+                            .get_or_insert_with(|| {
+                                proto::wire::encode_deliver(name, &msg.from, &msg.data)
+                            })
                             .clone();
                         match p.sender().send_encoded(bytes) {
                             Ok(()) => delivered += 1,

@@ -31,7 +31,9 @@
 mod codec;
 pub mod wire;
 
-pub use codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME, LENGTH_PREFIX};
+pub use codec::{
+    length_prefix, split_frame, CodecError, FrameCodec, Split, DEFAULT_MAX_FRAME, LENGTH_PREFIX,
+};
 
 /// Generated protobuf types (package `replimesh.v1`).
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -19,20 +19,16 @@ pub(super) enum Incoming {
     Malformed(String),
 }
 
-/// Protobuf tags (field number << 3 | length-delimited) of the control frames
-/// `Frame.ping` (3), `Frame.pong` (4) and `Frame.close` (5). A frame has one
-/// field, so its first byte tells its kind without decoding it.
-pub(super) const TAG_PING: u8 = (3 << 3) | 2;
-pub(super) const TAG_PONG: u8 = (4 << 3) | 2;
-pub(super) const TAG_CLOSE: u8 = (5 << 3) | 2;
-
+/// Answers the control frames (told by their first byte with
+/// `proto::wire::is_control`, without decoding the others) and passes the
+/// rest on.
 pub(super) fn handle_body(shared: &Shared, body: Bytes) -> Incoming {
-    match body.first() {
-        Some(&(TAG_PING | TAG_PONG | TAG_CLOSE)) => match Frame::decode(body.clone()) {
-            Ok(frame) => handle_control(shared, frame, || body),
-            Err(e) => Incoming::Malformed(format!("malformed frame: {e}")),
-        },
-        _ => Incoming::Deliver(body),
+    if !proto::wire::is_control(&body) {
+        return Incoming::Deliver(body);
+    }
+    match Frame::decode(body.clone()) {
+        Ok(frame) => handle_control(shared, frame, || body),
+        Err(e) => Incoming::Malformed(format!("malformed frame: {e}")),
     }
 }
 

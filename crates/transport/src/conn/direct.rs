@@ -38,7 +38,7 @@ fn write_direct(fd: &impl AsFd, bodies: &[Bytes]) -> Direct {
     let mut buf = [0u8; DIRECT_MAX];
     let mut total = 0;
     for b in bodies {
-        buf[total..total + LENGTH_PREFIX].copy_from_slice(&(b.len() as u32).to_be_bytes());
+        buf[total..total + LENGTH_PREFIX].copy_from_slice(&proto::length_prefix(b.len()));
         total += LENGTH_PREFIX;
         buf[total..total + b.len()].copy_from_slice(b);
         total += b.len();

@@ -5,10 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Buf;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use proto::{CloseCode, LENGTH_PREFIX};
+use proto::{CloseCode, Split, LENGTH_PREFIX};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 
@@ -317,18 +316,13 @@ fn split_frames(
     max: usize,
     bodies: &mut Vec<Bytes>,
 ) -> Result<Option<usize>, usize> {
-    while buf.len() >= LENGTH_PREFIX {
-        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if len > max {
-            return Err(len);
+    loop {
+        match proto::split_frame(buf, max) {
+            Split::Frame(body) => bodies.push(body),
+            Split::Partial(next) => return Ok(next),
+            Split::TooLarge(len) => return Err(len),
         }
-        if buf.len() < LENGTH_PREFIX + len {
-            return Ok(Some(len));
-        }
-        buf.advance(LENGTH_PREFIX);
-        bodies.push(buf.split_to(len).freeze());
     }
-    Ok(None)
 }
 
 pub(super) fn io_reason(e: std::io::Error) -> RecvError {

@@ -5,12 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use proto::{frame::Body, CloseCode, Frame};
+use proto::{frame::Body, Frame};
 
 use crate::sock::Sock;
 use crate::Config;
 
-use super::control::{TAG_CLOSE, TAG_PING, TAG_PONG};
 use super::direct::DIRECT_QUIET;
 use super::queue::MAX_URGENT;
 use super::*;
@@ -150,15 +149,4 @@ async fn large_frames_reuse_the_readers_buffers() {
         (1..=3).contains(&buffers),
         "{buffers} buffers for {n} large frames"
     );
-}
-
-#[test]
-fn control_tags_match_the_schema() {
-    assert_eq!(Frame::ping(1).encode_to_bytes()[0], TAG_PING);
-    assert_eq!(Frame::pong(1).encode_to_bytes()[0], TAG_PONG);
-    assert_eq!(
-        Frame::close(CloseCode::Normal, "x").encode_to_bytes()[0],
-        TAG_CLOSE
-    );
-    assert_ne!(Frame::data(&b"x"[..]).encode_to_bytes()[0], TAG_PING);
 }

@@ -92,7 +92,7 @@ fn put_piece(
 ) {
     let at = buf.len();
     if b.len() >= LARGE_FRAME {
-        buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        buf.extend_from_slice(&proto::length_prefix(b.len()));
     } else {
         // Sizes were checked when queued.
         let _ = codec.put_encoded(&b, buf);
