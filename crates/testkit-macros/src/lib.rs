@@ -2,7 +2,10 @@
 //! deadline, so that a test that waits for the network forever fails with its
 //! name instead of hanging the run.
 //!
-//! ```ignore
+//! (Shown as text: a proc-macro crate cannot use its own macro in a doc
+//! test; every test of the workspace is its example.)
+//!
+//! ```text
 //! #[replimesh_testkit::test(flavor = "multi_thread", worker_threads = 2)]
 //! async fn a_test() {
 //!     // ... awaits ...
