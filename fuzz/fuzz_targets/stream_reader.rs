@@ -54,7 +54,7 @@ fn model(stream: &[u8], max: usize) -> (Vec<&[u8]>, End) {
                         return (
                             frames,
                             End::Closed {
-                                code: c.code,
+                                code: c.code as u32,
                                 reason: c.reason,
                             },
                         )
