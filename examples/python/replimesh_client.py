@@ -338,7 +338,9 @@ def run(args):
     conn.send({"subscribe": {"groups": [group]}})
     conn.send({"publish": {"groups": [group], "data": b64("hello mesh")}})
     d = conn.wait("deliver", lambda b: b.get("group") == group)
-    if unb64(d.get("data")) != b"hello mesh" or d.get("from") != me:
+    # The node names a logged-in client after its login: "<login>/<id>".
+    sender = f"{args.login}/{me}" if args.login else me
+    if unb64(d.get("data")) != b"hello mesh" or d.get("from") != sender:
         raise ProtocolFailure(f"unexpected deliver {d}")
     conn.send({"publish": {"groups": [group], "notToMe": True, "data": b64("not me")}})
     step("subscribe, publish and deliver")

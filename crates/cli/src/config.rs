@@ -267,6 +267,10 @@ pub struct NodeConfig {
     pub security: Security,
     /// Limits.
     pub limits: Limits,
+    /// The `[access]` table: who may connect as a client and which groups
+    /// each may subscribe and publish to. Its logins are every store login
+    /// (`[access.default]` unless `[access.logins.<name>]` says otherwise).
+    pub access: replimesh::mesh::Access,
     /// Hosted stores.
     pub stores: Vec<StoreSettings>,
     /// PEM file of the roots trusted when this node dials `tls://` and
@@ -387,6 +391,27 @@ struct RawConfig {
     store: Vec<RawStore>,
     #[serde(default)]
     security: RawSecurity,
+    #[serde(default)]
+    access: RawAccess,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    anonymous: Option<RawPermissions>,
+    default: Option<RawPermissions>,
+    #[serde(default)]
+    logins: BTreeMap<String, RawPermissions>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPermissions {
+    /// Only in `[access.anonymous]`.
+    allow: Option<bool>,
+    subscribe: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+    publish_all: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -818,6 +843,7 @@ impl RawConfig {
                 upstream,
             });
         }
+        let access = self.access.validate(&stores)?;
         Ok(NodeConfig {
             id,
             url: self.url,
@@ -828,6 +854,7 @@ impl RawConfig {
             token,
             security,
             limits,
+            access,
             stores,
             tls_ca,
         })
@@ -950,6 +977,81 @@ impl RawLimits {
                     ))
                 }
             },
+        })
+    }
+}
+
+impl RawPermissions {
+    fn validate(self, key: &str) -> Result<replimesh::mesh::Permissions, ConfigError> {
+        use replimesh::mesh::{GroupPatterns, Permissions};
+        if self.allow.is_some() {
+            return Err(ConfigError::new(
+                format!("{key}.allow"),
+                "only access.anonymous has `allow`",
+            ));
+        }
+        let patterns = |field: &str, v: Option<Vec<String>>| match v {
+            None => Ok(GroupPatterns::any()),
+            Some(v) => {
+                for p in &v {
+                    let body = p.strip_suffix('*').unwrap_or(p);
+                    if p.is_empty() || body.contains('*') {
+                        return Err(ConfigError::new(
+                            format!("{key}.{field}"),
+                            format!("{p:?} is not a group name or a prefix ending in `*`"),
+                        ));
+                    }
+                }
+                Ok(GroupPatterns::new(&v))
+            }
+        };
+        Ok(Permissions {
+            subscribe: patterns("subscribe", self.subscribe)?,
+            publish: patterns("publish", self.publish)?,
+            publish_all: self.publish_all.unwrap_or(true),
+        })
+    }
+}
+
+impl RawAccess {
+    fn validate(self, stores: &[StoreSettings]) -> Result<replimesh::mesh::Access, ConfigError> {
+        use replimesh::mesh::{Access, Permissions};
+        let known: std::collections::BTreeSet<&String> =
+            stores.iter().flat_map(|s| s.logins.keys()).collect();
+        let anonymous = match self.anonymous {
+            None => Some(Permissions::open()),
+            Some(mut a) => {
+                let allow = a.allow.take().unwrap_or(true);
+                if !allow && known.is_empty() {
+                    return Err(ConfigError::new(
+                        "access.anonymous.allow",
+                        "false needs logins, and no [[store]] has any",
+                    ));
+                }
+                let p = a.validate("access.anonymous")?;
+                allow.then_some(p)
+            }
+        };
+        let default_login = match self.default {
+            None => Permissions::open(),
+            Some(d) => d.validate("access.default")?,
+        };
+        let mut logins: std::collections::HashMap<String, Permissions> = known
+            .iter()
+            .map(|l| ((*l).clone(), default_login.clone()))
+            .collect();
+        for (name, p) in self.logins {
+            let key = format!("access.logins.{name}");
+            if !known.contains(&name) {
+                return Err(ConfigError::new(key, "no [[store]] has this login"));
+            }
+            let p = p.validate(&key)?;
+            logins.insert(name, p);
+        }
+        Ok(Access {
+            anonymous,
+            default_login,
+            logins,
         })
     }
 }

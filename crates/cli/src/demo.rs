@@ -202,6 +202,7 @@ fn node_config(
             ..Default::default()
         },
         limits: Limits::default(),
+        access: Default::default(),
         stores: vec![store],
         tls_ca: None,
     }

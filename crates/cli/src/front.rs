@@ -419,7 +419,8 @@ impl Front {
                 }
             }
         }
-        let login = std::mem::take(&mut hello.login);
+        // The mesh takes the login as checked (client ids, access control).
+        let login = hello.login.clone();
         hello.password.clear();
         Some((hello, login, allowed))
     }

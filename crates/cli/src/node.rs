@@ -534,6 +534,7 @@ impl Node {
             transport: transport.clone(),
             hello_timeout: config.limits.handshake_timeout,
             max_requests_in_flight: config.limits.max_requests_in_flight,
+            access: config.access.clone(),
             ..Default::default()
         };
         if let Some(token) = &config.token {

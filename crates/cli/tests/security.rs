@@ -498,3 +498,230 @@ async fn unknown_json_frame_kinds_are_ignored_within_a_limit() {
     assert!(reason.contains("unknown kinds"), "{reason}");
     node.shutdown().await.unwrap();
 }
+
+fn client_hello(id: &str, login: &str, password: &str) -> Frame {
+    Frame::new(Body::Hello(proto::Hello {
+        version: proto::PROTOCOL_VERSION,
+        kind: PeerKind::Client as i32,
+        id: id.into(),
+        login: login.into(),
+        password: password.into(),
+        ..Default::default()
+    }))
+}
+
+/// A welcomed client connection.
+async fn client(url: &str, id: &str, login: &str) -> (transport::Sender, transport::Receiver) {
+    let (c, first) = say(url, client_hello(id, login, "right")).await;
+    assert!(is_welcome(&first), "{id}/{login}: {first:?}");
+    c.split()
+}
+
+fn subscribe(tx: &transport::Sender, groups: &[&str]) {
+    let groups = groups.iter().map(|g| g.to_string()).collect();
+    tx.send(&Frame::new(Body::Subscribe(proto::Subscribe { groups })))
+        .unwrap();
+}
+
+fn publish(tx: &transport::Sender, groups: &[&str], all: bool, data: &'static [u8]) {
+    let p = proto::Publish {
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        all,
+        data: bytes::Bytes::from_static(data),
+        ..Default::default()
+    };
+    tx.send(&Frame::new(Body::Publish(p))).unwrap();
+}
+
+/// The next `Refused` or `Deliver` (other frames are skipped).
+async fn next_answer(rx: &mut transport::Receiver) -> Body {
+    recv_until(rx, |f| match &f.body {
+        Some(b @ (Body::Refused(_) | Body::Deliver(_))) => Some(b.clone()),
+        _ => None,
+    })
+    .await
+    .expect("connection ended")
+}
+
+fn refused(b: &Body) -> (u32, String) {
+    match b {
+        Body::Refused(r) => (r.kind, r.group.clone()),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn delivered(b: &Body) -> (String, String, Vec<u8>) {
+    match b {
+        Body::Deliver(d) => (d.group.clone(), d.from.clone(), d.data.to_vec()),
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+fn acl_config(access: &str) -> NodeConfig {
+    let pw = phc("right");
+    NodeConfig::parse(
+        &format!(
+            r#"
+            id = "target"
+            admin = "127.0.0.1:0"
+            [[listen]]
+            url = "tcp://127.0.0.1:0"
+            [[store]]
+            name = "kv"
+            reducer = "kv"
+            logins = {{ app = "{pw}", alice = "{pw}" }}
+            {access}
+            "#
+        ),
+        Path::new("."),
+    )
+    .unwrap()
+}
+
+/// Finding 7: per-group access control for subscribe, publish and publish
+/// to all, by login and for anonymous clients. A refusal is a `Refused`
+/// frame; the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_access_allows_and_denies_by_login() {
+    let node = Node::start(acl_config(
+        r#"
+        [access.anonymous]
+        subscribe = ["public.*"]
+        publish = []
+        publish_all = false
+        [access.logins.alice]
+        subscribe = ["chat.*"]
+        publish = ["chat.*"]
+        publish_all = false
+        "#,
+    ))
+    .await
+    .unwrap();
+    let url = node.urls()[0].clone();
+
+    // alice: only chat.*
+    let (alice, mut alice_rx) = client(&url, "", "alice").await;
+    subscribe(&alice, &["chat.room", "news"]);
+    assert_eq!(
+        refused(&next_answer(&mut alice_rx).await),
+        (13, "news".into())
+    );
+    subscribe(&alice, &["chat.room"]);
+    publish(&alice, &["news"], false, b"no");
+    assert_eq!(
+        refused(&next_answer(&mut alice_rx).await),
+        (15, "news".into())
+    );
+    publish(&alice, &[], true, b"no");
+    assert_eq!(refused(&next_answer(&mut alice_rx).await), (15, "*".into()));
+    publish(&alice, &["chat.room"], false, b"yes");
+    let got = delivered(&next_answer(&mut alice_rx).await);
+    assert_eq!(got, ("chat.room".into(), "alice".into(), b"yes".to_vec()));
+
+    // anonymous: may subscribe to public.* only, may not publish
+    let (anon, mut anon_rx) = client(&url, "anon", "").await;
+    subscribe(&anon, &["chat.room"]);
+    assert_eq!(
+        refused(&next_answer(&mut anon_rx).await),
+        (13, "chat.room".into())
+    );
+    publish(&anon, &["public.news"], false, b"no");
+    assert_eq!(
+        refused(&next_answer(&mut anon_rx).await),
+        (15, "public.news".into())
+    );
+    publish(&anon, &[], true, b"no");
+    assert_eq!(refused(&next_answer(&mut anon_rx).await), (15, "*".into()));
+    subscribe(&anon, &["public.news"]);
+    // its subscription is made before this refusal is answered
+    subscribe(&anon, &["private"]);
+    assert_eq!(
+        refused(&next_answer(&mut anon_rx).await),
+        (13, "private".into())
+    );
+
+    // app (not listed: [access.default], open) may publish to all
+    let (app, _app_rx) = client(&url, "", "app").await;
+    publish(&app, &[], true, b"to all");
+    let got = delivered(&next_answer(&mut anon_rx).await);
+    assert_eq!(
+        got,
+        ("public.news".into(), "app".into(), b"to all".to_vec())
+    );
+    let got = delivered(&next_answer(&mut alice_rx).await);
+    assert_eq!(got, ("chat.room".into(), "app".into(), b"to all".to_vec()));
+    node.shutdown().await.unwrap();
+}
+
+/// Finding 7: `Deliver.from` is the id the server gave the publisher: a
+/// logged-in client is its login (or `login/<its id>`), and an anonymous
+/// client cannot take a login's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_cannot_be_forged() {
+    let node = Node::start(acl_config("")).await.unwrap();
+    let url = node.urls()[0].clone();
+    for id in ["alice", "app", "alice/phone"] {
+        let (_c, first) = say(&url, client_hello(id, "", "")).await;
+        let (code, reason) = close_code(&first).expect("refused");
+        assert_eq!(code, CloseCode::AuthFailed as u32, "{id}: {reason}");
+        assert!(reason.contains("belongs to login"), "{reason}");
+    }
+    let (sub, mut sub_rx) = client(&url, "watcher", "").await;
+    subscribe(&sub, &["g"]);
+    // its own message back: the subscription is in place
+    publish(&sub, &["g"], false, b"ready");
+    assert_eq!(delivered(&next_answer(&mut sub_rx).await).1, "watcher");
+    for (id, login, from) in [
+        ("app", "alice", "alice/app"),
+        ("", "alice", "alice"),
+        ("alice/tab2", "alice", "alice/tab2"),
+        ("", "", ""),
+        ("anon-1", "", "anon-1"),
+    ] {
+        let (tx, _rx) = client(&url, id, login).await;
+        publish(&tx, &["g"], false, b"x");
+        let (_, got_from, _) = delivered(&next_answer(&mut sub_rx).await);
+        if from.is_empty() {
+            assert!(got_from.starts_with("client-"), "{got_from}");
+        } else {
+            assert_eq!(got_from, from, "hello id {id:?}, login {login:?}");
+        }
+    }
+    node.shutdown().await.unwrap();
+}
+
+/// Finding 7: a config with logins can turn anonymous clients away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_clients_can_be_turned_away() {
+    let node = Node::start(acl_config("[access.anonymous]\nallow = false"))
+        .await
+        .unwrap();
+    let url = node.urls()[0].clone();
+    let (_c, first) = say(&url, client_hello("x", "", "")).await;
+    let (code, reason) = close_code(&first).expect("refused");
+    assert_eq!(code, CloseCode::AuthFailed as u32, "{reason}");
+    let (_tx, _rx) = client(&url, "x", "app").await;
+    node.shutdown().await.unwrap();
+}
+
+/// Finding 7: a second connection with a client id already connected
+/// replaces the first (closed with `GOING_AWAY`, "replaced ..."): a client
+/// that reconnects before its old connection timed out is not locked out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_client_id_replaces_the_older_connection() {
+    let node = Node::start(acl_config("")).await.unwrap();
+    let url = node.urls()[0].clone();
+    let (old, mut old_rx) = client(&url, "dup", "").await;
+    subscribe(&old, &["g"]);
+    let (new, mut new_rx) = client(&url, "dup", "").await;
+    let end = recv_until(&mut old_rx, |_| None::<Frame>).await;
+    let (code, reason) = close_code(&end).expect("closed with a code");
+    assert_eq!(code, CloseCode::GoingAway as u32, "{reason}");
+    assert!(reason.contains("replaced"), "{reason}");
+    // the new one works, and the old one's subscriptions are gone with it
+    subscribe(&new, &["h"]);
+    publish(&new, &["g", "h"], false, b"x");
+    let (group, from, _) = delivered(&next_answer(&mut new_rx).await);
+    assert_eq!((group.as_str(), from.as_str()), ("h", "dup"));
+    node.shutdown().await.unwrap();
+}

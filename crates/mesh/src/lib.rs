@@ -73,6 +73,7 @@
 //! See `docs/mesh.md` for the protocol and its guarantees, including when a
 //! deleted clone may come back.
 
+mod access;
 mod client;
 // The sans-IO core: public only for the simulation tests; hidden, not
 // part of the API and not covered by semver.
@@ -85,6 +86,7 @@ mod shared_str;
 mod wire;
 
 pub use crate::core::{CloneInfo, CoreError, CoreEvent, GroupInfo, LinkRefusal, PeerInfo};
+pub use access::{Access, GroupPatterns, Permissions};
 pub use client::{Client, ClientConfig, ClientStatus, Deliveries, Delivery};
 pub use error::{MeshError, RouteError};
 pub use router::{Ctx, Flow, Peer, Router, CODE_BUSY, CODE_HANDLER, CODE_NO_ROUTE};

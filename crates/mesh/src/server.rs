@@ -13,6 +13,7 @@ use proto::{frame::Body, CloseCode, Frame, PeerKind};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::access::Access;
 use crate::core::{
     Action, CloneFrame, CloneInfo, ConnKey, Core, CoreConfig, CoreEvent, GroupInfo, LinkId,
     PeerInfo,
@@ -104,6 +105,12 @@ pub struct ServerConfig {
     /// They are ignored and counted ([`ServerStats::unknown_frames`]); the
     /// one past the limit closes the connection as a protocol error.
     pub max_unknown_frames: u64,
+    /// Who may connect as a client and which groups each may subscribe and
+    /// publish to (default: everybody, everything). A client on this
+    /// server's own listeners is anonymous; one handed over with
+    /// [`Server::adopt_client`] is logged in as its `Hello.login`. See
+    /// [`Access`] for client ids and duplicates.
+    pub access: Access,
     /// Transport settings for listeners and dials (`inline_reads` is always
     /// on: every connection is read by a loop that waits in `recv`).
     pub transport: transport::Config,
@@ -139,6 +146,7 @@ impl Default for ServerConfig {
             max_publishes_in_flight: 8,
             max_requests_in_flight: 64,
             max_unknown_frames: 1024,
+            access: Access::default(),
             transport: transport::Config::default(),
         }
     }
@@ -351,6 +359,7 @@ struct Shared {
     max_publishes_in_flight: usize,
     max_requests_in_flight: usize,
     max_unknown_frames: u64,
+    access: Arc<Access>,
     transport: transport::Config,
     listen_urls: Vec<String>,
     acceptors: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -621,6 +630,7 @@ impl Server {
             max_publishes_in_flight: config.max_publishes_in_flight,
             max_requests_in_flight: config.max_requests_in_flight,
             max_unknown_frames: config.max_unknown_frames,
+            access: Arc::new(config.access.clone()),
             transport: config.transport.clone(),
             listen_urls,
             acceptors: std::sync::Mutex::new(Vec::new()),
@@ -643,6 +653,7 @@ impl Server {
             links: HashMap::new(),
             link_peers: HashMap::new(),
             clients: HashMap::new(),
+            ids: HashMap::new(),
             auth_out: config.auth_out.clone(),
             clone_auth: HashMap::new(),
             encoded: Vec::new(),
@@ -934,6 +945,11 @@ async fn serve_conn(server: Srv, conn: transport::Connection) {
     if hello.kind == PeerKind::Clone as i32 {
         serve_clone(server, sender, rx, hello, addr).await
     } else {
+        // Nobody checked a login here: the client is anonymous.
+        let hello = proto::Hello {
+            login: String::new(),
+            ..hello
+        };
         serve_client(server, sender, ClientRx::Conn(rx), hello).await
     }
 }
@@ -1049,12 +1065,21 @@ async fn serve_client(
         );
         return protocol_error(&server, &sender, why);
     }
-    let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
-    let id = if hello.id.is_empty() {
-        random_id("client")
-    } else {
-        hello.id.clone()
+    let access = server.shared.access.clone();
+    let refused = |why: String| {
+        sender.close(CloseCode::AuthFailed, &why);
+        server.event(ServerEvent::Error(why));
     };
+    if access.permissions(&hello.login).is_none() {
+        return refused("this server takes no clients without a login".into());
+    }
+    let id = match access.client_id(&hello.id, &hello.login) {
+        Ok(Some(id)) => id,
+        Ok(None) => random_id("client"),
+        Err(why) => return refused(why),
+    };
+    let login = hello.login;
+    let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
     let peer = Peer::new(
         sender.clone(),
         key,
@@ -1117,6 +1142,10 @@ async fn serve_client(
         if let Some(Err(why)) = named.map(|g| check_groups(&server.shared, g)) {
             protocol_error(&server, &sender, format!("client {id}: {why}"));
             break;
+        }
+        if let Some(refusal) = access.permissions(&login).and_then(|p| refuse(p, &body)) {
+            let _ = sender.send(&refusal);
+            continue;
         }
         let ok = match body {
             Body::Subscribe(s) => server
@@ -1203,6 +1232,39 @@ fn busy(server: &Srv, sender: &transport::Sender, client: &str, b: Body) {
         })));
     }
     server.event(ServerEvent::Error(format!("client {client}: {why}")));
+}
+
+/// The [`proto::Refused`] answer to a client's `Subscribe` or `Publish` that
+/// names a group it may not use; `None` when it may.
+fn refuse(perms: &crate::Permissions, body: &Body) -> Option<Frame> {
+    let (kind, group, message) = match body {
+        Body::Subscribe(s) => {
+            let g = perms.denied_subscribe(&s.groups)?;
+            (
+                13,
+                g,
+                format!("this client may not subscribe to group {g:?}"),
+            )
+        }
+        Body::Publish(p) if p.all => {
+            let g = perms.denied_publish(&[], true)?;
+            (
+                15,
+                g,
+                "this client may not publish to all groups".to_owned(),
+            )
+        }
+        Body::Publish(p) => {
+            let g = perms.denied_publish(&p.groups, false)?;
+            (15, g, format!("this client may not publish to group {g:?}"))
+        }
+        _ => return None,
+    };
+    Some(Frame::new(Body::Refused(proto::Refused {
+        kind,
+        group: group.to_owned(),
+        error: Some(proto::ErrorInfo { code: 403, message }),
+    })))
 }
 
 /// Frames of unknown kinds seen on one connection.
@@ -1315,6 +1377,8 @@ struct CoreTask {
     links: HashMap<LinkId, transport::Sender>,
     link_peers: HashMap<LinkId, String>,
     clients: HashMap<ConnKey, Peer>,
+    /// The connection of each client id: a newer one replaces it.
+    ids: HashMap<String, ConnKey>,
     auth_out: Option<AuthOut>,
     clone_auth: HashMap<String, AuthOut>,
     /// Scratch space of [`Action::Deliver`]: the encoded frame per group.
@@ -1388,6 +1452,7 @@ impl CoreTask {
         }
         self.links.clear();
         self.clients.clear();
+        self.ids.clear();
     }
 
     fn handle(&mut self, cmd: Cmd) {
@@ -1445,14 +1510,27 @@ impl CoreTask {
                 self.core.link_down(link, now);
             }
             Cmd::ClientUp(peer) => {
+                if let Some(old) = self.ids.insert(peer.id().to_owned(), peer.key()) {
+                    if let Some(p) = self.clients.get(&old) {
+                        p.sender().close(
+                            CloseCode::GoingAway,
+                            "replaced by a newer connection with the same client id",
+                        );
+                    }
+                }
                 self.core.client_connected(peer.key(), peer.id());
                 self.clients.insert(peer.key(), peer);
             }
             Cmd::ClientDown(key) => {
-                self.clients.remove(&key);
+                if let Some(p) = self.clients.remove(&key) {
+                    if self.ids.get(p.id()) == Some(&key) {
+                        self.ids.remove(p.id());
+                    }
+                }
                 if self.clients.capacity() > 64 && self.clients.len() < self.clients.capacity() / 4
                 {
                     self.clients.shrink_to(self.clients.len() * 2);
+                    self.ids.shrink_to(self.ids.len() * 2);
                 }
                 self.core.client_gone(key);
             }
@@ -1675,6 +1753,11 @@ impl Server {
                 let addr = format!("{:?}", sender.peer_addr());
                 serve_clone(server, sender, receiver, hello, addr).await
             } else {
+                // Nobody checked a login here: the client is anonymous.
+                let hello = proto::Hello {
+                    login: String::new(),
+                    ..hello
+                };
                 serve_client(server, sender, ClientRx::Conn(receiver), hello).await
             }
         });

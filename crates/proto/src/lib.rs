@@ -113,6 +113,7 @@ impl Frame {
                 B::Unsubscribe(_) => "unsubscribe",
                 B::Publish(_) => "publish",
                 B::Deliver(_) => "deliver",
+                B::Refused(_) => "refused",
                 B::Gossip(_) => "gossip",
                 B::Forward(_) => "forward",
                 B::GroupDelete(_) => "group_delete",
