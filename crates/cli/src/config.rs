@@ -149,9 +149,10 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Handshake timeout.
     pub handshake_timeout: Duration,
-    /// Keep-alive ping interval (none: off).
+    /// Keep-alive ping interval (none: off; default 2 s).
     pub ping_interval: Option<Duration>,
-    /// Idle timeout (none: off).
+    /// Idle timeout (none: off; default 6 s: a frozen peer is noticed within
+    /// 6–7.5 s).
     pub idle_timeout: Option<Duration>,
     /// Failed logins before an address is banned.
     pub max_login_failures: u32,
@@ -183,8 +184,8 @@ impl Default for Limits {
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
             handshake_timeout: Duration::from_secs(10),
-            ping_interval: Some(Duration::from_secs(10)),
-            idle_timeout: Some(Duration::from_secs(30)),
+            ping_interval: Some(Duration::from_secs(2)),
+            idle_timeout: Some(Duration::from_secs(6)),
             max_login_failures: 5,
             ban: Duration::from_secs(3 * 3600),
             login_threads: 1,

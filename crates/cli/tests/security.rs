@@ -725,3 +725,81 @@ async fn a_duplicate_client_id_replaces_the_older_connection() {
     assert_eq!((group.as_str(), from.as_str()), ("h", "dup"));
     node.shutdown().await.unwrap();
 }
+
+/// Finding 8: a frozen clone (a `replimesh node` process stopped with
+/// SIGSTOP) is marked down on its peer within the configured idle timeout
+/// (here 1 s, pings every 200 ms), and a client of the frozen node with a
+/// second URL moves there; after SIGCONT the clone links again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_clone_is_marked_down_and_comes_back() {
+    const BIN: &str = env!("CARGO_BIN_EXE_replimesh");
+    let limits =
+        "[limits]\nping_interval_ms = 200\nidle_timeout_ms = 1000\nhandshake_timeout_ms = 1000";
+    let a = Node::start(
+        NodeConfig::parse(
+            &format!(
+                "id = \"a\"\n[[listen]]\nurl = \"tcp://127.0.0.1:0\"\n[auth]\ntoken = \"t\"\n{limits}"
+            ),
+            Path::new("."),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let a_url = a.urls()[0].clone();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let b = testkit::NodeProc::start(
+        BIN,
+        dir.path(),
+        "b",
+        &format!(
+            "id = \"b\"\nadmin = \"127.0.0.1:0\"\n[[listen]]\nurl = \"tcp://127.0.0.1:0\"\n\
+             [auth]\ntoken = \"t\"\n[[peer]]\nid = \"a\"\nurl = \"{a_url}\"\n{limits}"
+        ),
+    );
+    let b_state = || async {
+        let clones = a.mesh().clones().await.unwrap();
+        clones
+            .iter()
+            .find(|c| c.id == "b")
+            .map(|c| (c.up, c.linked))
+    };
+    let linked = testkit::eventually(T, || async { b_state().await == Some((true, true)) }).await;
+    assert!(linked, "b never linked: {:?}", b_state().await);
+    let mut cc = mesh::ClientConfig::new([b.url.clone(), a_url.clone()]);
+    cc.reconnect_min = Duration::from_millis(50);
+    cc.transport.ping_interval = Some(Duration::from_millis(200));
+    cc.transport.idle_timeout = Some(Duration::from_secs(1));
+    let client = tokio::time::timeout(T, mesh::Client::connect(cc))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.info().connected_to.as_deref(), Some(b.url.as_str()));
+
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &b.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    let frozen = std::time::Instant::now();
+    let down = testkit::eventually(T, || async { b_state().await.is_some_and(|s| !s.1) }).await;
+    let took = frozen.elapsed();
+    assert!(down, "b still linked: {:?}", b_state().await);
+    let on_a = || client.info().connected_to.as_deref() == Some(a_url.as_str());
+    let moved = testkit::eventually(T, || async { on_a() }).await;
+    let moved_after = frozen.elapsed();
+    signal("-CONT");
+    assert!(moved, "the client stayed with the frozen node");
+    eprintln!("frozen b: unlinked on a after {took:?}, its client moved after {moved_after:?}");
+    // Idle timeout 1 s, checked every 250 ms; the rest is slack for a
+    // loaded machine (the old defaults took 30 s).
+    assert!(took < Duration::from_secs(4), "unlinked after {took:?}");
+    let back = testkit::eventually(T, || async { b_state().await == Some((true, true)) }).await;
+    assert!(back, "b did not come back: {:?}", b_state().await);
+    client.shutdown().await;
+    a.shutdown().await.unwrap();
+}

@@ -157,10 +157,14 @@ pub struct Config {
     /// (default 1,000); Unix-socket peers count only in the total. One more
     /// is closed as soon as it is accepted, counted and logged as above.
     pub max_connections_per_ip: usize,
-    /// How often a `Ping` is sent (default 10 s); `None` sends none.
+    /// How often a `Ping` is sent (default 2 s); `None` sends none. The peer
+    /// answers each with a `Pong`, so an idle connection carries one frame
+    /// per interval each way on each side (1 frame/s per side at 2 s).
     pub ping_interval: Option<Duration>,
     /// A connection on which nothing arrives for this long is closed with
-    /// [`crate::RecvError::TimedOut`] (default 30 s); `None` never times out.
+    /// [`crate::RecvError::TimedOut`] (default 6 s: three ping intervals, so
+    /// a frozen or half-open peer is noticed within 6–7.5 s; it is checked
+    /// every quarter of it); `None` never times out.
     pub idle_timeout: Option<Duration>,
     /// How many received frames may wait for [`crate::Receiver::recv`] before
     /// the reader stops reading the socket (backpressure), counted in reads.
@@ -206,8 +210,8 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
-            ping_interval: Some(Duration::from_secs(10)),
-            idle_timeout: Some(Duration::from_secs(30)),
+            ping_interval: Some(Duration::from_secs(2)),
+            idle_timeout: Some(Duration::from_secs(6)),
             recv_batches: 64,
             inline_reads: false,
             linger: Duration::from_secs(2),
