@@ -117,6 +117,6 @@ pub use gate::{accept_each, Gate, Refusal, DEFAULT_LOGINS_PER_ADDRESS};
 pub use persist::{
     BackupPersistence, MemoryPersistence, Origin, PersistError, Persistence, Recovered,
 };
-pub use reducer::{Encoding, PayloadError, Reducer};
+pub use reducer::{Encoding, PayloadError, Reducer, Rejection};
 pub use server::{ServeError, Server, ServerConfig, WORKER_ENV};
 pub use store::{Pending, Role, StateRef, Store, StoreConfig, StoreStats, Subscription};

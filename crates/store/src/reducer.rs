@@ -47,6 +47,44 @@ pub trait Reducer: Send + Sync + 'static {
 
     /// Applies `action` to `state`. Must be deterministic.
     fn reduce(&self, state: &mut Self::State, action: &Self::Action);
+
+    /// Applies `action` to `state`, or refuses it: on `Err` the state must be
+    /// unchanged. The store calls this method (the default calls
+    /// [`Reducer::reduce`] and never refuses). A refused action is handled as
+    /// a panicking one (see above), except that the authority has nothing to
+    /// rebuild and the dispatcher's error carries the [`Rejection`]'s reason.
+    /// Refusals must be deterministic too, or replicas fall back to snapshots.
+    fn try_reduce(&self, state: &mut Self::State, action: &Self::Action) -> Result<(), Rejection> {
+        self.reduce(state, action);
+        Ok(())
+    }
+}
+
+/// Why a reducer refused an action (see [`Reducer::try_reduce`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejection(pub String);
+
+/// How applying one action went wrong.
+pub(crate) enum ApplyError {
+    /// The reducer panicked: the state may be half changed.
+    Panicked,
+    /// The reducer refused the action; the state is unchanged.
+    Refused(Rejection),
+}
+
+/// Applies one action through [`Reducer::try_reduce`], catching a panic.
+pub(crate) fn apply<R: Reducer>(
+    reducer: &R,
+    state: &mut R::State,
+    action: &R::Action,
+) -> Result<(), ApplyError> {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    match catch_unwind(AssertUnwindSafe(|| reducer.try_reduce(state, action))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(r)) => Err(ApplyError::Refused(r)),
+        Err(_) => Err(ApplyError::Panicked),
+    }
 }
 
 /// How actions and states are encoded inside store frames.

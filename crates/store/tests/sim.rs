@@ -11,7 +11,7 @@ use replimesh_store::core::{
     Authority, AuthorityConfig, FollowerId, LogConfig, Replica, ReplicaConfig, ReplicaEvent,
     SyncMode,
 };
-use replimesh_store::{ErrorCode, Reducer};
+use replimesh_store::{ErrorCode, Reducer, Rejection};
 use serde::{Deserialize, Serialize};
 
 /// Records every nonce in order: the state tells exactly what was applied.
@@ -511,6 +511,44 @@ fn authority_survives_reducer_panic() {
     assert_eq!(a.state().applied, vec![1, 2, 3, 4]);
     assert_eq!(a.dispatch(&Add { nonce: 6 }).unwrap(), 5);
     assert_eq!(a.state().applied, vec![1, 2, 3, 4, 6]);
+}
+
+/// An action the reducer refuses (`try_reduce` returns `Err`) is rejected
+/// with the reducer's reason; the state and the history stay as they were.
+#[test]
+fn authority_reports_a_refused_action() {
+    struct Picky;
+    impl Reducer for Picky {
+        type State = u64;
+        type Action = u64;
+        fn name(&self) -> &str {
+            "picky"
+        }
+        fn initial_state(&self) -> u64 {
+            0
+        }
+        fn reduce(&self, s: &mut u64, a: &u64) {
+            *s += a;
+        }
+        fn try_reduce(&self, s: &mut u64, a: &u64) -> Result<(), Rejection> {
+            if *a == 0 {
+                return Err(Rejection("zero is not allowed".into()));
+            }
+            self.reduce(s, a);
+            Ok(())
+        }
+    }
+    let mut a = Authority::new(Picky, AuthorityConfig::default(), 7);
+    assert_eq!(a.dispatch(&2).unwrap(), 1);
+    let err = a.dispatch(&0).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the reducer refused the action: zero is not allowed"),
+        "{err}"
+    );
+    assert_eq!((a.seq(), *a.state()), (1, 2));
+    assert_eq!(a.dispatch(&3).unwrap(), 2);
+    assert_eq!(*a.state(), 5);
 }
 
 /// A recovered tail (actions up to the snapshot's seq) is not applied again

@@ -1,6 +1,5 @@
 //! The authority: orders actions into a history.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,7 +9,7 @@ use proto::Frame;
 use super::dedup::{digest, Dedup, DedupLimits, Lookup, OpState};
 use super::log::{FollowerId, Log, LogConfig};
 use crate::error::{DispatchError, ErrorCode, RemoteError};
-use crate::reducer::{to_binary, Encoding, Reducer};
+use crate::reducer::{apply, to_binary, ApplyError, Encoding, Reducer};
 
 /// Settings of an [`Authority`].
 #[derive(Debug, Clone)]
@@ -240,7 +239,7 @@ impl<R: Reducer> Authority<R> {
             };
             let r = &a.reducer;
             let st = &mut a.log.state;
-            if catch_unwind(AssertUnwindSafe(|| r.reduce(st, &action))).is_err() {
+            if apply(r, st, &action).is_err() {
                 break;
             }
             a.log.append(bytes);
@@ -490,12 +489,21 @@ impl<R: Reducer> Authority<R> {
     fn apply(&mut self, action: &R::Action, binary: Bytes) -> Result<u64, RemoteError> {
         let r = &self.reducer;
         let st = &mut self.log.state;
-        if catch_unwind(AssertUnwindSafe(|| r.reduce(st, action))).is_err() {
-            self.rebuild();
-            return Err(RemoteError::new(
-                ErrorCode::ReducerPanic,
-                "the reducer panicked; the action was not committed",
-            ));
+        match apply(r, st, action) {
+            Ok(()) => {}
+            Err(ApplyError::Panicked) => {
+                self.rebuild();
+                return Err(RemoteError::new(
+                    ErrorCode::ReducerPanic,
+                    "the reducer panicked; the action was not committed",
+                ));
+            }
+            Err(ApplyError::Refused(why)) => {
+                return Err(RemoteError::new(
+                    ErrorCode::ReducerPanic,
+                    format!("the reducer refused the action: {why}; it was not committed"),
+                ));
+            }
         }
         self.log.append(binary);
         self.log.checkpoint();
@@ -521,7 +529,7 @@ impl<R: Reducer> Authority<R> {
             if let Ok(a) = Encoding::Binary.decode::<R::Action>(bytes) {
                 let r = &self.reducer;
                 let st = &mut state;
-                if catch_unwind(AssertUnwindSafe(|| r.reduce(st, &a))).is_err() {
+                if apply(r, st, &a).is_err() {
                     tracing::error!(store = %self.log.name, "reducer panicked on replay");
                 }
             }

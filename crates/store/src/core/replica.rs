@@ -1,7 +1,6 @@
 //! The replica: applies the authority's history in order, sends dispatches.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
 use proto::frame::Body;
@@ -13,7 +12,7 @@ use super::dedup::{digest as action_digest, Dedup, DedupLimits, Lookup, OpState}
 use super::log::{FollowerId, Log, LogConfig, SyncMode};
 use super::OpSlots;
 use crate::error::{DispatchError, ErrorCode, RemoteError};
-use crate::reducer::{digest, to_binary, Encoding, Reducer};
+use crate::reducer::{apply, digest, to_binary, Encoding, Reducer};
 
 /// Settings of a [`Replica`].
 #[derive(Debug, Clone)]
@@ -513,8 +512,8 @@ impl<R: Reducer> Replica<R> {
             };
             let r = &self.reducer;
             let st = &mut self.log.state;
-            if catch_unwind(AssertUnwindSafe(|| r.reduce(st, &action))).is_err() {
-                tracing::error!(store = %self.log.name, seq, "reducer panicked on a committed action");
+            if apply(r, st, &action).is_err() {
+                tracing::error!(store = %self.log.name, seq, "reducer failed on a committed action");
                 self.request_resync();
                 break;
             }
