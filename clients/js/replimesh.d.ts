@@ -295,10 +295,16 @@ export interface ReducerObject<S, A> {
 /** A redux reducer: `(state, action) => newState`, initial state from `reducer(undefined, {type: '@@INIT'})`. */
 export type ReduxReducer<S, A> = (state: S | undefined, action: A) => S;
 
-/** Actions of the built-in `counter` reducer. */
-export type CounterAction = { Add: number } | 'Reset';
-/** Actions of the built-in `kv` reducer. */
-export type KvAction = { Set: { key: string; value: string } } | { Delete: string } | 'Clear';
+/** Actions of the built-in `counter` reducer (the older `{ Add: number } | 'Reset'` is read too). */
+export type CounterAction = { type: 'add'; payload: number } | { type: 'reset' } | { Add: number } | 'Reset';
+/** Actions of the built-in `kv` reducer (the older `{ Set }`, `{ Delete }`, `'Clear'` are read too). */
+export type KvAction =
+  | { type: 'set'; payload: { key: string; value: string } }
+  | { type: 'delete'; payload: string }
+  | { type: 'clear' }
+  | { Set: { key: string; value: string } }
+  | { Delete: string }
+  | 'Clear';
 /** The reducers built into `replimesh node`. */
 export const reducers: {
   counter: ReducerObject<number, CounterAction>;

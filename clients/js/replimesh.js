@@ -651,15 +651,19 @@ export class Client extends Emitter {
 
 /**
  * Reducers of the stores built into `replimesh node`, with their action
- * formats (JSON as the node's serde writes them):
- * counter: `{"Add": 5}`, `"Reset"`; kv: `{"Set": {"key": "a", "value": "1"}}`,
- * `{"Delete": "a"}`, `"Clear"`.
+ * formats (docs/store.md#built-in-reducers): redux-shaped, as the node writes
+ * them to JSON peers; the older serde form is read too.
+ * counter: `{type: 'add', payload: 5}`, `{type: 'reset'}` (older: `{Add: 5}`, `'Reset'`);
+ * kv: `{type: 'set', payload: {key: 'a', value: '1'}}`, `{type: 'delete', payload: 'a'}`,
+ * `{type: 'clear'}` (older: `{Set: {key, value}}`, `{Delete: 'a'}`, `'Clear'`).
  */
 export const reducers = {
   counter: {
     initial: () => 0,
     reduce(state, action) {
-      if (action === 'Reset') return 0;
+      const type = action && action.type;
+      if (type === 'reset' || action === 'Reset') return 0;
+      if (type === 'add' && typeof action.payload === 'number') return state + action.payload;
       if (action && typeof action.Add === 'number') return state + action.Add;
       return state;
     },
@@ -667,10 +671,13 @@ export const reducers = {
   kv: {
     initial: () => ({}),
     reduce(state, action) {
-      if (action === 'Clear') return {};
+      const type = action && action.type;
+      if (type === 'clear' || action === 'Clear') return {};
+      const set = type === 'set' ? action.payload : action && action.Set;
+      const del = type === 'delete' ? action.payload : action && action.Delete;
       const next = Object.assign({}, state);
-      if (action && action.Set) next[action.Set.key] = action.Set.value;
-      else if (action && typeof action.Delete === 'string') delete next[action.Delete];
+      if (set && typeof set.key === 'string') next[set.key] = set.value;
+      else if (typeof del === 'string') delete next[del];
       return next;
     },
   },
@@ -817,7 +824,7 @@ export class StoreReplica extends Emitter {
 
   _sendDispatch(opId) {
     const e = this.outbox.get(opId);
-    // Actions are JSON (a string action too: `"Reset"`).
+    // Actions are JSON (redux-shaped `{type, payload}`; any JSON value passes).
     const action = toBase64(utf8enc.encode(JSON.stringify(e.action)));
     this.conn.send({ dispatch: { store: this.store, opId: String(opId), action } });
   }

@@ -32,7 +32,7 @@ mesh.once('connect', async () => {
   const reply = await mesh.request('echo', 'any', { hello: 'node' });
   console.log('echo replied:', reply.json());
   mesh.publish('news', { text: 'hello from JavaScript' });
-  const seq = await kv.dispatch({ Set: { key: 'greeting', value: 'hello' } });
+  const seq = await kv.dispatch({ type: 'set', payload: { key: 'greeting', value: 'hello' } });
   console.log(`dispatch committed as seq ${seq}`);
   await kv.waitFor(seq);
   done = true;

@@ -95,11 +95,11 @@ test('the store outbox: dispatches made while away are committed once', T, async
   const r = new StoreReplica(url, { store: 'kv', reducer: 'kv', minDelay: 20, maxDelay: 200, ...login });
   try {
     await next(r, 'connect');
-    assert.equal(await r.dispatch({ Set: { key: 'before', value: '1' } }), 1);
+    assert.equal(await r.dispatch({ type: 'set', payload: { key: 'before', value: '1' } }), 1);
     const lost = next(r, 'disconnect');
     await first.stop();
     await lost;
-    const away = [r.dispatch({ Set: { key: 'a', value: '1' } }), r.dispatch({ Set: { key: 'b', value: '2' } })];
+    const away = [r.dispatch({ type: 'set', payload: { key: 'a', value: '1' } }), r.dispatch({ type: 'set', payload: { key: 'b', value: '2' } })];
     assert.equal(r.pending, 2);
     // A fresh node (a new history, no persistence) on the same address.
     const again = await startNode(nodeConfig({ id: 'so-2', listen: url }));

@@ -23,7 +23,7 @@ test('a replica is a redux store: getState, dispatch, subscribe', T, async () =>
     const calls = [];
     const unsubscribe = kv.subscribe(() => calls.push(kv.getState()));
     const key = `k${Date.now()}`;
-    const seq = await kv.dispatch({ Set: { key, value: 'blue' } });
+    const seq = await kv.dispatch({ type: 'set', payload: { key, value: 'blue' } });
     assert.ok(Number.isInteger(seq) && seq > 0, `seq ${seq}`);
     await kv.waitFor(seq);
     assert.equal(kv.getState()[key], 'blue');
@@ -37,7 +37,7 @@ test('a replica is a redux store: getState, dispatch, subscribe', T, async () =>
     assert.equal(kv.getState(), before);
     unsubscribe();
     const n = calls.length;
-    const seq2 = await other.dispatch({ Delete: key });
+    const seq2 = await other.dispatch({ type: 'delete', payload: key });
     await kv.waitFor(seq2);
     assert.equal(kv.getState()[key], undefined);
     assert.equal(calls.length, n, 'an unsubscribed listener was called');
@@ -51,19 +51,20 @@ test('a replica is a redux store: getState, dispatch, subscribe', T, async () =>
 
 test('a redux reducer function serves as the replica reducer', T, async () => {
   const { b } = await sharedNodes();
-  // The node's counter takes {"Add": n} and "Reset".
+  // The node's counter takes {type: 'add', payload: n} and {type: 'reset'}.
   const counter = (state = 0, action) => {
-    if (action === 'Reset') return 0;
-    if (action && typeof action.Add === 'number') return state + action.Add;
+    if (action.type === 'reset') return 0;
+    if (action.type === 'add') return state + action.payload;
     return state;
   };
   const r = new StoreReplica(b, { store: 'counter', reducer: counter, ...login });
   try {
     assert.equal(r.getState(), 0, 'initial state from reducer(undefined, {type: "@@INIT"})');
     await next(r, 'connect');
-    await r.dispatch('Reset');
+    await r.dispatch({ type: 'reset' });
     const start = r.getState();
-    const seqs = await Promise.all([r.dispatch({ Add: 2 }), r.dispatch({ Add: 3 }), r.dispatch({ Add: 5 })]);
+    const add = (payload) => r.dispatch({ type: 'add', payload });
+    const seqs = await Promise.all([add(2), add(3), add(5)]);
     assert.deepEqual(seqs, [seqs[0], seqs[0] + 1, seqs[0] + 2], 'in order, consecutive');
     await r.waitFor(seqs[2]);
     assert.equal(r.getState(), start + 10);
@@ -91,7 +92,7 @@ test('refusals reach the program: unknown store, no login, bad action', T, async
     const kv = mesh.store({ store: 'kv' });
     await next(kv, 'connect');
     await assert.rejects(kv.dispatch({ NotAnAction: 1 }), e => e.kind === 'store' && e.code === 3);
-    // The replica goes on.
+    // The replica goes on; the older serde form is still read.
     assert.ok(await kv.dispatch({ Set: { key: 'after', value: 'bad' } }) > 0);
   } finally {
     mesh.close();
