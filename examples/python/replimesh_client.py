@@ -253,10 +253,12 @@ class CounterReplica:
 
     @staticmethod
     def reduce(state, action):
-        if action == "Reset":
+        # docs/protocol.md: {"type": "add", "payload": n}, {"type": "reset"}.
+        kind = action.get("type") if isinstance(action, dict) else None
+        if kind == "reset":
             return 0
-        if isinstance(action, dict) and set(action) == {"Add"}:
-            return state + action["Add"]
+        if kind == "add" and isinstance(action.get("payload"), int):
+            return state + action["payload"]
         raise ProtocolFailure(f"not a counter action: {action!r}")
 
     def handle(self, kind, body):
@@ -362,9 +364,10 @@ def run(args):
     # The snapshot may be older than the newest action: the actions after
     # it follow.
     step(f"store hello/welcome/snapshot ({args.store} = {replica.state} at seq {replica.seq})")
-    [one] = replica.dispatch({"Add": 5})
-    batch = replica.dispatch({"Add": 2}, {"Add": -1}, {"Add": 10})
-    [bad] = replica.dispatch({"Add": "five"})
+    add = lambda n: {"type": "add", "payload": n}
+    [one] = replica.dispatch(add(5))
+    batch = replica.dispatch(add(2), add(-1), add(10))
+    [bad] = replica.dispatch(add("five"))
     wanted = [one] + batch + [bad]
     replica.until(lambda: all(o in replica.committed or o in replica.errors for o in wanted),
                   "answers to the dispatches")
