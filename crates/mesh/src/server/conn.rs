@@ -87,6 +87,18 @@ async fn serve_conn(server: Srv, conn: transport::Connection) {
         )));
         return;
     }
+    serve_hello(server, sender, rx, hello, addr).await
+}
+
+/// Serves a connection whose hello (of a supported version) was read: a
+/// clone link or an anonymous client.
+async fn serve_hello(
+    server: Srv,
+    sender: transport::Sender,
+    rx: transport::Receiver,
+    hello: proto::Hello,
+    addr: String,
+) {
     // A hello was accepted: frames up to the configured maximum from now on.
     rx.raise_max_frame();
     if hello.kind == PeerKind::Clone as i32 {
@@ -167,18 +179,8 @@ impl Server {
                 sender.close(CloseCode::UnsupportedVersion, "unsupported version");
                 return;
             }
-            receiver.raise_max_frame();
-            if hello.kind == PeerKind::Clone as i32 {
-                let addr = format!("{:?}", sender.peer_addr());
-                serve_clone(server, sender, receiver, hello, addr).await
-            } else {
-                // Nobody checked a login here: the client is anonymous.
-                let hello = proto::Hello {
-                    login: String::new(),
-                    ..hello
-                };
-                serve_client(server, sender, ClientRx::Conn(receiver), hello).await
-            }
+            let addr = format!("{:?}", sender.peer_addr());
+            serve_hello(server, sender, receiver, hello, addr).await
         });
     }
 
