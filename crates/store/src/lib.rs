@@ -104,6 +104,7 @@ mod gate;
 mod journal;
 mod link;
 mod persist;
+pub mod raft;
 mod reducer;
 mod server;
 mod store;
@@ -116,6 +117,10 @@ pub use error::{DispatchError, ErrorCode, RemoteError};
 pub use gate::{accept_each, Gate, Refusal, DEFAULT_LOGINS_PER_ADDRESS};
 pub use persist::{
     BackupPersistence, MemoryPersistence, Origin, PersistError, Persistence, Recovered,
+};
+pub use raft::{
+    MemoryNetwork, NetworkFaults, RaftConfig, RaftEndpoint, RaftError, RaftRole, RaftStatus,
+    VoterNetError, VoterNetwork,
 };
 pub use reducer::{Encoding, PayloadError, Reducer, Rejection};
 pub use server::{ServeError, Server, ServerConfig, WORKER_ENV};

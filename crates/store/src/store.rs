@@ -24,6 +24,7 @@ use crate::error::{DispatchError, ErrorCode, RemoteError};
 use crate::journal::{JournalJob, JournalQueue};
 use crate::link::LinkTx;
 use crate::persist::{PersistError, Persistence};
+use crate::raft::{Proposal, VoterState};
 use crate::reducer::{Encoding, Reducer};
 
 /// Budget of one poll of a follower, in payload bytes.
@@ -162,7 +163,7 @@ pub(crate) enum LinkState {
     Refused(RemoteError),
 }
 
-type Waiter = oneshot::Sender<Result<u64, DispatchError>>;
+pub(crate) type Waiter = oneshot::Sender<Result<u64, DispatchError>>;
 
 #[allow(clippy::large_enum_variant)] // One per store; boxing buys nothing.
 pub(crate) enum Core<R: Reducer> {
@@ -175,6 +176,9 @@ pub(crate) enum Core<R: Reducer> {
         /// Dispatches made on the authority itself, waiting for their seq to
         /// be durable (in seq order).
         durable_waiters: VecDeque<(u64, Waiter)>,
+        /// A voter of a replicated authority: its outbox, its own
+        /// dispatches and its consensus (see [`crate::raft`]).
+        raft: Option<Box<VoterState>>,
     },
     Replica {
         r: Replica<R>,
@@ -347,7 +351,7 @@ impl<R: Reducer> std::fmt::Debug for Store<R> {
 }
 
 impl<R: Reducer> Store<R> {
-    fn from_core(name: String, schema: u32, core: Core<R>, role: Role) -> Self {
+    pub(crate) fn from_core(name: String, schema: u32, core: Core<R>, role: Role) -> Self {
         let shared = Shared {
             core,
             wakers: HashMap::new(),
@@ -393,6 +397,7 @@ impl<R: Reducer> Store<R> {
                 journal: None,
                 persisted: 0,
                 durable_waiters: VecDeque::new(),
+                raft: None,
             },
             Role::Authority,
         )
@@ -448,6 +453,7 @@ impl<R: Reducer> Store<R> {
                 journal: None,
                 persisted: head,
                 durable_waiters: VecDeque::new(),
+                raft: None,
             },
             Role::Authority,
         );
@@ -546,10 +552,39 @@ impl<R: Reducer> Store<R> {
         }
         let pending = match &mut g.core {
             Core::Authority {
+                a, raft: Some(v), ..
+            } => {
+                if v.full() {
+                    return Err(DispatchError::OutboxFull {
+                        pending: v.outbox_actions + v.waiters.len(),
+                        limit: v.max_pending,
+                    });
+                }
+                let bytes = Encoding::Binary.encode(action)?;
+                let op = v.next_op;
+                v.next_op += 1;
+                let (tx, rx) = oneshot::channel();
+                v.waiters.insert(op, tx);
+                let p = Proposal {
+                    voter: v.id,
+                    epoch: v.epoch,
+                    follower: crate::raft::OWN,
+                    login: String::new(),
+                    client: v.client_id.clone(),
+                    json: false,
+                    first_op: op,
+                    actions: vec![bytes],
+                };
+                v.queue(p);
+                let _ = a;
+                return Ok(Pending(PendingInner::Wait(rx)));
+            }
+            Core::Authority {
                 a,
                 journal,
                 persisted,
                 durable_waiters,
+                raft: None,
             } => {
                 if let Some(j) = journal {
                     if j.queue.is_full() {
@@ -753,7 +788,7 @@ impl Future for Pending {
     }
 }
 
-fn authority_config(c: &StoreConfig) -> AuthorityConfig {
+pub(crate) fn authority_config(c: &StoreConfig) -> AuthorityConfig {
     AuthorityConfig {
         log: c.log.clone(),
         dedup_window: c.dedup_window,
@@ -1114,7 +1149,24 @@ impl<R: Reducer> Inner<R> {
         self.stop.cancel();
         let mut g = self.lock();
         let (a, journal) = match &mut g.core {
-            Core::Authority { a, journal, .. } => (a, journal),
+            Core::Authority {
+                a, journal, raft, ..
+            } => {
+                if let Some(v) = raft {
+                    for (_, w) in v.waiters.drain() {
+                        let _ = w.send(Err(DispatchError::Closed));
+                    }
+                    if let Some(r) = v.raft.take() {
+                        // Stopped in the store's tasks (awaited by `shutdown`).
+                        if tokio::runtime::Handle::try_current().is_ok() {
+                            self.tasks.spawn(async move {
+                                let _ = r.shutdown().await;
+                            });
+                        }
+                    }
+                }
+                (a, journal)
+            }
             Core::Replica { waiters, .. } => {
                 // Their answers would never come: the link is closing.
                 for (_, w) in waiters.drain() {
@@ -1166,6 +1218,25 @@ impl<R: Reducer> Inner<R> {
             t.close();
             t.wait().await;
         }
+    }
+
+    /// The store's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The store's schema.
+    pub(crate) fn schema(&self) -> u32 {
+        self.schema
+    }
+
+    /// After a voter applied committed entries under the lock `g`: the new
+    /// head is published and the followers are woken.
+    pub(crate) fn after_apply(&self, g: MutexGuard<'_, Shared<R>>) {
+        g.wake_followers();
+        let head = g.head();
+        self.publish(head);
+        drop(g);
     }
 
     fn publish(&self, head: u64) {
@@ -1275,6 +1346,36 @@ impl<R: Reducer> Inner<R> {
         }
         let mut committed = false;
         let backlog = match &mut g.core {
+            Core::Authority {
+                a, raft: Some(v), ..
+            } => {
+                match frame.body {
+                    Some(Body::Dispatch(mut d)) => {
+                        if let Some((client, login, enc)) = a.check_dispatch(fid, &d) {
+                            let more = std::mem::take(&mut d.more);
+                            let actions = std::iter::once(d.action).chain(more).collect();
+                            v.queue(Proposal {
+                                voter: v.id,
+                                epoch: v.epoch,
+                                follower: fid.0,
+                                login,
+                                client,
+                                json: enc == Encoding::Json,
+                                first_op: d.op_id,
+                                actions,
+                            });
+                        }
+                    }
+                    Some(Body::Resync(_)) => a.on_resync(fid),
+                    _ => {}
+                }
+                // A full outbox holds the connection's reading back.
+                if v.full() {
+                    usize::MAX
+                } else {
+                    a.pending_control(fid)
+                }
+            }
             Core::Authority {
                 a,
                 journal,

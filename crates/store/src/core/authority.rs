@@ -6,7 +6,7 @@ use bytes::Bytes;
 use proto::frame::Body;
 use proto::Frame;
 
-use super::dedup::{digest, Dedup, DedupLimits, Lookup, OpState};
+use super::dedup::{digest, Dedup, DedupDump, DedupLimits, Lookup, OpState};
 use super::log::{FollowerId, Log, LogConfig};
 use crate::error::{DispatchError, ErrorCode, RemoteError};
 use crate::reducer::{apply, to_binary, ApplyError, Encoding, Reducer};
@@ -373,10 +373,26 @@ impl<R: Reducer> Authority<R> {
     /// another action (a client that restarted and numbers its ops from 1
     /// again under the same client id) is refused with `OP_ID_REUSED`;
     /// consecutive op ids refused for the same reason share one error frame.
-    pub fn on_dispatch(&mut self, id: FollowerId, d: proto::Dispatch) -> usize {
-        let Some(f) = self.log.followers.get(&id) else {
+    pub fn on_dispatch(&mut self, id: FollowerId, mut d: proto::Dispatch) -> usize {
+        let Some((client, login, enc)) = self.check_dispatch(id, &d) else {
             return 0;
         };
+        let more = std::mem::take(&mut d.more);
+        let actions = std::iter::once(d.action).chain(more);
+        self.apply_dispatch(id, &login, &client, enc, d.op_id, actions, None)
+    }
+
+    /// Checks a `Dispatch` frame of follower `id` as [`Authority::on_dispatch`]
+    /// does before committing anything: on success its client id (the
+    /// follower's when the frame names none), the connection's login and
+    /// the follower's encoding; on failure the follower is answered and
+    /// `None` returned.
+    pub(crate) fn check_dispatch(
+        &mut self,
+        id: FollowerId,
+        d: &proto::Dispatch,
+    ) -> Option<(String, String, Encoding)> {
+        let f = self.log.followers.get(&id)?;
         // A relay forwards its clients' dispatches under their own client
         // ids, so a dispatch resent through another relay is recognised.
         let client = if d.client_id.is_empty() {
@@ -387,49 +403,59 @@ impl<R: Reducer> Authority<R> {
         let login = f.login.clone();
         let enc = f.encoding;
         let n = 1 + d.more.len();
-        let first_op = d.op_id;
-        if let Err(e) = check_batch(&d, n, self.max_dispatch_batch, self.max_client_id_len) {
+        if let Err(e) = check_batch(d, n, self.max_dispatch_batch, self.max_client_id_len) {
             // A client id too long to keep is not echoed back either.
             let client = if client.len() > self.max_client_id_len {
                 String::new()
             } else {
                 client
             };
-            self.log.error_range(id, &client, first_op, n as u64, &e);
-            return 0;
+            self.log.error_range(id, &client, d.op_id, n as u64, &e);
+            return None;
         }
+        Some((client, login, enc))
+    }
+
+    /// Commits the actions of one checked dispatch frame of `client`
+    /// (op ids from `first_op`), dispatched over a connection logged in as
+    /// `login`, answering follower `to` (no one if it is not attached) and,
+    /// if given, `report` with each op id's seq or error. Deterministic: a
+    /// replicated authority applies every committed frame through it on
+    /// each voter. Returns how many actions were committed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_dispatch(
+        &mut self,
+        to: FollowerId,
+        login: &str,
+        client: &str,
+        enc: Encoding,
+        first_op: u64,
+        actions: impl IntoIterator<Item = Bytes>,
+        mut report: Option<&mut Vec<(u64, Result<u64, RemoteError>)>>,
+    ) -> usize {
         let mut committed = 0;
-        let mut ops = self.dedup.take(&login, &client);
+        let mut ops = self.dedup.take(login, client);
         let mut errors = ErrorRuns::default();
         // The origins of this frame share one copy of the client id.
         let mut shared_client: Option<Arc<str>> = None;
-        let all = std::iter::once(d.action).chain(d.more);
-        for (i, bytes) in all.enumerate() {
+        for (i, bytes) in actions.into_iter().enumerate() {
             let op = first_op + i as u64;
-            match ops.lookup(op) {
+            let result = match ops.lookup(op) {
                 Lookup::Known(OpState::Committed(seq), known) => {
                     let same = known == 0
                         || to_binary::<R::Action>(&bytes, enc)
                             .is_ok_and(|(_, b)| digest(&b) == known);
                     if same {
-                        self.log.ack_for(id, &client, op, seq);
+                        Ok(seq)
                     } else {
-                        errors.push(op, reused_error(op, seq));
+                        Err(reused_error(op, seq))
                     }
                 }
-                Lookup::Known(..) => {
-                    errors.push(
-                        op,
-                        RemoteError::new(ErrorCode::BadAction, "rejected before"),
-                    );
-                }
-                Lookup::Forgotten => errors.push(
-                    op,
-                    RemoteError::new(
-                        ErrorCode::Forgotten,
-                        "op id older than the duplicate window; it was handled before",
-                    ),
-                ),
+                Lookup::Known(..) => Err(RemoteError::new(ErrorCode::BadAction, "rejected before")),
+                Lookup::Forgotten => Err(RemoteError::new(
+                    ErrorCode::Forgotten,
+                    "op id older than the duplicate window; it was handled before",
+                )),
                 Lookup::New => match self.commit_digest(&bytes, enc) {
                     Ok((seq, dg)) => {
                         committed += 1;
@@ -437,7 +463,7 @@ impl<R: Reducer> Authority<R> {
                             .record_in(&mut ops, op, OpState::Committed(seq), dg);
                         if let Some(o) = &mut self.origins {
                             let client_id = shared_client
-                                .get_or_insert_with(|| Arc::from(client.as_str()))
+                                .get_or_insert_with(|| Arc::from(client))
                                 .clone();
                             o.push(Origin {
                                 seq,
@@ -446,20 +472,101 @@ impl<R: Reducer> Authority<R> {
                                 digest: dg,
                             });
                         }
-                        self.log.ack_for(id, &client, op, seq);
+                        Ok(seq)
                     }
                     Err(e) => {
                         self.dedup.record_in(&mut ops, op, OpState::Rejected, 0);
-                        errors.push(op, e);
+                        Err(e)
                     }
                 },
+            };
+            if let Some(r) = &mut report {
+                r.push((op, result.clone()));
+            }
+            match result {
+                Ok(seq) => self.log.ack_for(to, client, op, seq),
+                Err(e) => errors.push(op, e),
             }
         }
-        self.dedup.put(&client, ops);
+        self.dedup.put(client, ops);
         for (op, count, e) in errors.runs {
-            self.log.error_range(id, &client, op, count, &e);
+            self.log.error_range(to, client, op, count, &e);
         }
         committed
+    }
+
+    /// What became of op `op` of `client`, if the duplicate table knows.
+    pub(crate) fn op_result(&self, client: &str, op: u64) -> Option<Result<u64, RemoteError>> {
+        match self.dedup.lookup(client, op) {
+            Lookup::Known(OpState::Committed(seq), _) => Some(Ok(seq)),
+            Lookup::Known(..) => Some(Err(RemoteError::new(
+                ErrorCode::BadAction,
+                "rejected before",
+            ))),
+            Lookup::Forgotten => Some(Err(RemoteError::new(
+                ErrorCode::Forgotten,
+                "op id older than the duplicate window; it was handled before",
+            ))),
+            Lookup::New => None,
+        }
+    }
+
+    /// Answers op `op` of `client` to follower `to` (an ack or an error).
+    pub(crate) fn answer(
+        &mut self,
+        to: FollowerId,
+        client: &str,
+        op: u64,
+        result: Result<u64, RemoteError>,
+    ) {
+        match result {
+            Ok(seq) => self.log.ack_for(to, client, op, seq),
+            Err(e) => self.log.error_range(to, client, op, 1, &e),
+        }
+    }
+
+    /// A replicated authority that has no history yet: the first committed
+    /// entry of its log starts one ([`Authority::start`]). Its followers get
+    /// nothing until then.
+    pub(crate) fn unstarted(reducer: R, config: AuthorityConfig) -> Self {
+        let mut a = Authority::new(reducer, config, 1);
+        a.log.history = 0;
+        a
+    }
+
+    /// Starts the history of an [`Authority::unstarted`] one; false (and
+    /// nothing changes) if it has one already.
+    pub(crate) fn start(&mut self, history_id: u64) -> bool {
+        if self.log.history != 0 {
+            return false;
+        }
+        self.log.history = history_id.max(1);
+        true
+    }
+
+    /// The whole replicated state: history id, seq, the binary state and
+    /// the duplicate table (what [`Authority::restore`] takes).
+    pub(crate) fn export(&mut self) -> Result<(u64, u64, Bytes, DedupDump), RemoteError> {
+        let (seq, state) = self.log.take_snapshot()?;
+        Ok((self.log.history, seq, state, self.dedup.export()))
+    }
+
+    /// Replaces the state with an [`Authority::export`] of another voter's
+    /// (a snapshot installed by the consensus). Followers stay attached and
+    /// catch up from it.
+    pub(crate) fn restore(
+        &mut self,
+        history_id: u64,
+        seq: u64,
+        state: Bytes,
+        dedup: DedupDump,
+    ) -> Result<(), RemoteError> {
+        let decoded: R::State = Encoding::Binary
+            .decode(&state)
+            .map_err(|e| RemoteError::new(ErrorCode::Internal, format!("snapshot: {e}")))?;
+        self.log.reset(history_id, seq, decoded, state);
+        self.dedup.import(dedup);
+        Ok(())
     }
 
     /// Client ids remembered for duplicate detection, and their op ids.

@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 /// What is known of one op id of one client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum OpState {
     /// Committed with this sequence number.
     Committed(u64),
@@ -51,7 +51,7 @@ pub(crate) fn digest(binary: &[u8]) -> u64 {
     h.max(1)
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Op {
     op: u64,
     state: OpState,
@@ -136,6 +136,23 @@ pub(crate) struct Dedup {
     max_entries: usize,
     entries: usize,
     tick: u64,
+}
+
+/// A [`Dedup`]'s content (see [`Dedup::export`]).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct DedupDump {
+    clients: Vec<ClientDump>,
+    tick: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ClientDump {
+    id: String,
+    floor: u64,
+    ops: Vec<Op>,
+    last_used: u64,
+    owner: String,
+    counted: bool,
 }
 
 /// Limits of a [`Dedup`].
@@ -258,6 +275,57 @@ impl Dedup {
         true
     }
 
+    /// Everything it holds, for a replicated authority's snapshot: a
+    /// [`Dedup::import`] of it decides every later lookup and eviction as
+    /// this one does (client ids in a stable order).
+    pub(crate) fn export(&self) -> DedupDump {
+        let mut clients: Vec<ClientDump> = self
+            .clients
+            .iter()
+            .map(|(id, c)| ClientDump {
+                id: id.clone(),
+                floor: c.floor,
+                ops: c.ops.iter().copied().collect(),
+                last_used: c.last_used,
+                owner: c.owner.to_string(),
+                counted: c.counted,
+            })
+            .collect();
+        clients.sort_by(|a, b| a.id.cmp(&b.id));
+        DedupDump {
+            clients,
+            tick: self.tick,
+        }
+    }
+
+    /// Replaces everything with a [`Dedup::export`] (the limits stay).
+    pub(crate) fn import(&mut self, dump: DedupDump) {
+        self.clients.clear();
+        self.owners.clear();
+        self.entries = 0;
+        self.tick = dump.tick;
+        for c in dump.clients {
+            let owner: Arc<str> = match self.owners.get_key_value(c.owner.as_str()) {
+                Some((k, _)) => k.clone(),
+                None => Arc::from(c.owner.as_str()),
+            };
+            if c.counted {
+                *self.owners.entry(owner.clone()).or_insert(0) += 1;
+            }
+            self.entries += c.ops.len();
+            self.clients.insert(
+                c.id,
+                ClientOps {
+                    floor: c.floor,
+                    ops: c.ops.into(),
+                    last_used: c.last_used,
+                    owner,
+                    counted: c.counted,
+                },
+            );
+        }
+    }
+
     /// Every committed (client, op id, seq, digest) in the windows.
     pub(crate) fn committed(&self) -> impl Iterator<Item = (&str, u64, u64, u64)> {
         self.clients.iter().flat_map(|(client, c)| {
@@ -335,6 +403,27 @@ mod tests {
         );
         assert_eq!(d.lookup("fake-49", 1), Lookup::Known(OpState::Rejected, 0));
         assert_eq!(d.lookup("fake-0", 1), Lookup::New);
+    }
+
+    #[test]
+    fn an_imported_dump_decides_as_the_original() {
+        let mut a = Dedup::new(limits(4, 3, 2, 100));
+        for (owner, client, op) in [("x", "a", 1), ("x", "b", 2), ("y", "c", 1), ("x", "a", 9)] {
+            a.record(owner, client, op, OpState::Committed(op), op);
+        }
+        a.record("y", "c", 2, OpState::Rejected, 0);
+        let mut b = Dedup::new(limits(4, 3, 2, 100));
+        b.import(a.export());
+        assert_eq!((b.clients(), b.entries()), (a.clients(), a.entries()));
+        // The same evictions follow: "b" is the least recently used.
+        for d in [&mut a, &mut b] {
+            d.record("z", "e", 1, OpState::Committed(20), 1);
+        }
+        for (client, op) in [("a", 9), ("a", 1), ("b", 2), ("c", 2), ("e", 1)] {
+            assert_eq!(a.lookup(client, op), b.lookup(client, op), "{client} {op}");
+        }
+        assert_eq!(b.lookup("b", 2), Lookup::New);
+        assert_eq!(b.lookup("a", 1), Lookup::Forgotten);
     }
 
     #[test]

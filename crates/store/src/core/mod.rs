@@ -11,6 +11,7 @@ mod log;
 mod replica;
 
 pub use authority::{store_of, Authority, AuthorityConfig, Origin, Recovered};
+pub(crate) use dedup::DedupDump;
 pub use log::{FollowerId, LogConfig, SyncMode};
 pub use replica::{Replica, ReplicaConfig, ReplicaEvent};
 
