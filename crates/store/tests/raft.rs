@@ -202,3 +202,29 @@ async fn voters_agree_under_drops_delays_and_partitions() {
             });
     }
 }
+
+/// Bytes that are no request of this store get a reply, never a panic, and
+/// the voter goes on.
+#[testkit::test(start_paused = true)]
+async fn a_voter_answers_garbage_and_goes_on() {
+    let net = MemoryNetwork::new(7);
+    let voters = start(&net).await;
+    let endpoint = voters[0].raft_endpoint().expect("endpoint");
+    for junk in [
+        &b""[..],
+        b"\x00",
+        b"\xff\xff\xff\xff\xff",
+        b"not a raft request at all",
+    ] {
+        let reply = endpoint.handle(bytes::Bytes::copy_from_slice(junk)).await;
+        assert!(!reply.is_empty());
+    }
+    let seq = voters[0].dispatch((9, 1)).await.expect("committed");
+    for v in &voters {
+        v.wait_for(seq).await;
+        assert_eq!(v.state().get(&9), Some(&vec![1]));
+    }
+    for v in &voters {
+        v.shutdown().await;
+    }
+}
