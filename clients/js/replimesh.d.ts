@@ -311,6 +311,13 @@ export const reducers: {
   kv: ReducerObject<Record<string, string>, KvAction>;
 };
 
+/**
+ * The schema version a node gives a JavaScript reducer file whose config
+ * names none: the first 4 bytes of the SHA-256 of the file's content,
+ * big-endian (uses `crypto.subtle`).
+ */
+export function schemaOf(source: string | Uint8Array): Promise<number>;
+
 /** Options of a store replica. */
 export interface StoreOptions<S = any, A = any> extends ConnectionOptions {
   /** The store's name. */

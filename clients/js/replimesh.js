@@ -683,6 +683,19 @@ export const reducers = {
   },
 };
 
+/**
+ * The schema version a node gives a JavaScript reducer file whose config
+ * names none (`reducer = { js = "file.js" }`): the first 4 bytes of the
+ * SHA-256 of the file's bytes, big-endian. Pass the file's exact content (a
+ * string is UTF-8 encoded). Uses `crypto.subtle` (Node.js 20+; browsers in
+ * secure contexts).
+ */
+export async function schemaOf(source) {
+  const bytes = typeof source === 'string' ? utf8enc.encode(source) : source;
+  const digest = await globalThis.crypto.subtle.digest('SHA-256', bytes);
+  return new DataView(digest).getUint32(0);
+}
+
 /** `{initial, reduce}` from a redux reducer function, a built-in name or such an object. */
 function toReducer(r) {
   if (r === undefined) return reducers.kv;

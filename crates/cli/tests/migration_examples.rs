@@ -150,7 +150,7 @@ fn every_example_config_parses() {
     let c = NodeConfig::load(&examples().join("redux-cluster/counter.toml")).unwrap();
     let s = &c.stores[0];
     assert_eq!(
-        (s.name.as_str(), s.reducer),
+        (s.name.as_str(), s.reducer.clone()),
         ("counter", ReducerKind::Counter)
     );
     assert_eq!(s.resync, 1000);

@@ -160,7 +160,9 @@ pub(super) struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStore {
     pub(super) name: String,
-    pub(super) reducer: Option<String>,
+    /// `"kv"`, `"counter"` or a table `{ js = "file.js", ... }` (read by
+    /// hand for clear errors).
+    pub(super) reducer: Option<toml::Value>,
     pub(super) mode: Option<String>,
     pub(super) resync: Option<u64>,
     #[serde(default)]

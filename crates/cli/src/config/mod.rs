@@ -55,14 +55,43 @@ pub struct Peer {
     pub url: String,
 }
 
-/// Built-in reducers a node can host (a node cannot load Rust code).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The reducer of a hosted store: a built-in one or JavaScript (a node
+/// cannot load Rust code). Action formats: `docs/protocol.md`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReducerKind {
-    /// An `i64` counter; actions `{"Add": n}` and `"Reset"`.
+    /// An `i64` counter; actions `{"type": "add", "payload": n}` and
+    /// `{"type": "reset"}`.
     Counter,
-    /// A string→string map; actions `{"Set": {"key": k, "value": v}}`,
-    /// `{"Delete": k}` and `"Clear"`.
+    /// A string→string map; actions `{"type": "set", "payload": {"key": k,
+    /// "value": v}}`, `{"type": "delete", "payload": k}`, `{"type": "clear"}`.
     Kv,
+    /// A JavaScript reducer (`reducer = { js = "file.js" }`).
+    Js(JsReducerSettings),
+}
+
+impl ReducerKind {
+    /// How the status page names it: `kv`, `counter` or `js`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReducerKind::Counter => "counter",
+            ReducerKind::Kv => "kv",
+            ReducerKind::Js(_) => "js",
+        }
+    }
+}
+
+/// A JavaScript reducer: an ES module whose default export is a redux
+/// reducer (see `docs/javascript.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsReducerSettings {
+    /// The module file (relative paths are from the config file's directory).
+    pub path: PathBuf,
+    /// The schema version; `None`: from the file's content (`replimesh_js::schema_of`).
+    pub schema: Option<u32>,
+    /// The longest one action may run (`time_limit_ms`, default 100).
+    pub time_limit: Duration,
+    /// The memory its engine may hold (`memory_limit_mib`, default 64).
+    pub memory_limit: usize,
 }
 
 /// Sync mode of a store (see the store crate).

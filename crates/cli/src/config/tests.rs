@@ -52,7 +52,7 @@ fn minimal_and_full() {
     assert_eq!(c.limits.idle_timeout, None);
     let s = &c.stores[0];
     assert_eq!(
-        (s.reducer, s.mode, s.resync),
+        (s.reducer.clone(), s.mode, s.resync),
         (ReducerKind::Counter, Mode::Digest, 10)
     );
     let b = s.backup.as_ref().unwrap();
@@ -103,6 +103,19 @@ fn errors_name_the_key() {
             "store[0].reducer",
         ),
         ("[[store]]\nname = \"s\"\nresync = 0", "store[0].resync"),
+        ("[[store]]\nname = \"s\"\nreducer = 5", "store[0].reducer"),
+        (
+            "[[store]]\nname = \"s\"\nreducer = {}",
+            "store[0].reducer.js",
+        ),
+        (
+            "[[store]]\nname = \"s\"\nreducer = { js = \"r.js\", time_limit_ms = 0 }",
+            "store[0].reducer.time_limit_ms",
+        ),
+        (
+            "[[store]]\nname = \"s\"\nreducer = { js = \"r.js\", memory = 1 }",
+            "store[0].reducer.memory",
+        ),
         (
             "[[store]]\nname = \"s\"\n[[store]]\nname = \"s\"",
             "store[1].name",
@@ -117,6 +130,34 @@ fn errors_name_the_key() {
         assert_eq!(&e.key, key, "{text}: {e}");
         assert!(!e.problem.is_empty());
     }
+}
+
+#[test]
+fn a_javascript_reducer_is_a_table() {
+    let c = NodeConfig::parse(
+        "[[store]]\nname = \"t\"\nreducer = { js = \"r/todos.js\", schema = 7, time_limit_ms = 20, memory_limit_mib = 8 }\n[[store]]\nname = \"u\"\nreducer = { js = \"/abs/u.js\" }",
+        Path::new("/etc/rm"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.stores[0].reducer,
+        ReducerKind::Js(JsReducerSettings {
+            path: "/etc/rm/r/todos.js".into(),
+            schema: Some(7),
+            time_limit: Duration::from_millis(20),
+            memory_limit: 8 << 20,
+        })
+    );
+    assert_eq!(
+        c.stores[1].reducer,
+        ReducerKind::Js(JsReducerSettings {
+            path: "/abs/u.js".into(),
+            schema: None,
+            time_limit: Duration::from_millis(100),
+            memory_limit: 64 << 20,
+        })
+    );
+    assert_eq!(c.stores[1].reducer.label(), "js");
 }
 
 #[test]

@@ -9,8 +9,9 @@ use super::file::{
     RawSecurity, RawStore, RawTls, RawUpstream,
 };
 use super::{
-    read_secret, BackupSettings, BanScope, CloneAuth, ConfigError, Journal, Limits, Listen, Mode,
-    NodeConfig, NodeInfo, Peer, ReducerKind, Security, StoreSettings, Upstream,
+    read_secret, BackupSettings, BanScope, CloneAuth, ConfigError, Journal, JsReducerSettings,
+    Limits, Listen, Mode, NodeConfig, NodeInfo, Peer, ReducerKind, Security, StoreSettings,
+    Upstream,
 };
 
 const SCHEMES: [&str; 5] = ["tcp://", "tls://", "unix://", "ws://", "wss://"];
@@ -267,6 +268,67 @@ impl RawTls {
     }
 }
 
+/// `reducer`: `"kv"` (the default), `"counter"`, or `{ js = "file.js",
+/// schema = n, time_limit_ms = n, memory_limit_mib = n }`.
+fn reducer(raw: Option<toml::Value>, key: &str, base: &Path) -> Result<ReducerKind, ConfigError> {
+    const ONE_OF: &str = "\"kv\", \"counter\" or { js = \"file.js\" }";
+    let table = match raw {
+        None => return Ok(ReducerKind::Kv),
+        Some(toml::Value::String(s)) => {
+            return match s.as_str() {
+                "kv" => Ok(ReducerKind::Kv),
+                "counter" => Ok(ReducerKind::Counter),
+                o => Err(ConfigError::new(key, format!("`{o}` is not {ONE_OF}"))),
+            }
+        }
+        Some(toml::Value::Table(t)) => t,
+        Some(o) => {
+            return Err(ConfigError::new(
+                key,
+                format!("a {} is not {ONE_OF}", o.type_str()),
+            ))
+        }
+    };
+    let sub = |k: &str| format!("{key}.{k}");
+    let int = |k: &str, min: i64, max: i64| -> Result<Option<i64>, ConfigError> {
+        match table.get(k) {
+            None => Ok(None),
+            Some(toml::Value::Integer(n)) if (min..=max).contains(n) => Ok(Some(*n)),
+            Some(_) => Err(ConfigError::new(
+                sub(k),
+                format!("must be an integer from {min} to {max}"),
+            )),
+        }
+    };
+    if let Some(k) = table
+        .keys()
+        .find(|k| !["js", "schema", "time_limit_ms", "memory_limit_mib"].contains(&k.as_str()))
+    {
+        return Err(ConfigError::new(
+            sub(k),
+            "unknown key (js, schema, time_limit_ms, memory_limit_mib)",
+        ));
+    }
+    let path = match table.get("js") {
+        Some(toml::Value::String(p)) if !p.is_empty() => resolve(base, Path::new(p)),
+        _ => {
+            return Err(ConfigError::new(
+                sub("js"),
+                "the reducer's file name is needed",
+            ))
+        }
+    };
+    let schema = int("schema", 0, u32::MAX.into())?.map(|n| n as u32);
+    let time_ms = int("time_limit_ms", 1, 60_000)?.unwrap_or(100) as u64;
+    let memory_mib = int("memory_limit_mib", 1, 4096)?.unwrap_or(64) as usize;
+    Ok(ReducerKind::Js(JsReducerSettings {
+        path,
+        schema,
+        time_limit: Duration::from_millis(time_ms),
+        memory_limit: memory_mib << 20,
+    }))
+}
+
 impl RawStore {
     /// `store[i]`, given the stores before it (names are unique).
     fn validate(
@@ -285,16 +347,7 @@ impl RawStore {
                 format!("store `{}` is configured twice", self.name),
             ));
         }
-        let reducer = match self.reducer.as_deref() {
-            None | Some("kv") => ReducerKind::Kv,
-            Some("counter") => ReducerKind::Counter,
-            Some(o) => {
-                return Err(ConfigError::new(
-                    key("reducer"),
-                    format!("`{o}` is not a built-in reducer (\"kv\" or \"counter\")"),
-                ))
-            }
-        };
+        let reducer = reducer(self.reducer, &key("reducer"), base)?;
         let mode = match self.mode.as_deref() {
             None | Some("action") => Mode::Action,
             Some("snapshot") => Mode::Snapshot,

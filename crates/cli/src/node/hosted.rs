@@ -12,6 +12,7 @@ use replimesh::store::{self, Reducer, Store, StoreConfig};
 use crate::config::{Journal, Mode, ReducerKind, StoreSettings};
 use crate::metrics::{Counter, Registry};
 use crate::reducers::{CounterReducer, Kv};
+use js::JsReducer;
 
 /// A store hosted by a node, whatever its reducer.
 #[derive(Clone)]
@@ -20,6 +21,8 @@ pub enum HostedStore {
     Counter(Store<CounterReducer>),
     /// A [`Kv`] store.
     Kv(Store<Kv>),
+    /// A store with a JavaScript reducer.
+    Js(Store<JsReducer>),
 }
 
 macro_rules! with_store {
@@ -27,6 +30,7 @@ macro_rules! with_store {
         match $self {
             HostedStore::Counter($s) => $e,
             HostedStore::Kv($s) => $e,
+            HostedStore::Js($s) => $e,
         }
     };
 }
@@ -258,9 +262,19 @@ pub(super) fn host_store(s: &StoreSettings, registry: &Registry) -> anyhow::Resu
         }};
     }
     let name = s.name.clone();
-    let (store, backup) = match s.reducer {
+    let (store, backup) = match &s.reducer {
         ReducerKind::Counter => build!(CounterReducer { name }, Counter),
         ReducerKind::Kv => build!(Kv { name }, Kv),
+        ReducerKind::Js(js) => {
+            let limits = js::Limits {
+                time: js.time_limit,
+                memory: js.memory_limit,
+            };
+            let reducer = JsReducer::load(&name, &js.path, js.schema, limits)
+                .map_err(|e| anyhow::anyhow!("store {name}: JavaScript reducer {e}"))?;
+            tracing::info!(store = %name, schema = reducer.schema(), file = %js.path.display(), "JavaScript reducer loaded");
+            build!(reducer, Js)
+        }
     };
     Ok(Hosted {
         settings: s.clone(),

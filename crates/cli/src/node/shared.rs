@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::hosted::Hosted;
 use crate::admin::AdminSource;
-use crate::config::{NodeConfig, ReducerKind};
+use crate::config::NodeConfig;
 use crate::front::Front;
 use crate::metrics::{Counter, Registry};
 use std::sync::Arc;
@@ -80,7 +80,7 @@ impl Shared {
             .map(|h| {
                 json!({
                     "name": h.store.name(),
-                    "reducer": match h.settings.reducer { ReducerKind::Counter => "counter", ReducerKind::Kv => "kv" },
+                    "reducer": h.settings.reducer.label(),
                     "role": if h.store.is_authority() { "authority" } else { "relay" },
                     "seq": h.store.seq(),
                     "connected": h.store.connected(),
