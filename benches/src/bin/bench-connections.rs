@@ -165,7 +165,7 @@ fn node_role() -> Result<()> {
             std::path::Path::new("."),
         )?;
         let node = replimesh_cli::node::Node::start(config).await?;
-        println!("url {}", node.mesh_urls()[0]);
+        println!("url {}", node.urls()[0]);
         std::io::stdout().flush()?;
         let _ = tokio::task::spawn_blocking(|| {
             let mut line = String::new();

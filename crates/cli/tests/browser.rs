@@ -213,7 +213,7 @@ async fn browser_client_and_dashboard() {
 
 async fn run(chromium: PathBuf) {
     let n1 = Node::start(node_config("web-1", None)).await.unwrap();
-    let n1_tcp = n1.mesh_urls()[0].clone();
+    let n1_tcp = n1.urls()[0].clone();
     let n2 = Node::start(node_config("web-2", Some(("web-1", &n1_tcp))))
         .await
         .unwrap();
@@ -281,7 +281,7 @@ async fn run(chromium: PathBuf) {
 
     // A Rust client on the other node publishes until the page has it
     // (the subscription travels to web-2 by interest routing).
-    let rust = mesh::Client::connect(mesh::ClientConfig::new([n2.mesh_urls()[0].clone()]))
+    let rust = mesh::Client::connect(mesh::ClientConfig::new([n2.urls()[0].clone()]))
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -5,7 +5,7 @@
 //! A client is either anonymous or logged in. The mesh does not check
 //! passwords: a program that does (such as the `replimesh` node, with its
 //! store logins) hands the connection over with
-//! [`Server::adopt_client`](crate::Server::adopt_client) and the checked
+//! [`Server::adopt_client_encoded`](crate::Server::adopt_client_encoded) and the checked
 //! login in `Hello.login`. On the server's own listeners every client is
 //! anonymous.
 

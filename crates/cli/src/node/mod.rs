@@ -63,16 +63,6 @@ impl Node {
         &self.shared.urls
     }
 
-    /// The same as [`Node::urls`] (every listener serves the mesh).
-    pub fn mesh_urls(&self) -> &[String] {
-        &self.shared.urls
-    }
-
-    /// The same as [`Node::urls`] (every listener serves the stores).
-    pub fn store_urls(&self) -> &[String] {
-        &self.shared.urls
-    }
-
     /// The admin server's address, if any.
     pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
         self.admin

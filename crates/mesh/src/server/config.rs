@@ -98,7 +98,7 @@ pub struct ServerConfig {
     /// Who may connect as a client and which groups each may subscribe and
     /// publish to (default: everybody, everything). A client on this
     /// server's own listeners is anonymous; one handed over with
-    /// [`Server::adopt_client`](crate::Server::adopt_client) is logged in as its `Hello.login`. See
+    /// [`Server::adopt_client_encoded`](crate::Server::adopt_client_encoded) is logged in as its `Hello.login`. See
     /// [`Access`] for client ids and duplicates.
     pub access: Access,
     /// Transport settings for listeners and dials (`inline_reads` is always

@@ -131,8 +131,6 @@ impl Unknown {
 pub(super) enum ClientRx {
     /// The connection itself.
     Conn(transport::Receiver),
-    /// Frames passed on by whoever reads the connection ([`Server::adopt_client`]).
-    Frames(mpsc::Receiver<Frame>),
     /// Frame bodies, not decoded yet ([`Server::adopt_client_encoded`]).
     Encoded(mpsc::Receiver<Bytes>, transport::Sender),
 }
@@ -141,7 +139,6 @@ impl ClientRx {
     pub(super) async fn recv(&mut self) -> Result<Frame, transport::RecvError> {
         match self {
             ClientRx::Conn(rx) => rx.recv().await,
-            ClientRx::Frames(rx) => rx.recv().await.ok_or(transport::RecvError::Eof),
             ClientRx::Encoded(rx, sender) => {
                 let body = rx.recv().await.ok_or(transport::RecvError::Eof)?;
                 <Frame as proto::Message>::decode(body).map_err(|e| {
@@ -185,31 +182,14 @@ impl Server {
     }
 
     /// Serves a client whose connection the caller reads: `hello` is its
-    /// first frame, `frames` the mesh frames that follow (the caller passes
-    /// on the others, such as store frames, elsewhere). The client is
+    /// first frame, `bodies` the protobuf bodies of the mesh frames that
+    /// follow, not decoded yet (as `transport::Receiver::recv_encoded` gives
+    /// them; the caller passes on the others, such as store frames,
+    /// elsewhere). They are decoded in the client's task; a body that does
+    /// not decode closes the connection as a protocol error. The client is
     /// welcomed and answered on `sender`, which the caller may share. It is
-    /// gone when `frames` closes or the connection ends. Must be called
+    /// gone when `bodies` closes or the connection ends. Must be called
     /// inside a Tokio runtime.
-    pub fn adopt_client(
-        &self,
-        sender: transport::Sender,
-        hello: proto::Hello,
-        frames: mpsc::Receiver<Frame>,
-    ) {
-        let server = self.srv();
-        tokio::spawn(serve_client(
-            server,
-            sender,
-            ClientRx::Frames(frames),
-            hello,
-        ));
-    }
-
-    /// As [`Server::adopt_client`], with the frames' protobuf bodies not
-    /// decoded yet (as `transport::Receiver::recv_encoded` gives them): they
-    /// are decoded in the client's task, and a channel of `Bytes` costs an
-    /// idle connection less memory than one of `Frame`s. A body that does
-    /// not decode closes the connection as a protocol error.
     pub fn adopt_client_encoded(
         &self,
         sender: transport::Sender,
