@@ -1,61 +1,122 @@
-//! The admin HTTP server: `/health`, `/metrics`, `/api/status`, the
-//! dashboard and the browser client, all compiled into the binary.
+//! The admin HTTP server: `/health`, `/ready`, `/metrics`, `/api/status`,
+//! the dashboard and the browser client, all compiled into the binary, and
+//! the write endpoints that change a running node (`/api/clones`,
+//! `/api/groups`, `/api/publish`, `/api/clients`, `/api/auth-out`).
 //!
-//! A deliberately small HTTP/1.1 server: `GET` (and `HEAD`) only, one request
-//! per connection (`Connection: close`), request heads up to 16 KiB, a
-//! 10-second read timeout. It is meant for a private admin port, not for the
+//! Served by [axum] on hyper's HTTP/1.1 server: one request per connection
+//! (`Connection: close`), request heads up to 16 KiB (431 past it), bodies
+//! up to 64 KiB (413 past it), 10 seconds for a whole exchange, at most
+//! [`MAX_CONNECTIONS`] connections at once (the next ones wait in the
+//! listener's backlog). It is meant for a private admin port, not for the
 //! open internet.
+//!
+//! The write endpoints (see [`AdminSource::write_token`] and
+//! docs/operations.md) need `Authorization: Bearer <write token>`; without a
+//! write token configured they answer 404.
+
+mod client;
+mod write;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use replimesh::mesh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::assets;
 use crate::metrics::Registry;
 
-/// What the admin server shows: implemented by the node and the demo.
+pub use client::{AdminClient, AdminClientError};
+
+/// Admin connections served at once; further ones wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Longest request head (request line and headers), in bytes.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Longest request body, in bytes.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Time for one whole exchange (head, body and answer).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the admin server shows and changes: implemented by the node and the
+/// demo.
 pub trait AdminSource: Send + Sync + 'static {
     /// The status document served at `/api/status` (the dashboard polls it).
     fn status(&self) -> serde_json::Value;
     /// False while shutting down: `/health` then answers 503.
     fn healthy(&self) -> bool;
-    /// When set, `/api/status` answers only requests that present it
-    /// (`Authorization: Bearer <token>` or `?token=<token>`); others get 401.
-    fn admin_token(&self) -> Option<&str> {
+    /// True once everything is up (listeners, stores, backups) and until
+    /// the node begins to stop: `/ready` answers 200, else 503. Defaults to
+    /// [`AdminSource::healthy`].
+    fn ready(&self) -> bool {
+        self.healthy()
+    }
+    /// When set, `/api/status` answers only requests that present it (or
+    /// the write token) as `Authorization: Bearer <token>` or
+    /// `?token=<token>`; others get 401.
+    fn admin_token(&self) -> Option<String> {
+        None
+    }
+    /// The token of the write endpoints (`Authorization: Bearer <token>`).
+    /// `None` turns them off: they answer 404.
+    fn write_token(&self) -> Option<String> {
+        None
+    }
+    /// The mesh clone the write endpoints change; `None` turns them off.
+    fn mesh(&self) -> Option<&mesh::Server> {
         None
     }
 }
 
-/// Whether the request presents `token` (compared in constant time).
-fn authorized(head: &str, target: &str, token: &str) -> bool {
-    let eq = |given: &str| {
-        given.len() == token.len()
-            && given
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    };
-    let from_header = head.lines().skip(1).any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("authorization")
-                && v.trim()
-                    .strip_prefix("Bearer ")
-                    .is_some_and(|t| eq(t.trim()))
-        })
+/// Whether `given` equals `token`, compared in time that depends only on
+/// the lengths.
+fn token_eq(given: &str, token: &str) -> bool {
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The bearer token of the request's `Authorization` header, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.trim().strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Whether the request presents one of `tokens`, in its `Authorization`
+/// header or (when `query` is given) as `token=` in the query string.
+fn presents(headers: &HeaderMap, query: Option<&str>, tokens: &[&str]) -> bool {
+    let ok = |given: &str| tokens.iter().any(|t| token_eq(given, t));
+    let from_header = bearer(headers).is_some_and(ok);
+    let from_query = query.is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv.strip_prefix("token=").is_some_and(ok))
     });
-    let from_query = target
-        .split_once('?')
-        .map(|(_, q)| q.split('#').next().unwrap_or(""))
-        .is_some_and(|q| {
-            q.split('&')
-                .any(|kv| kv.strip_prefix("token=").is_some_and(eq))
-        });
     from_header || from_query
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    registry: Registry,
+    source: Arc<dyn AdminSource>,
+    writes: write::WriteStats,
 }
 
 /// A running admin server; dropping it (or [`AdminServer::shutdown`]) stops it.
@@ -75,36 +136,18 @@ impl AdminServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
-        let token = stop.clone();
         let requests = registry.counter(
             "replimesh_admin_requests_total",
             "HTTP requests served by the admin server",
             &[],
         );
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                    _ = token.cancelled() => break,
-                };
-                requests.inc();
-                let (registry, source) = (registry.clone(), source.clone());
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(10),
-                        handle(stream, &registry, &*source),
-                    )
-                    .await;
-                });
-            }
+        let writes = write::WriteStats::new(&registry);
+        let app = router(AppState {
+            registry,
+            source,
+            writes,
         });
+        tokio::spawn(accept_loop(listener, app, requests, stop.clone()));
         Ok(AdminServer { addr, stop })
     }
 
@@ -130,106 +173,160 @@ impl Drop for AdminServer {
     }
 }
 
-struct Reply {
-    status: &'static str,
-    content_type: &'static str,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn new(status: &'static str, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
-        Reply {
-            status,
-            content_type,
-            body: body.into(),
-        }
-    }
-}
-
-/// Answers one request.
-fn route(method: &str, target: &str, registry: &Registry, source: &dyn AdminSource) -> Reply {
-    if method != "GET" && method != "HEAD" {
-        return Reply::new("405 Method Not Allowed", "text/plain", "GET only\n");
-    }
-    let path = target.split(['?', '#']).next().unwrap_or("/");
-    match path {
-        "/health" => {
-            if source.healthy() {
-                Reply::new("200 OK", "application/json", "{\"status\":\"ok\"}\n")
-            } else {
-                Reply::new(
-                    "503 Service Unavailable",
-                    "application/json",
-                    "{\"status\":\"draining\"}\n",
-                )
-            }
-        }
-        "/metrics" => Reply::new(
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            registry.render(),
-        ),
-        "/api/status" => Reply::new("200 OK", "application/json", source.status().to_string()),
-        _ => match assets::get(path) {
-            Some((body, ct)) => Reply::new("200 OK", ct, body),
-            None => Reply::new("404 Not Found", "text/plain", "not found\n"),
-        },
-    }
-}
-
-async fn handle(mut stream: TcpStream, registry: &Registry, source: &dyn AdminSource) {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if buf.len() > 16 * 1024 {
-            let _ = write_reply(
-                &mut stream,
-                false,
-                Reply::new("431 Request Header Fields Too Large", "text/plain", ""),
-            )
-            .await;
-            return;
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target, version) = (parts.next(), parts.next(), parts.next());
-    let reply = match (method, target, version) {
-        (Some(m), Some(t), Some(v)) if v.starts_with("HTTP/1.") => {
-            let path = t.split(['?', '#']).next().unwrap_or("/");
-            match source.admin_token() {
-                Some(token) if path == "/api/status" && !authorized(&head, t, token) => {
-                    Reply::new("401 Unauthorized", "text/plain", "admin token needed\n")
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    requests: crate::metrics::Counter,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-                _ => route(m, t, registry, source),
-            }
-        }
-        _ => Reply::new("400 Bad Request", "text/plain", "bad request\n"),
-    };
-    let _ = write_reply(&mut stream, method == Some("HEAD"), reply).await;
+            },
+            _ = stop.cancelled() => break,
+        };
+        requests.inc();
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.keep_alive(false)
+                .max_buf_size(MAX_HEAD)
+                .timer(TokioTimer::new())
+                .header_read_timeout(EXCHANGE_TIMEOUT);
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, conn).await;
+        });
+    }
 }
 
-async fn write_reply(stream: &mut TcpStream, head_only: bool, reply: Reply) -> std::io::Result<()> {
-    let header = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
-         X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
-        reply.status,
-        reply.content_type,
-        reply.body.len()
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/status", get(status))
+        .route("/api/clones", post(write::add_clone))
+        .route("/api/clones/{id}", delete(write::delete_clone))
+        .route("/api/auth-out", put(write::set_auth_out))
+        .route("/api/groups", post(write::create_group))
+        .route("/api/groups/{name}", delete(write::delete_group))
+        .route("/api/publish", post(write::publish))
+        .route("/api/clients", get(write::list_clients))
+        .route("/api/clients/{key}", delete(write::disconnect_client))
+        .fallback(asset)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(common_headers))
+        .with_state(state)
+}
+
+/// Headers on every answer: never cached, never sniffed.
+async fn common_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
     );
-    let mut out = header.into_bytes();
-    if !head_only {
-        out.extend_from_slice(&reply.body);
+    r
+}
+
+/// A plain-text answer.
+fn text(code: StatusCode, body: &'static str) -> Response {
+    (code, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// A JSON answer.
+fn json(code: StatusCode, body: &serde_json::Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    if s.source.healthy() {
+        json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+    } else {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "draining"}),
+        )
     }
-    stream.write_all(&out).await?;
-    stream.shutdown().await
+}
+
+async fn ready(State(s): State<AppState>) -> Response {
+    if s.source.ready() {
+        json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+    } else if s.source.healthy() {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "starting"}),
+        )
+    } else {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "stopping"}),
+        )
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.registry.render(),
+    )
+        .into_response()
+}
+
+async fn status(
+    State(s): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(token) = s.source.admin_token() {
+        let write = s.source.write_token();
+        let mut tokens = vec![token.as_str()];
+        tokens.extend(write.as_deref());
+        if !presents(&headers, query.as_deref(), &tokens) {
+            return text(StatusCode::UNAUTHORIZED, "admin token needed\n");
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        s.source.status().to_string(),
+    )
+        .into_response()
+}
+
+/// The compiled-in files; `GET` and `HEAD` only.
+async fn asset(method: Method, uri: Uri) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match assets::get(uri.path()) {
+        Some((body, ct)) => ([(header::CONTENT_TYPE, ct)], body).into_response(),
+        None => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
 }
 
 /// A minimal HTTP GET client for tests and tools: returns (status code, body).
@@ -254,50 +351,4 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Fake(std::sync::atomic::AtomicBool);
-    impl AdminSource for Fake {
-        fn status(&self) -> serde_json::Value {
-            serde_json::json!({"id": "x"})
-        }
-        fn healthy(&self) -> bool {
-            self.0.load(std::sync::atomic::Ordering::Relaxed)
-        }
-    }
-
-    #[tokio::test]
-    async fn serves_routes() {
-        let reg = Registry::new();
-        let fake = Arc::new(Fake(true.into()));
-        let server = AdminServer::start("127.0.0.1:0", reg.clone(), fake.clone())
-            .await
-            .unwrap();
-        let a = server.addr();
-        assert_eq!(http_get(a, "/health").await.unwrap().0, 200);
-        let (code, body) = http_get(a, "/metrics").await.unwrap();
-        assert_eq!(code, 200);
-        let samples = crate::metrics::parse_text(&body).unwrap();
-        assert!(samples
-            .iter()
-            .any(|s| s.0 == "replimesh_admin_requests_total" && s.2 >= 2.0));
-        let (code, body) = http_get(a, "/api/status").await.unwrap();
-        assert_eq!((code, body.as_str()), (200, "{\"id\":\"x\"}"));
-        let (code, body) = http_get(a, "/").await.unwrap();
-        assert_eq!(code, 200);
-        assert!(body.contains("<html"));
-        let (code, body) = http_get(a, "/replimesh.js").await.unwrap();
-        assert_eq!(code, 200);
-        assert!(body.contains("export"));
-        assert_eq!(http_get(a, "/nope").await.unwrap().0, 404);
-        fake.0.store(false, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(http_get(a, "/health").await.unwrap().0, 503);
-        // Garbage and non-GET methods are refused.
-        let mut s = TcpStream::connect(a).await.unwrap();
-        s.write_all(b"POST / HTTP/1.1\r\n\r\n").await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 405"), "{out}");
-    }
-}
+mod tests;

@@ -105,6 +105,8 @@ pub(super) struct RawSecurity {
     pub(super) node_info: Option<String>,
     pub(super) admin_token: Option<String>,
     pub(super) admin_token_file: Option<PathBuf>,
+    pub(super) admin_write_token: Option<String>,
+    pub(super) admin_write_token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

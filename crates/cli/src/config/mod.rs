@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use file::{toml_error, RawConfig};
+pub(crate) use validate::check_url;
 
 /// A configuration error: the key it is about and the problem.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -279,6 +280,9 @@ pub struct Security {
     /// When set, `/api/status` and the dashboard need it
     /// (`Authorization: Bearer <token>` or `?token=<token>`).
     pub admin_token: Option<String>,
+    /// When set, the admin write endpoints are on and need it
+    /// (`Authorization: Bearer <token>`); it also opens `/api/status`.
+    pub admin_write_token: Option<String>,
 }
 
 /// A validated node configuration.

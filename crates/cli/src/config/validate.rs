@@ -16,7 +16,7 @@ use super::{
 
 const SCHEMES: [&str; 5] = ["tcp://", "tls://", "unix://", "ws://", "wss://"];
 
-fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
     let Some(scheme) = SCHEMES.iter().find(|s| url.starts_with(**s)) else {
         return Err(ConfigError::new(
             key,
@@ -740,31 +740,43 @@ impl RawSecurity {
                 ))
             }
         };
-        let admin_token = match (self.admin_token, self.admin_token_file) {
-            (None, None) => None,
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::new(
-                    "security.admin_token_file",
-                    "give either security.admin_token or security.admin_token_file, not both",
-                ))
-            }
-            (Some(t), None) if t.is_empty() => {
-                return Err(ConfigError::new(
-                    "security.admin_token",
-                    "must not be empty",
-                ))
-            }
-            (Some(t), None) => Some(t),
-            (None, Some(f)) => Some(read_secret(
-                "security.admin_token_file",
-                &resolve(base, &f),
-            )?),
-        };
+        let admin_token = token_pair(
+            base,
+            ("security.admin_token", self.admin_token),
+            ("security.admin_token_file", self.admin_token_file),
+        )?;
+        let admin_write_token = token_pair(
+            base,
+            ("security.admin_write_token", self.admin_write_token),
+            (
+                "security.admin_write_token_file",
+                self.admin_write_token_file,
+            ),
+        )?;
         Ok(Security {
             clone_auth,
             bans,
             node_info,
             admin_token,
+            admin_write_token,
         })
+    }
+}
+
+/// A secret given inline (`key`) or in a file (`key_file`), not both.
+fn token_pair(
+    base: &Path,
+    (key, inline): (&str, Option<String>),
+    (file_key, file): (&str, Option<PathBuf>),
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            file_key,
+            format!("give either {key} or {file_key}, not both"),
+        )),
+        (Some(t), None) if t.is_empty() => Err(ConfigError::new(key, "must not be empty")),
+        (Some(t), None) => Ok(Some(t)),
+        (None, Some(f)) => Ok(Some(read_secret(file_key, &resolve(base, &f))?)),
     }
 }

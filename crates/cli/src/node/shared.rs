@@ -48,8 +48,14 @@ impl AdminSource for Shared {
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
-    fn admin_token(&self) -> Option<&str> {
-        self.config.security.admin_token.as_deref()
+    fn admin_token(&self) -> Option<String> {
+        self.config.security.admin_token.clone()
+    }
+    fn write_token(&self) -> Option<String> {
+        self.config.security.admin_write_token.clone()
+    }
+    fn mesh(&self) -> Option<&mesh::Server> {
+        Some(&self.mesh)
     }
 }
 

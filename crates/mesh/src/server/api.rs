@@ -224,6 +224,14 @@ impl Server {
         self.ask(|tx| Query::ClientGroups(client, tx)).await
     }
 
+    /// Closes the connection of the local client with this key (close code
+    /// `Normal`, with `reason`); it leaves its groups as on any close. False
+    /// when there is no such client. The client may connect again.
+    pub async fn disconnect_client(&self, key: u64, reason: &str) -> Result<bool, MeshError> {
+        let reason = reason.to_owned();
+        self.ask(|tx| Query::Disconnect(key, reason, tx)).await
+    }
+
     /// Stops the server gracefully and waits until it has stopped: other
     /// clones are told this clone is gone, clients and links are closed, the
     /// listeners are closed (a new connection is refused), then

@@ -26,6 +26,7 @@ pub(super) enum Query {
     ClientGroups(u64, oneshot::Sender<Vec<String>>),
     Counts(oneshot::Sender<(usize, usize)>),
     SomeGroups(usize, oneshot::Sender<Vec<GroupInfo>>),
+    Disconnect(u64, String, oneshot::Sender<bool>),
 }
 
 pub(super) enum Cmd {
@@ -316,6 +317,12 @@ impl CoreTask {
                 }
                 Query::SomeGroups(limit, tx) => {
                     let _ = tx.send(self.core.some_groups(limit));
+                }
+                Query::Disconnect(key, reason, tx) => {
+                    let found = self.clients.get(&key).map(|p| {
+                        p.sender().close(CloseCode::Normal, &reason);
+                    });
+                    let _ = tx.send(found.is_some());
                 }
             },
         }
