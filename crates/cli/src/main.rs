@@ -1,5 +1,6 @@
-//! The `replimesh` binary: `node`, `demo`, `backup`, `hash-password` and
-//! `completions` commands, parsed with clap (`replimesh COMMAND --help`).
+//! The `replimesh` binary: `node`, `demo`, `backup`, `hash-password`,
+//! `completions` and the admin commands (`clone`, `auth-out`, `group`,
+//! `publish`, `clients`), parsed with clap (`replimesh COMMAND --help`).
 //!
 //! Exit codes: 0 success, 1 a failure at run time (bad configuration file,
 //! unreadable backup, demo invariants broken), 2 a usage error (unknown or
@@ -65,6 +66,20 @@ enum Command {
         #[arg(value_enum, value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
+    /// Link the node to a clone, or unlink one (admin write endpoints).
+    #[command(subcommand, arg_required_else_help = true)]
+    Clone(CloneCommand),
+    /// Replace the auth value the node sends when it dials clones.
+    #[command(subcommand, name = "auth-out", arg_required_else_help = true)]
+    AuthOut(AuthOutCommand),
+    /// Create or delete a group.
+    #[command(subcommand, arg_required_else_help = true)]
+    Group(GroupCommand),
+    /// Publish a message to groups on every clone.
+    Publish(PublishArgs),
+    /// List the node's mesh clients, or disconnect one.
+    #[command(subcommand, arg_required_else_help = true)]
+    Clients(ClientsCommand),
     /// Print the version (same as --version).
     #[command(hide = true)]
     Version,
@@ -123,6 +138,102 @@ struct BackupArgs {
     /// The file holding the backup key (the store's `backup.key_file`).
     #[arg(long, value_name = "F", value_hint = ValueHint::FilePath)]
     key_file: Option<PathBuf>,
+}
+
+/// Where the node's admin server is and the write token.
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// The node's admin URL (`http://HOST:PORT`, its `admin` setting).
+    #[arg(long, value_name = "URL", env = "REPLIMESH_ADMIN")]
+    admin: String,
+    /// A file whose first line is the write token
+    /// (`security.admin_write_token`).
+    #[arg(long, value_name = "F", env = "REPLIMESH_ADMIN_TOKEN_FILE", value_hint = ValueHint::FilePath)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CloneCommand {
+    /// Link to a clone (a known id moves to the new URL).
+    Add {
+        /// The clone's id.
+        id: String,
+        /// The URL to dial (tcp://, tls://, unix://, ws://, wss://).
+        url: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Unlink a clone and stop dialing it.
+    Delete {
+        /// The clone's id.
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthOutCommand {
+    /// Set the value (every clone link is closed and dialed again with it).
+    Set {
+        /// A file whose first line is the new value (kept off the command line).
+        #[arg(long, value_name = "F", value_hint = ValueHint::FilePath)]
+        value_file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a group that lasts until deleted.
+    Create {
+        /// The group's name.
+        name: String,
+        /// The group's user data.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        data: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a group here and on every clone.
+    Delete {
+        /// The group's name.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PublishArgs {
+    /// The groups to publish to.
+    #[arg(value_name = "GROUP", required_unless_present = "all")]
+    groups: Vec<String>,
+    /// Publish to every group instead.
+    #[arg(long, conflicts_with = "groups")]
+    all: bool,
+    /// The message (sent as its UTF-8 bytes).
+    #[arg(long, value_name = "TEXT")]
+    data: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientsCommand {
+    /// List the node's mesh clients (key, id, address, groups).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Close a client's connection (it may reconnect).
+    Disconnect {
+        /// The client's key (from `clients list`).
+        key: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -220,8 +331,73 @@ fn print_out(text: &[u8]) -> anyhow::Result<()> {
     }
 }
 
+/// A client of the admin server that `a` names.
+fn admin_client(a: &AdminArgs) -> anyhow::Result<replimesh_cli::admin::AdminClient> {
+    let token = match &a.token_file {
+        Some(f) => Some(replimesh_cli::config::read_secret("--token-file", f)?),
+        None => None,
+    };
+    Ok(replimesh_cli::admin::AdminClient::new(&a.admin, token)?)
+}
+
+/// Runs one admin request and prints its JSON answer.
+fn admin_call<F, Fut>(a: &AdminArgs, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(replimesh_cli::admin::AdminClient) -> Fut,
+    Fut: std::future::Future<
+        Output = Result<serde_json::Value, replimesh_cli::admin::AdminClientError>,
+    >,
+{
+    let client = admin_client(a)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = rt.block_on(f(client))?;
+    print_out(format!("{}\n", serde_json::to_string_pretty(&answer)?).as_bytes())
+}
+
+/// The admin subcommands.
+fn run_admin(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Clone(CloneCommand::Add { id, url, admin }) => {
+            admin_call(&admin, |c| async move { c.add_clone(&id, &url).await })
+        }
+        Command::Clone(CloneCommand::Delete { id, admin }) => {
+            admin_call(&admin, |c| async move { c.delete_clone(&id).await })
+        }
+        Command::AuthOut(AuthOutCommand::Set { value_file, admin }) => {
+            let value = replimesh_cli::config::read_secret("--value-file", &value_file)?;
+            admin_call(&admin, |c| async move { c.set_auth_out(&value).await })
+        }
+        Command::Group(GroupCommand::Create { name, data, admin }) => admin_call(
+            &admin,
+            |c| async move { c.create_group(&name, &data).await },
+        ),
+        Command::Group(GroupCommand::Delete { name, admin }) => {
+            admin_call(&admin, |c| async move { c.delete_group(&name).await })
+        }
+        Command::Publish(p) => {
+            let groups = if p.all { Vec::new() } else { p.groups };
+            let data = p.data;
+            admin_call(&p.admin, |c| async move { c.publish(&groups, &data).await })
+        }
+        Command::Clients(ClientsCommand::List { admin }) => {
+            admin_call(&admin, |c| async move { c.clients().await })
+        }
+        Command::Clients(ClientsCommand::Disconnect { key, admin }) => {
+            admin_call(&admin, |c| async move { c.disconnect_client(key).await })
+        }
+        _ => Ok(()),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        c @ (Command::Clone(_)
+        | Command::AuthOut(_)
+        | Command::Group(_)
+        | Command::Publish(_)
+        | Command::Clients(_)) => run_admin(c)?,
         Command::Version => {
             print_out(format!("replimesh {}\n", env!("CARGO_PKG_VERSION")).as_bytes())?;
         }
