@@ -15,6 +15,7 @@
 //! write token configured they answer 404.
 
 mod client;
+mod process;
 mod write;
 
 use std::net::SocketAddr;
@@ -142,6 +143,7 @@ impl AdminServer {
             &[],
         );
         let writes = write::WriteStats::new(&registry);
+        process::register(&registry);
         let app = router(AppState {
             registry,
             source,

@@ -116,6 +116,14 @@ fn value(
 async fn one_connection_subscribes_and_replicates() {
     let node = Node::start(config("")).await.unwrap();
     let before = metrics(&node).await;
+    // Build info, process metrics, readiness once started.
+    assert_eq!(value(&before, "replimesh_build_info", None), 1.0);
+    assert!(value(&before, "process_resident_memory_bytes", None) > 0.0);
+    assert!(value(&before, "process_open_fds", None) > 0.0);
+    let ready = http_get(node.admin_addr().unwrap(), "/ready")
+        .await
+        .unwrap();
+    assert_eq!(ready, (200, "{\"status\":\"ready\"}\n".into()));
     let url = node.urls()[0].clone();
     let mut c = transport::connect(&url, &transport::Config::default())
         .await

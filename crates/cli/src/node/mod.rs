@@ -98,6 +98,7 @@ impl Node {
     /// paths can start right after (also in the same process).
     pub async fn shutdown(&self) -> anyhow::Result<()> {
         let s = &self.shared;
+        s.ready.store(false, Ordering::Relaxed);
         s.healthy.store(false, Ordering::Relaxed);
         s.front.stop_accepting();
         s.front.stores().shutdown().await;

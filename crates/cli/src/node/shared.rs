@@ -26,6 +26,9 @@ pub(super) struct Shared {
     pub(super) stores: Vec<Hosted>,
     pub(super) registry: Registry,
     pub(super) healthy: AtomicBool,
+    /// Set once listeners, stores and backups are up; cleared when the
+    /// node begins to stop.
+    pub(super) ready: AtomicBool,
     pub(super) started: Instant,
     pub(super) status: Mutex<serde_json::Value>,
     pub(super) stop: CancellationToken,
@@ -47,6 +50,9 @@ impl AdminSource for Shared {
     }
     fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.healthy()
     }
     fn admin_token(&self) -> Option<String> {
         self.config.security.admin_token.clone()

@@ -3,7 +3,7 @@
 //! peers, background tasks and the admin server.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,7 @@ impl Node {
             stores,
             registry: registry.clone(),
             healthy: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
             started: Instant::now(),
             status: Mutex::new(json!({"id": config.id})),
             stop,
@@ -79,6 +80,7 @@ impl Node {
             ),
             None => None,
         };
+        shared.ready.store(true, Ordering::Relaxed);
         Ok(Node {
             shared,
             admin: Arc::new(Mutex::new(admin)),
