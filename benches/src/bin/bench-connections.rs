@@ -7,8 +7,11 @@
 //! this process opens the clients, each doing the mesh handshake (Hello /
 //! Welcome) and then staying idle. RSS is read from `/proc/<pid>/status`
 //! before and after. Results go to stdout as JSON lines; progress to stderr.
-//! Environment: `BENCH_CONNECTIONS` (default 10000), `BENCH_ROUNDS`
-//! (default 3; medians are reported).
+//! It also reports the CPU the node spends while every connection is idle
+//! (`node_idle_cpu`, percent of one core over 10 s): keep-alive pings both
+//! ways, timers. Environment: `BENCH_CONNECTIONS` (default 10000),
+//! `BENCH_ROUNDS` (default 3; medians are reported), `BENCH_PING_MS` (the
+//! ping interval of the node and the clients; default: the node's default).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -47,30 +50,63 @@ fn main() -> Result<()> {
     let mut per_conn = Vec::new();
     let mut totals = Vec::new();
     let mut rates = Vec::new();
+    let mut cpus = Vec::new();
+    let ping = std::env::var("BENCH_PING_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
     for round in 0..rounds {
-        let (kib, total_mib, base_mib, rate) = rt.block_on(round_once(n))?;
+        let r = rt.block_on(round_once(n, ping))?;
         eprintln!(
-            "round {}: {n} idle ws clients: node RSS {base_mib:.1} MiB -> {total_mib:.1} MiB, \
-             {kib:.2} KiB per connection; {rate:.0} connections/s",
-            round + 1
+            "round {}: {n} idle ws clients: node RSS {:.1} MiB -> {:.1} MiB, \
+             {:.2} KiB per connection; {:.0} connections/s; idle CPU {:.2} %",
+            round + 1,
+            r.base_mib,
+            r.total_mib,
+            r.kib,
+            r.rate,
+            r.idle_cpu
         );
-        per_conn.push(kib);
-        totals.push((total_mib, base_mib));
-        rates.push(rate);
+        per_conn.push(r.kib);
+        totals.push((r.total_mib, r.base_mib));
+        rates.push(r.rate);
+        cpus.push(r.idle_cpu);
     }
-    let params = json!({"connections": n, "transport": "ws", "rounds": rounds, "goal_kib": 16});
+    let ping_ms = match ping {
+        Some(ms) => json!(ms),
+        None => json!("default"),
+    };
+    let params = json!({"connections": n, "transport": "ws", "rounds": rounds, "goal_kib": 16, "ping_ms": ping_ms});
     emit("rss_per_connection", median(&per_conn), "KiB", &params);
     let mut t: Vec<f64> = totals.iter().map(|t| t.0).collect();
     emit("node_rss", median(&t), "MiB", &params);
     t = totals.iter().map(|t| t.1).collect();
     emit("node_rss_idle", median(&t), "MiB", &params);
     emit("connect_rate", median(&rates), "connections/s", &params);
+    emit("node_idle_cpu", median(&cpus), "%", &params);
     Ok(())
 }
 
-async fn round_once(n: usize) -> Result<(f64, f64, f64, f64)> {
+/// What one round measured.
+struct Round {
+    /// Node RSS per connection (KiB).
+    kib: f64,
+    /// Node RSS with every connection open (MiB).
+    total_mib: f64,
+    /// Node RSS before the first connection (MiB).
+    base_mib: f64,
+    /// Handshakes per second.
+    rate: f64,
+    /// Node CPU while every connection is idle, percent of one core.
+    idle_cpu: f64,
+}
+
+async fn round_once(n: usize, ping: Option<u64>) -> Result<Round> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
+    let mut node = Command::new(exe);
+    if let Some(ms) = ping {
+        node.env("BENCH_PING_MS", ms.to_string());
+    }
+    let mut child = node
         .arg("node")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -90,10 +126,14 @@ async fn round_once(n: usize) -> Result<(f64, f64, f64, f64)> {
     let base = rss_kib(pid)?;
 
     // Open the clients, 100 handshakes at a time.
-    let config = Arc::new(transport::Config {
+    let mut config = transport::Config {
         idle_timeout: Some(Duration::from_secs(120)),
         ..transport::Config::default()
-    });
+    };
+    if let Some(ms) = ping {
+        config.ping_interval = Some(Duration::from_millis(ms));
+    }
+    let config = Arc::new(config);
     let t = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(100));
     let mut handles = Vec::with_capacity(n);
@@ -129,6 +169,12 @@ async fn round_once(n: usize) -> Result<(f64, f64, f64, f64)> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let after = median(&samples);
+    // CPU of the node while nothing but keep-alive happens.
+    let window = Duration::from_secs(10);
+    let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
+    tokio::time::sleep(window).await;
+    let ticks = cpu_ticks(pid)? - cpu0;
+    let idle_cpu = ticks as f64 / TICKS_PER_SECOND / t0.elapsed().as_secs_f64() * 100.0;
     // Every connection must still be open.
     let closed = conns.iter().filter(|c| c.sender().is_closed()).count();
     if closed > 0 {
@@ -136,8 +182,31 @@ async fn round_once(n: usize) -> Result<(f64, f64, f64, f64)> {
     }
     drop(conns);
     stop(child, &mut stdin);
-    let per = (after - base as f64) / n as f64;
-    Ok((per, after / 1024.0, base as f64 / 1024.0, rate))
+    Ok(Round {
+        kib: (after - base as f64) / n as f64,
+        total_mib: after / 1024.0,
+        base_mib: base as f64 / 1024.0,
+        rate,
+        idle_cpu,
+    })
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// User + system CPU time of a process in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|r| r.1)
+        .context("bad /proc/<pid>/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).context("no utime")?;
+    let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).context("no stime")?;
+    Ok(utime + stime)
 }
 
 fn stop(mut child: Child, stdin: &mut ChildStdin) {
@@ -160,10 +229,13 @@ fn node_role() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let config = replimesh_cli::config::NodeConfig::parse(
+        let mut toml = String::from(
             "id = \"bench-node\"\n[[listen]]\nurl = \"ws://127.0.0.1:0/\"\n[limits]\nidle_timeout_ms = 120000\nmax_connections = 1000000\nmax_connections_per_ip = 1000000\n",
-            std::path::Path::new("."),
-        )?;
+        );
+        if let Ok(ms) = std::env::var("BENCH_PING_MS") {
+            toml.push_str(&format!("ping_interval_ms = {ms}\n"));
+        }
+        let config = replimesh_cli::config::NodeConfig::parse(&toml, std::path::Path::new("."))?;
         let node = replimesh_cli::node::Node::start(config).await?;
         println!("url {}", node.urls()[0]);
         std::io::stdout().flush()?;
