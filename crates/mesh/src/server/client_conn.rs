@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use proto::wire::field;
 use proto::{frame::Body, CloseCode, Frame};
 use tokio::sync::Semaphore;
 
@@ -206,7 +207,7 @@ fn refuse(perms: &crate::Permissions, body: &Body) -> Option<Frame> {
         Body::Subscribe(s) => {
             let g = perms.denied_subscribe(&s.groups)?;
             (
-                13,
+                field::SUBSCRIBE,
                 g,
                 format!("this client may not subscribe to group {g:?}"),
             )
@@ -214,14 +215,18 @@ fn refuse(perms: &crate::Permissions, body: &Body) -> Option<Frame> {
         Body::Publish(p) if p.all => {
             let g = perms.denied_publish(&[], true)?;
             (
-                15,
+                field::PUBLISH,
                 g,
                 "this client may not publish to all groups".to_owned(),
             )
         }
         Body::Publish(p) => {
             let g = perms.denied_publish(&p.groups, false)?;
-            (15, g, format!("this client may not publish to group {g:?}"))
+            (
+                field::PUBLISH,
+                g,
+                format!("this client may not publish to group {g:?}"),
+            )
         }
         _ => return None,
     };
